@@ -1,0 +1,66 @@
+//! `master`: the metadata daemon. Parses flags and runs [`dfs::master::Master`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use dfs::config::{ByteSize, HumanDuration};
+use dfs::master::{Master, MasterConfig};
+
+/// The dfs master: file metadata, worker registry, placement and health. Never carries file
+/// bytes.
+#[derive(Debug, Parser)]
+#[command(name = "master", version)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "DFS_LISTEN", default_value = "127.0.0.1:50050")]
+    listen: String,
+    /// Directory of the metadata store (created if missing).
+    #[arg(long, env = "DFS_MASTER_DATA_DIR", default_value = "master_data")]
+    data_dir: PathBuf,
+    /// Directory for the log file (master.log).
+    #[arg(long, env = "DFS_LOG_DIR", default_value = "logs")]
+    log_dir: PathBuf,
+    /// Size of the chunks files are split into (e.g. 8MiB, 64MiB).
+    #[arg(long, env = "DFS_CHUNK_SIZE", default_value = "8MiB")]
+    chunk_size: ByteSize,
+    /// Default number of replicas per chunk (capped by the number of live workers).
+    #[arg(long, env = "DFS_REPLICAS", default_value_t = 3)]
+    replicas: u32,
+    /// A worker silent this long is dead (suspect after half of it).
+    #[arg(long, env = "DFS_HEARTBEAT_TIMEOUT", default_value = "5s")]
+    heartbeat_timeout: HumanDuration,
+    /// An upload with no sign of life this long is aborted and its chunks deleted.
+    #[arg(long, env = "DFS_UPLOAD_LEASE", default_value = "10m")]
+    upload_lease: HumanDuration,
+}
+
+fn main() {
+    let args = Args::parse();
+    let _guard = dfs::logging::init(&args.log_dir, "master.log", None);
+    if let Err(e) = run(args) {
+        tracing::error!("{e:#}");
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = MasterConfig::new(&args.data_dir);
+    cfg.chunk_size = args.chunk_size.0;
+    cfg.default_replicas = args.replicas;
+    cfg.heartbeat_timeout = args.heartbeat_timeout.0;
+    cfg.upload_lease = args.upload_lease.0;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let master = Master::open(cfg)
+        .with_context(|| format!("cannot open metadata in {}", args.data_dir.display()))?;
+    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), chunk_size = %args.chunk_size, replicas = args.replicas, "master starting");
+    master
+        .serve(listener, dfs::cluster::shutdown_signal())
+        .await
+        .context("master failed")?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Rendering of `--cmd` results: aligned plain text for people, JSON for scripts.
+
+use std::fmt::Write;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::client::{DownloadReport, UploadReport};
+use crate::config::human_bytes;
+use crate::rpc::pb::{ClusterStatusResponse, FileInfo};
+
+fn json(v: serde_json::Value) -> String {
+    format!("{v}\n")
+}
+
+fn time(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".into();
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(unix_ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn plural(n: u64, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Lays out rows in columns; the first row is the header.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn upload(r: &UploadReport, as_json: bool) -> String {
+    let f = &r.file;
+    if as_json {
+        return json(serde_json::json!({
+            "file": f,
+            "replaced": r.replaced,
+            "replicas_achieved": r.replicas_achieved,
+            "retried_chunks": r.attempts_retried,
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+        }));
+    }
+    let mut s = format!(
+        "{} {}: {}, {}, {}/{} replicas\n",
+        if r.replaced { "replaced" } else { "uploaded" },
+        f.name,
+        human_bytes(f.size),
+        plural(f.chunk_count, "chunk"),
+        r.replicas_achieved,
+        f.replicas_target,
+    );
+    if r.replicas_achieved < f.replicas_target && f.chunk_count > 0 {
+        let _ = writeln!(
+            s,
+            "warning: only {} live worker(s) could take a replica; the file is under-replicated",
+            r.replicas_achieved
+        );
+    }
+    s
+}
+
+pub fn download(r: &DownloadReport, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!({
+            "name": r.file.name,
+            "path": r.path.display().to_string(),
+            "size": r.file.size,
+            "sha256": r.file.sha256,
+            "failovers": r.failovers,
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+        }));
+    }
+    let mut s = format!(
+        "downloaded {} to {} ({}, sha256 verified)\n",
+        r.file.name,
+        r.path.display(),
+        human_bytes(r.file.size)
+    );
+    if r.failovers > 0 {
+        let _ = writeln!(
+            s,
+            "note: {} replica read(s) failed and were served by another replica",
+            r.failovers
+        );
+    }
+    s
+}
+
+pub fn delete(f: &FileInfo, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!({ "deleted": f }));
+    }
+    format!("deleted {} ({})\n", f.name, human_bytes(f.size))
+}
+
+fn replicas(f: &FileInfo) -> String {
+    format!("{}/{}", f.replicas_min_live, f.replicas_target)
+}
+
+pub fn ls(files: &[FileInfo], as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!({ "files": files }));
+    }
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "SIZE".into(),
+        "CHUNKS".into(),
+        "REPLICAS".into(),
+        "MODIFIED".into(),
+    ]];
+    for f in files {
+        rows.push(vec![
+            f.name.clone(),
+            human_bytes(f.size),
+            f.chunk_count.to_string(),
+            replicas(f),
+            time(f.modified_unix_ms),
+        ]);
+    }
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    format!(
+        "{}{}, {}\n",
+        table(&rows),
+        plural(files.len() as u64, "file"),
+        human_bytes(total)
+    )
+}
+
+pub fn stat(f: &FileInfo, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!(f));
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "name:       {}", f.name);
+    let _ = writeln!(s, "size:       {} ({} bytes)", human_bytes(f.size), f.size);
+    let _ = writeln!(
+        s,
+        "chunks:     {} of up to {}",
+        f.chunk_count,
+        human_bytes(f.chunk_size)
+    );
+    let _ = writeln!(
+        s,
+        "replicas:   {} live (minimum over chunks) / {} target",
+        f.replicas_min_live, f.replicas_target
+    );
+    let _ = writeln!(s, "sha256:     {}", f.sha256);
+    let _ = writeln!(s, "version:    {} (file id {})", f.version, f.file_id);
+    let _ = writeln!(s, "modified:   {}", time(f.modified_unix_ms));
+    if !f.chunks.is_empty() {
+        s.push('\n');
+        let mut rows = vec![vec![
+            "CHUNK".to_string(),
+            "ID".into(),
+            "SIZE".into(),
+            "CRC32C".into(),
+            "REPLICAS".into(),
+        ]];
+        for c in &f.chunks {
+            let reps = if c.replicas.is_empty() {
+                "(none known)".to_string()
+            } else {
+                c.replicas
+                    .iter()
+                    .map(|r| format!("{} ({})", r.worker, r.state))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            rows.push(vec![
+                c.index.to_string(),
+                c.chunk_id.clone(),
+                human_bytes(c.length),
+                format!("{:08x}", c.crc32c),
+                reps,
+            ]);
+        }
+        s.push_str(&table(&rows));
+    }
+    s
+}
+
+pub fn status(st: &ClusterStatusResponse, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!(st));
+    }
+    let mut s = format!(
+        "master {}: {} alive, {} suspect, {} dead\n\n",
+        st.master_address, st.workers_alive, st.workers_suspect, st.workers_dead
+    );
+    let mut rows = vec![vec![
+        "WORKER".to_string(),
+        "STATE".into(),
+        "CAPACITY".into(),
+        "USED".into(),
+        "USE%".into(),
+        "FREE".into(),
+        "CHUNKS".into(),
+        "LAST HEARTBEAT".into(),
+    ]];
+    for w in &st.workers {
+        let u = w.usage.unwrap_or_default();
+        let pct = if u.capacity_bytes > 0 {
+            format!(
+                "{:.1}%",
+                u.used_bytes as f64 * 100.0 / u.capacity_bytes as f64
+            )
+        } else {
+            "-".into()
+        };
+        let hb = if w.last_heartbeat_ms_ago < 0 {
+            "never (since master start)".to_string()
+        } else {
+            format!("{:.1}s ago", w.last_heartbeat_ms_ago as f64 / 1000.0)
+        };
+        rows.push(vec![
+            w.address.clone(),
+            w.state.clone(),
+            human_bytes(u.capacity_bytes),
+            human_bytes(u.used_bytes),
+            pct,
+            human_bytes(u.free_bytes),
+            w.chunks_mapped.to_string(),
+            hb,
+        ]);
+    }
+    if st.workers.is_empty() {
+        s.push_str("no workers have registered\n");
+    } else {
+        s.push_str(&table(&rows));
+    }
+    let _ = writeln!(
+        s,
+        "\ncapacity:   {} used of {} ({} free, live workers)",
+        human_bytes(st.used_bytes),
+        human_bytes(st.capacity_bytes),
+        human_bytes(st.free_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "files:      {} ({} stored)",
+        st.files,
+        human_bytes(st.logical_bytes)
+    );
+    let _ = writeln!(s, "chunks:     {}", st.chunks);
+    let health = if st.missing_chunks > 0 {
+        "MISSING DATA"
+    } else if st.under_replicated_chunks > 0 || st.corrupt_replicas > 0 {
+        "DEGRADED"
+    } else {
+        "healthy"
+    };
+    let _ = writeln!(
+        s,
+        "health:     {health}: {} under-replicated, {} missing, {} corrupt replica(s)",
+        st.under_replicated_chunks, st.missing_chunks, st.corrupt_replicas
+    );
+    let _ = writeln!(
+        s,
+        "pending:    {} chunk deletion(s), {} open upload(s)",
+        st.pending_deletions, st.open_uploads
+    );
+    s
+}

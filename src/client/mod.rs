@@ -1,0 +1,201 @@
+//! The client library: what the CLI, the console and the tests use to talk to a cluster.
+//!
+//! Control calls go to the master; file bytes stream straight to and from workers.
+
+mod download;
+mod error;
+mod upload;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tonic::transport::Channel;
+
+pub use download::{DownloadOptions, DownloadReport};
+pub use error::ClientError;
+pub use upload::{UploadOptions, UploadReport};
+
+use crate::rpc::pb::{
+    self, ClusterStatusResponse, FileInfo, LogEvent, master_client::MasterClient,
+    worker_client::WorkerClient,
+};
+
+/// Bytes done and total of a transfer, updated as it runs (for progress bars).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A connection to one cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    addr: String,
+    master: MasterClient<Channel>,
+    workers: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Client {
+    /// Connects to the master at `addr` ("host:port"), failing within the connect timeout.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let endpoint = crate::rpc::endpoint(addr)
+            .map_err(|e| connect_err(format!("invalid address: {e}")))?
+            .timeout(crate::rpc::CONTROL_TIMEOUT);
+        let channel = tokio::time::timeout(crate::rpc::CONNECT_TIMEOUT, endpoint.connect())
+            .await
+            .map_err(|_| connect_err("connection timed out".into()))?
+            .map_err(|e| {
+                let mut reason = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    reason = s.to_string();
+                    src = s.source();
+                }
+                connect_err(reason)
+            })?;
+        Ok(Client {
+            addr: addr.to_string(),
+            master: crate::rpc::master_client(channel),
+            workers: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The master address this client talks to.
+    pub fn master_addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn err(&self, s: tonic::Status) -> ClientError {
+        ClientError::master(&self.addr, s)
+    }
+
+    pub(crate) fn master(&self) -> MasterClient<Channel> {
+        self.master.clone()
+    }
+
+    /// A data client for a worker (one cached channel per worker).
+    pub(crate) fn worker(&self, addr: &str) -> Result<WorkerClient<Channel>, ClientError> {
+        let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = match w.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = crate::rpc::data_channel(addr).map_err(|e| {
+                    ClientError::InvalidInput(format!("bad worker address {addr:?}: {e}"))
+                })?;
+                w.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(crate::rpc::worker_client(ch))
+    }
+
+    /// Every file, in name order (fetched page by page).
+    pub async fn list(&self) -> Result<Vec<FileInfo>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.list_page(&after, 0).await?;
+            out.extend(page.files);
+            if page.next_start_after.is_empty() {
+                return Ok(out);
+            }
+            after = page.next_start_after;
+        }
+    }
+
+    /// One page of files after `start_after` (0 = the master's default page size).
+    pub async fn list_page(
+        &self,
+        start_after: &str,
+        limit: u32,
+    ) -> Result<pb::ListFilesResponse, ClientError> {
+        self.master()
+            .list_files(pb::ListFilesRequest {
+                start_after: start_after.to_string(),
+                limit,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    /// A file with its chunk → replica map.
+    pub async fn stat(&self, name: &str) -> Result<FileInfo, ClientError> {
+        self.master()
+            .get_file(pb::GetFileRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner()
+            .file
+            .ok_or_else(|| ClientError::Integrity("master answered without a file".into()))
+    }
+
+    /// Deletes a file; its chunks are removed from workers in the background.
+    pub async fn delete(&self, name: &str) -> Result<FileInfo, ClientError> {
+        self.master()
+            .delete_file(pb::DeleteFileRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner()
+            .file
+            .ok_or_else(|| ClientError::Integrity("master answered without a file".into()))
+    }
+
+    /// Workers with health and usage, totals and replication health.
+    pub async fn status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        self.master()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    /// The master's recent events (up to `backlog`), then live ones.
+    pub async fn stream_logs(
+        &self,
+        backlog: u32,
+    ) -> Result<tonic::Streaming<LogEvent>, ClientError> {
+        // A log stream is long-lived: use a channel without the per-call deadline.
+        let ch = crate::rpc::data_channel(&self.addr).map_err(|e| ClientError::Connect {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        })?;
+        crate::rpc::master_client(ch)
+            .stream_logs(pb::StreamLogsRequest { backlog })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    pub(crate) async fn report_bad_replica(&self, chunk_id: &str, worker: &str, reason: &str) {
+        let r = self
+            .master()
+            .report_bad_replica(pb::ReportBadReplicaRequest {
+                chunk_id: chunk_id.to_string(),
+                worker: worker.to_string(),
+                reason: reason.to_string(),
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(chunk = chunk_id, worker, error = %e.message(), "could not report a bad replica");
+        }
+    }
+}

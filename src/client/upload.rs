@@ -1,0 +1,401 @@
+//! Streamed uploads: each chunk goes to the first worker of its pipeline in bounded messages
+//! while its CRC32C and the file's SHA-256 are computed; a failed pipeline is retried on a
+//! fresh one; the master makes the file visible only when every chunk is durable.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Client, ClientError, Progress};
+use crate::chunk;
+use crate::rpc::pb::{
+    self, ChunkHeader, ChunkPlacement, CommittedChunk, FileInfo, WriteChunkRequest, WriteFinish,
+    WriteStart, write_chunk_request,
+};
+use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, now_unix_ms};
+
+/// Attempts per chunk before the upload gives up.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// How often an upload tells the master it is still alive.
+const RENEW_EVERY: Duration = Duration::from_secs(30);
+
+/// Options of one upload.
+#[derive(Debug, Default, Clone)]
+pub struct UploadOptions {
+    /// Stored name; defaults to the local file's name.
+    pub name: Option<String>,
+    /// Replication factor; None = the master's default.
+    pub replicas: Option<u32>,
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// What an upload achieved.
+#[derive(Debug, Clone)]
+pub struct UploadReport {
+    pub file: FileInfo,
+    pub replaced: bool,
+    /// Replicas achieved for every chunk (the minimum over chunks).
+    pub replicas_achieved: u32,
+    pub attempts_retried: u32,
+    pub elapsed: Duration,
+}
+
+/// One failed attempt at a chunk, and which worker it blames.
+struct AttemptError {
+    blame: Option<String>,
+    message: String,
+    local: Option<ClientError>,
+}
+
+/// Aborts the lease-renewal task when the upload ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn default_name(path: &Path) -> Result<String, ClientError> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ClientError::InvalidInput(format!(
+                "cannot derive a name from {}; pass --name",
+                path.display()
+            ))
+        })
+}
+
+impl Client {
+    /// Uploads the local file at `path`. The file becomes visible atomically when this returns
+    /// `Ok`; on error nothing is visible and the chunks already written are collected.
+    pub async fn upload(
+        &self,
+        path: &Path,
+        opts: UploadOptions,
+    ) -> Result<UploadReport, ClientError> {
+        let started = std::time::Instant::now();
+        let name = match &opts.name {
+            Some(n) => n.clone(),
+            None => default_name(path)?,
+        };
+        let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
+            op,
+            path: PathBuf::from(path),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(|e| local_err("read", e))?;
+        let meta = file.metadata().map_err(|e| local_err("read", e))?;
+        if !meta.is_file() {
+            return Err(ClientError::InvalidInput(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let size = meta.len();
+        let progress = opts.progress.clone().unwrap_or_default();
+        progress.total.store(size, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+
+        let plan = self
+            .master()
+            .start_upload(pb::StartUploadRequest {
+                name: name.clone(),
+                size,
+                replicas: opts.replicas.unwrap_or(0),
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        tracing::info!(name = %name, size, upload = %plan.upload_id, "upload started");
+        let mut master = self.master();
+        let id = plan.upload_id.clone();
+        let _renew = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                let _ = master
+                    .renew_upload(pb::RenewUploadRequest {
+                        upload_id: id.clone(),
+                    })
+                    .await;
+            }
+        }));
+
+        let file = Arc::new(file);
+        let result = self.send_chunks(&plan, &name, size, file, &progress).await;
+        let (chunks, sha, retried) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self
+                    .master()
+                    .abort_upload(pb::AbortUploadRequest {
+                        upload_id: plan.upload_id.clone(),
+                    })
+                    .await;
+                tracing::warn!(name = %name, error = %e, "upload failed and was aborted");
+                return Err(e);
+            }
+        };
+        let replicas_achieved = chunks
+            .iter()
+            .map(|c| c.workers.len() as u32)
+            .min()
+            .unwrap_or(plan.replicas_effective);
+        let commit = self
+            .master()
+            .commit_upload(pb::CommitUploadRequest {
+                upload_id: plan.upload_id.clone(),
+                chunks,
+                sha256: sha,
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        let file = commit
+            .file
+            .ok_or_else(|| ClientError::Integrity("master committed without a file".into()))?;
+        tracing::info!(name = %name, size, chunks = file.chunk_count, replicas = replicas_achieved, ms = started.elapsed().as_millis() as u64, "upload committed");
+        Ok(UploadReport {
+            file,
+            replaced: commit.replaced,
+            replicas_achieved,
+            attempts_retried: retried,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    async fn send_chunks(
+        &self,
+        plan: &pb::StartUploadResponse,
+        name: &str,
+        size: u64,
+        file: Arc<std::fs::File>,
+        progress: &Arc<Progress>,
+    ) -> Result<(Vec<CommittedChunk>, String, u32), ClientError> {
+        let cs = plan.chunk_size.max(1);
+        let n = size.div_ceil(cs);
+        let mut sha = Sha256::new();
+        let mut committed = Vec::with_capacity(n as usize);
+        let mut retried = 0;
+        for index in 0..n {
+            let offset = index * cs;
+            let len = (size - offset).min(cs);
+            let mut placement = match plan.chunks.iter().find(|c| c.index as u64 == index) {
+                Some(p) => p.clone(),
+                None => self.allocate(&plan.upload_id, index as u32, &[]).await?,
+            };
+            let mut exclude: Vec<String> = Vec::new();
+            let mut attempt = 1;
+            loop {
+                let header = ChunkHeader {
+                    format_version: chunk::FORMAT_VERSION,
+                    chunk_id: placement.chunk_id.clone(),
+                    file_id: plan.file_id,
+                    file_name: name.to_string(),
+                    chunk_index: index as u32,
+                    file_version: plan.version,
+                    length: len,
+                    crc32c: 0,
+                    created_unix_ms: now_unix_ms(),
+                };
+                let before = progress.done.load(Ordering::Relaxed);
+                match self
+                    .send_chunk(
+                        &placement,
+                        header,
+                        file.clone(),
+                        offset,
+                        sha.clone(),
+                        progress,
+                    )
+                    .await
+                {
+                    Ok((stored_on, crc, sha_after)) => {
+                        sha = sha_after;
+                        committed.push(CommittedChunk {
+                            index: index as u32,
+                            chunk_id: placement.chunk_id.clone(),
+                            length: len,
+                            crc32c: crc,
+                            workers: stored_on,
+                        });
+                        break;
+                    }
+                    Err(e) => {
+                        progress.done.store(before, Ordering::Relaxed);
+                        if let Some(local) = e.local {
+                            return Err(local);
+                        }
+                        tracing::warn!(chunk = index, attempt, blame = ?e.blame, error = %e.message, "chunk write failed; retrying on a fresh pipeline");
+                        if attempt >= MAX_ATTEMPTS {
+                            return Err(ClientError::WriteFailed {
+                                index: index as u32,
+                                attempts: attempt,
+                                last: e.message,
+                            });
+                        }
+                        if let Some(b) = e.blame
+                            && !exclude.contains(&b)
+                        {
+                            exclude.push(b);
+                        }
+                        attempt += 1;
+                        retried += 1;
+                        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                        placement = self
+                            .allocate(&plan.upload_id, index as u32, &exclude)
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok((committed, hex::encode(sha.finalize()), retried))
+    }
+
+    async fn allocate(
+        &self,
+        upload_id: &str,
+        index: u32,
+        exclude: &[String],
+    ) -> Result<ChunkPlacement, ClientError> {
+        self.master()
+            .allocate_chunk(pb::AllocateChunkRequest {
+                upload_id: upload_id.to_string(),
+                index,
+                exclude: exclude.to_vec(),
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner()
+            .chunk
+            .ok_or_else(|| ClientError::Integrity("master allocated no chunk".into()))
+    }
+
+    /// Streams one chunk through its pipeline; returns the workers that hold it durably, its
+    /// CRC32C, and the file hash advanced over its bytes.
+    async fn send_chunk(
+        &self,
+        placement: &ChunkPlacement,
+        header: ChunkHeader,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        mut sha: Sha256,
+        progress: &Arc<Progress>,
+    ) -> Result<(Vec<String>, u32, Sha256), AttemptError> {
+        let first = placement.workers.first().cloned().ok_or(AttemptError {
+            blame: None,
+            message: "master returned an empty pipeline".into(),
+            local: None,
+        })?;
+        let len = header.length;
+        let mut client = self.worker(&first).map_err(|e| AttemptError {
+            blame: Some(first.clone()),
+            message: e.to_string(),
+            local: None,
+        })?;
+        let (tx, rx) = mpsc::channel::<WriteChunkRequest>(4);
+        let start = WriteChunkRequest {
+            msg: Some(write_chunk_request::Msg::Start(WriteStart {
+                header: Some(header),
+                downstream: placement.workers[1..].to_vec(),
+            })),
+        };
+        let progress = progress.clone();
+        // Reader: pread the chunk in bounded pieces, hashing as it goes.
+        let reader =
+            tokio::task::spawn_blocking(move || -> Result<(u32, Sha256), std::io::Error> {
+                if tx.blocking_send(start).is_err() {
+                    return Ok((0, sha));
+                }
+                let mut crc = 0u32;
+                let mut pos = 0u64;
+                while pos < len {
+                    let n = (len - pos).min(MAX_DATA_MESSAGE as u64) as usize;
+                    let mut buf = BytesMut::zeroed(n);
+                    file.read_exact_at(&mut buf, offset + pos)?;
+                    crc = chunk::crc32c_append(crc, &buf);
+                    sha.update(&buf);
+                    pos += n as u64;
+                    if tx
+                        .blocking_send(WriteChunkRequest {
+                            msg: Some(write_chunk_request::Msg::Data(buf.freeze())),
+                        })
+                        .is_err()
+                    {
+                        return Ok((crc, sha));
+                    }
+                    progress.done.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                let _ = tx.blocking_send(WriteChunkRequest {
+                    msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
+                        crc32c: crc,
+                    })),
+                });
+                Ok((crc, sha))
+            });
+        // A generous bound: a stalled worker must not hang the upload forever.
+        let limit = Duration::from_secs(30) + Duration::from_secs(len >> 20);
+        let call = tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await;
+        let read = reader.await.map_err(|e| AttemptError {
+            blame: None,
+            message: format!("reader task failed: {e}"),
+            local: None,
+        })?;
+        let (crc, sha) = match read {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(AttemptError {
+                    blame: None,
+                    message: e.to_string(),
+                    local: Some(ClientError::InvalidInput(format!(
+                        "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
+                    ))),
+                });
+            }
+        };
+        match call {
+            Err(_) => Err(AttemptError {
+                blame: Some(first),
+                message: format!("no answer within {}s", limit.as_secs()),
+                local: None,
+            }),
+            Ok(Err(s)) => {
+                let blame = s
+                    .metadata()
+                    .get(FAILED_WORKER_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .or(Some(first));
+                Err(AttemptError {
+                    blame,
+                    message: s.message().to_string(),
+                    local: None,
+                })
+            }
+            Ok(Ok(resp)) => {
+                let stored_on = resp.into_inner().stored_on;
+                if stored_on.len() != placement.workers.len() {
+                    return Err(AttemptError {
+                        blame: None,
+                        message: format!(
+                            "pipeline stored {} of {} replicas",
+                            stored_on.len(),
+                            placement.workers.len()
+                        ),
+                        local: None,
+                    });
+                }
+                Ok((stored_on, crc, sha))
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Process logging: `tracing` to the terminal and to one file per process under the log dir.
+
+use std::path::Path;
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+
+const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,tonic=warn";
+
+fn filter(directives: &str) -> EnvFilter {
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+}
+
+/// Installs the global subscriber: stderr at `stderr_filter` (or `RUST_LOG`), and
+/// `<log_dir>/<file_name>` at info. Keep the guard alive until exit so the file is flushed.
+///
+/// If the log directory cannot be created the process still runs, logging to stderr only,
+/// and says so: losing the log file must not take a storage daemon down.
+pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Option<WorkerGuard> {
+    let stderr_env = std::env::var("RUST_LOG").ok();
+    let stderr_directives = stderr_env
+        .as_deref()
+        .or(stderr_filter)
+        .unwrap_or(DEFAULT_FILTER);
+    let stderr_layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter(stderr_directives));
+
+    let (file_layer, guard, file_err) = match std::fs::create_dir_all(log_dir) {
+        Ok(()) => {
+            let appender = tracing_appender::rolling::never(log_dir, file_name);
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            let layer = fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer)
+                .with_filter(filter(DEFAULT_FILTER));
+            (Some(layer), Some(guard), None)
+        }
+        Err(e) => (None, None, Some(e)),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(stderr_layer)
+        .with(file_layer)
+        .try_init();
+    if let Some(e) = file_err {
+        tracing::warn!(dir = %log_dir.display(), error = %e, "cannot create log directory; logging to stderr only");
+    }
+    guard
+}

@@ -1,0 +1,143 @@
+//! The master's in-memory map from chunk to the workers holding it.
+//!
+//! Replica locations are not persisted: as in GFS and HDFS, workers are the source of truth
+//! for the bytes they hold and tell the master with a full chunk report when they register.
+//! The map starts empty for every committed chunk and fills as reports arrive; the commit of
+//! an upload seeds it with the workers that acknowledged each chunk.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::registry::{Health, HealthPolicy, Registry, WorkerIdx};
+use crate::chunk::ChunkId;
+
+/// What the master knows of one committed chunk.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkEntry {
+    pub target: u8,
+    pub replicas: Vec<WorkerIdx>,
+    /// Replicas reported corrupt (not served, not counted as replicas).
+    pub corrupt: Vec<WorkerIdx>,
+}
+
+/// Replication health counts over every chunk.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationCounts {
+    pub chunks: u64,
+    pub under_replicated: u64,
+    pub missing: u64,
+    pub corrupt_replicas: u64,
+}
+
+/// Chunk → replicas for every committed chunk.
+#[derive(Debug, Default)]
+pub struct ChunkMap {
+    entries: HashMap<ChunkId, ChunkEntry>,
+}
+
+impl ChunkMap {
+    pub fn insert(&mut self, id: ChunkId, target: u32, replicas: Vec<WorkerIdx>) {
+        self.entries.insert(
+            id,
+            ChunkEntry {
+                target: target.min(u8::MAX as u32) as u8,
+                replicas,
+                corrupt: Vec::new(),
+            },
+        );
+    }
+
+    pub fn remove(&mut self, id: &ChunkId) -> Option<ChunkEntry> {
+        self.entries.remove(id)
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<&ChunkEntry> {
+        self.entries.get(id)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    /// Records that `worker` holds `id`; false if the chunk belongs to no committed file.
+    pub fn add_replica(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
+        match self.entries.get_mut(id) {
+            Some(e) => {
+                if !e.replicas.contains(&worker) && !e.corrupt.contains(&worker) {
+                    e.replicas.push(worker);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets every replica on `worker` (before applying its full report).
+    pub fn drop_worker(&mut self, worker: WorkerIdx) {
+        for e in self.entries.values_mut() {
+            e.replicas.retain(|&w| w != worker);
+        }
+    }
+
+    /// Marks the replica of `id` on `worker` corrupt; true if it was a known replica.
+    pub fn mark_corrupt(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
+        match self.entries.get_mut(id) {
+            Some(e) => {
+                let had = e.replicas.contains(&worker);
+                e.replicas.retain(|&w| w != worker);
+                if !e.corrupt.contains(&worker) {
+                    e.corrupt.push(worker);
+                }
+                had
+            }
+            None => false,
+        }
+    }
+
+    /// How many replicas of `entry` are on alive workers.
+    pub fn live_replicas(
+        entry: &ChunkEntry,
+        reg: &Registry,
+        policy: &HealthPolicy,
+        now: Instant,
+    ) -> usize {
+        entry
+            .replicas
+            .iter()
+            .filter(|&&w| reg.health(w, policy, now) == Health::Alive)
+            .count()
+    }
+
+    /// Counts chunks by replication health and replicas per worker.
+    pub fn counts(
+        &self,
+        reg: &Registry,
+        policy: &HealthPolicy,
+        now: Instant,
+    ) -> (ReplicationCounts, HashMap<WorkerIdx, u64>) {
+        let mut c = ReplicationCounts::default();
+        let mut per_worker: HashMap<WorkerIdx, u64> = HashMap::new();
+        for e in self.entries.values() {
+            c.chunks += 1;
+            c.corrupt_replicas += e.corrupt.len() as u64;
+            for &w in &e.replicas {
+                *per_worker.entry(w).or_default() += 1;
+            }
+            let live = Self::live_replicas(e, reg, policy, now);
+            if live == 0 {
+                c.missing += 1;
+            } else if live < e.target as usize {
+                c.under_replicated += 1;
+            }
+        }
+        (c, per_worker)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

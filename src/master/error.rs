@@ -1,0 +1,43 @@
+//! Master errors, and their one mapping to gRPC status codes.
+
+use thiserror::Error;
+use tonic::{Code, Status};
+
+use super::store::StoreError;
+use crate::names::NameError;
+
+#[derive(Debug, Error)]
+pub enum MasterError {
+    #[error("invalid file name: {0}")]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("file {0:?} not found")]
+    FileNotFound(String),
+    #[error("upload {0:?} not found (it was committed, aborted, or expired)")]
+    UploadNotFound(String),
+    #[error("no live workers: start a worker (`worker --port N`) or wait for one to register")]
+    NoLiveWorkers,
+    #[error("no live worker has {needed} free for a chunk")]
+    NoSpace { needed: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<MasterError> for Status {
+    fn from(e: MasterError) -> Status {
+        let code = match &e {
+            MasterError::InvalidName(_) | MasterError::InvalidArgument(_) => Code::InvalidArgument,
+            MasterError::FileNotFound(_) | MasterError::UploadNotFound(_) => Code::NotFound,
+            MasterError::NoLiveWorkers => Code::Unavailable,
+            MasterError::NoSpace { .. } => Code::ResourceExhausted,
+            MasterError::Conflict(_) => Code::Aborted,
+            MasterError::Store(_) | MasterError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

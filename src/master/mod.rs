@@ -1,0 +1,222 @@
+//! The master: names, placement, the worker registry and health, cluster status and events.
+//!
+//! It never carries file bytes. Mutations of the namespace are committed to the
+//! [`store::MetaStore`] before the master answers; replica locations live in memory and are
+//! rebuilt from worker reports (see [`chunkmap`]).
+
+pub mod chunkmap;
+pub mod error;
+pub mod namespace;
+pub mod redb_store;
+pub mod registry;
+pub mod service;
+pub mod status;
+pub mod store;
+pub mod workers;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::chunk::ChunkId;
+use crate::events::EventLog;
+use chunkmap::ChunkMap;
+pub use error::MasterError;
+use registry::{HealthPolicy, Registry};
+use store::{GarbageRecord, MetaStore, MetaStoreExt};
+
+/// Master settings (the `master` binary's flags).
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub data_dir: PathBuf,
+    pub chunk_size: u64,
+    pub default_replicas: u32,
+    pub heartbeat_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// An upload with no sign of life for this long is aborted and its chunks collected.
+    pub upload_lease: Duration,
+}
+
+impl MasterConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        MasterConfig {
+            data_dir: data_dir.into(),
+            chunk_size: 8 << 20,
+            default_replicas: 3,
+            heartbeat_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            upload_lease: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Largest replication factor a file may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
+/// In-memory state guarded by one mutex that is never held across an `.await`.
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub registry: Registry,
+    pub chunks: ChunkMap,
+    /// Open uploads and when they last showed a sign of life.
+    pub uploads: HashMap<String, Instant>,
+    /// Mirror of the store's garbage table.
+    pub garbage: HashMap<String, GarbageRecord>,
+    pub files: u64,
+    pub logical_bytes: u64,
+}
+
+/// The master's shared state; the gRPC service and background tasks hold an `Arc` of it.
+pub struct Master {
+    pub(crate) cfg: MasterConfig,
+    pub(crate) store: Arc<dyn MetaStore>,
+    pub(crate) events: EventLog,
+    pub(crate) policy: HealthPolicy,
+    pub(crate) inner: Mutex<Inner>,
+    /// Serialises namespace mutations (store transaction + memory update) so both orders agree.
+    pub(crate) ns_lock: tokio::sync::Mutex<()>,
+    pub(crate) address: Mutex<String>,
+}
+
+impl Master {
+    /// Opens the metadata store in `cfg.data_dir` and loads the namespace into memory.
+    pub fn open(cfg: MasterConfig) -> Result<Arc<Master>, MasterError> {
+        if cfg.chunk_size == 0 || cfg.chunk_size > (1 << 30) {
+            return Err(MasterError::InvalidArgument(format!(
+                "chunk size must be between 1 byte and 1 GiB, not {}",
+                cfg.chunk_size
+            )));
+        }
+        if cfg.default_replicas == 0 || cfg.default_replicas > MAX_REPLICAS {
+            return Err(MasterError::InvalidArgument(format!(
+                "replicas must be between 1 and {MAX_REPLICAS}, not {}",
+                cfg.default_replicas
+            )));
+        }
+        let store: Arc<dyn MetaStore> = Arc::new(redb_store::RedbStore::open(&cfg.data_dir)?);
+        let master = Master {
+            policy: HealthPolicy::from_timeout(cfg.heartbeat_timeout),
+            cfg,
+            store,
+            events: EventLog::new(),
+            inner: Mutex::new(Inner::default()),
+            ns_lock: tokio::sync::Mutex::new(()),
+            address: Mutex::new(String::new()),
+        };
+        master.load()?;
+        Ok(Arc::new(master))
+    }
+
+    fn load(&self) -> Result<(), MasterError> {
+        let mut inner = self.lock();
+        let mut after = String::new();
+        loop {
+            let page = self.store.read_with(|t| t.list_files(&after, 10_000))?;
+            let Some(last) = page.last() else { break };
+            after = last.name.clone();
+            for f in &page {
+                inner.files += 1;
+                inner.logical_bytes += f.size;
+                for c in &f.chunks {
+                    if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
+                        inner.chunks.insert(id, f.replicas, Vec::new());
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        for u in self.store.read_with(|t| t.list_uploads())? {
+            inner.uploads.insert(u.upload_id, now);
+        }
+        inner.garbage = self
+            .store
+            .read_with(|t| t.list_garbage())?
+            .into_iter()
+            .collect();
+        for w in self.store.read_with(|t| t.list_workers())? {
+            inner.registry.intern(&w.address);
+        }
+        tracing::info!(
+            files = inner.files,
+            chunks = inner.chunks.len(),
+            open_uploads = inner.uploads.len(),
+            pending_deletions = inner.garbage.len(),
+            "metadata loaded"
+        );
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent-enough state (each update is small);
+        // keep serving rather than poisoning every later request.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cluster event feed.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub fn config(&self) -> &MasterConfig {
+        &self.cfg
+    }
+
+    /// Runs a blocking store operation off the async threads.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Master) -> Result<T, MasterError> + Send + 'static,
+    ) -> Result<T, MasterError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| MasterError::Internal(format!("store task failed: {e}")))?
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves, with the background tasks (health
+    /// watcher, upload expiry) running alongside; returns once streams are closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), MasterError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| MasterError::Internal(e.to_string()))?;
+        *self.address.lock().unwrap_or_else(|p| p.into_inner()) = addr.to_string();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(workers::health_watcher(self.clone(), stop_rx.clone()));
+        tasks.spawn(namespace::upload_expiry(self.clone(), stop_rx.clone()));
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<crate::rpc::pb::master_server::MasterServer<service::MasterService>>()
+            .await;
+        let reflection = crate::server::reflection()?;
+        let svc = service::MasterService::new(self.clone(), stop_rx.clone());
+        self.events.record(
+            crate::events::Level::Info,
+            format!("master listening on {addr}"),
+        );
+        let stop_for_server = stop_tx.clone();
+        let result = crate::server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(svc.into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.await;
+                let _ = stop_for_server.send(true);
+            })
+            .await;
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("master stopped");
+        result.map_err(|e| MasterError::Internal(format!("server error: {e}")))
+    }
+}

@@ -1,0 +1,722 @@
+//! Namespace operations: uploads (start, allocate, renew, commit, abort), lookups and deletes.
+//!
+//! Every mutation is one store transaction, committed before the answer, followed by the
+//! matching in-memory update; both happen under `ns_lock` so memory follows the store's order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use super::store::{
+    Allocation, ChunkRef, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord, WriteTxn,
+};
+use super::{Inner, MAX_REPLICAS, Master, MasterError};
+use crate::chunk::{ChunkId, random_u128};
+use crate::config::human_bytes;
+use crate::events::Level;
+use crate::rpc::now_unix_ms;
+use crate::rpc::pb::{self, ChunkInfo, ChunkPlacement, FileInfo, ReplicaInfo};
+
+/// Garbage entries written by a transaction, to mirror in memory.
+type Garbage = Vec<(String, GarbageRecord)>;
+
+/// Placements returned with `StartUpload`; later chunks are allocated one by one.
+const FIRST_PLACEMENTS: u64 = 64;
+/// Largest listing page.
+const MAX_PAGE: usize = 10_000;
+const DEFAULT_PAGE: usize = 1_000;
+
+/// Number of chunks of a file of `size` bytes.
+pub fn chunk_count(size: u64, chunk_size: u64) -> u64 {
+    size.div_ceil(chunk_size)
+}
+
+/// Length of chunk `index` of a file of `size` bytes.
+pub fn chunk_len(size: u64, chunk_size: u64, index: u64) -> u64 {
+    size.saturating_sub(index * chunk_size).min(chunk_size)
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Adds `workers` to the garbage entry of `chunk_id` (creating it) inside `txn`.
+fn add_garbage(
+    txn: &mut dyn WriteTxn,
+    chunk_id: &str,
+    workers: &[String],
+    reason: &str,
+) -> Result<GarbageRecord, MasterError> {
+    let mut rec = txn.get_garbage(chunk_id)?.unwrap_or_else(|| GarbageRecord {
+        workers: Vec::new(),
+        reason: reason.to_string(),
+        since_unix_ms: now_unix_ms(),
+    });
+    for w in workers {
+        if !rec.workers.contains(w) {
+            rec.workers.push(w.clone());
+        }
+    }
+    txn.put_garbage(chunk_id, &rec)?;
+    Ok(rec)
+}
+
+impl Inner {
+    /// Worker addresses that may hold `chunk` (replicas and corrupt copies).
+    fn holders(&self, chunk: &str) -> Vec<String> {
+        let Ok(id) = chunk.parse::<ChunkId>() else {
+            return Vec::new();
+        };
+        match self.chunks.get(&id) {
+            Some(e) => e
+                .replicas
+                .iter()
+                .chain(e.corrupt.iter())
+                .map(|&w| self.registry.address(w).to_string())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn forget_file(&mut self, f: &FileRecord) {
+        self.files = self.files.saturating_sub(1);
+        self.logical_bytes = self.logical_bytes.saturating_sub(f.size);
+        for c in &f.chunks {
+            if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
+                self.chunks.remove(&id);
+            }
+        }
+    }
+}
+
+impl Master {
+    fn placement(
+        &self,
+        inner: &mut Inner,
+        index: u64,
+        chunk_id: ChunkId,
+        bytes: u64,
+        replicas: u32,
+        exclude: &[String],
+    ) -> Result<ChunkPlacement, MasterError> {
+        let now = Instant::now();
+        let chosen = inner
+            .registry
+            .place(replicas as usize, bytes, exclude, &self.policy, now);
+        if chosen.is_empty() {
+            if inner.registry.alive_count(&self.policy, now) == 0 {
+                return Err(MasterError::NoLiveWorkers);
+            }
+            return Err(MasterError::NoSpace {
+                needed: human_bytes(bytes),
+            });
+        }
+        Ok(ChunkPlacement {
+            index: index as u32,
+            chunk_id: chunk_id.to_string(),
+            workers: chosen
+                .iter()
+                .map(|&w| inner.registry.address(w).to_string())
+                .collect(),
+        })
+    }
+
+    /// Opens an upload: validates the request, places the first chunks and records the upload
+    /// durably so its chunks can be collected if it is never committed.
+    pub async fn start_upload(
+        self: &Arc<Self>,
+        req: pb::StartUploadRequest,
+    ) -> Result<pb::StartUploadResponse, MasterError> {
+        crate::names::validate(&req.name)?;
+        let target = if req.replicas == 0 {
+            self.cfg.default_replicas
+        } else {
+            req.replicas
+        };
+        if target > MAX_REPLICAS {
+            return Err(MasterError::InvalidArgument(format!(
+                "replicas must be between 1 and {MAX_REPLICAS}, not {target}"
+            )));
+        }
+        let cs = self.cfg.chunk_size;
+        let n = chunk_count(req.size, cs);
+        if n > u32::MAX as u64 {
+            return Err(MasterError::InvalidArgument(format!(
+                "file of {} bytes is too large for chunks of {}",
+                req.size,
+                human_bytes(cs)
+            )));
+        }
+        let upload_id = format!("{:032x}", random_u128());
+        let (placements, effective) = {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            let alive = inner.registry.alive_count(&self.policy, now) as u32;
+            if n > 0 && alive == 0 {
+                return Err(MasterError::NoLiveWorkers);
+            }
+            let mut placements = Vec::new();
+            for i in 0..n.min(FIRST_PLACEMENTS) {
+                let len = chunk_len(req.size, cs, i);
+                placements.push(self.placement(
+                    &mut inner,
+                    i,
+                    ChunkId::generate(),
+                    len,
+                    target,
+                    &[],
+                )?);
+            }
+            let effective = placements
+                .iter()
+                .map(|p| p.workers.len() as u32)
+                .min()
+                .unwrap_or(target.min(alive));
+            (placements, effective)
+        };
+        let name = req.name.clone();
+        let size = req.size;
+        let allocations: Vec<Allocation> = placements
+            .iter()
+            .map(|p| Allocation {
+                index: p.index,
+                chunk_id: p.chunk_id.clone(),
+                workers: p.workers.clone(),
+            })
+            .collect();
+        let uid = upload_id.clone();
+        let record = self
+            .blocking(move |m| {
+                m.store
+                    .write_with(|t| -> Result<UploadRecord, MasterError> {
+                        let version = t.next_file_id()?;
+                        let file_id = match t.get_file(&name)? {
+                            Some(old) => old.file_id,
+                            None => version,
+                        };
+                        let rec = UploadRecord {
+                            upload_id: uid,
+                            name,
+                            file_id,
+                            version,
+                            size,
+                            chunk_size: cs,
+                            replicas: target,
+                            created_unix_ms: now_unix_ms(),
+                            allocations,
+                        };
+                        t.put_upload(&rec)?;
+                        Ok(rec)
+                    })
+            })
+            .await?;
+        self.lock()
+            .uploads
+            .insert(upload_id.clone(), Instant::now());
+        tracing::info!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
+        Ok(pb::StartUploadResponse {
+            upload_id,
+            file_id: record.file_id,
+            version: record.version,
+            chunk_size: cs,
+            replicas_target: target,
+            replicas_effective: effective,
+            chunks: placements,
+        })
+    }
+
+    /// A new chunk id and pipeline for chunk `index` of an open upload, avoiding `exclude`.
+    pub async fn allocate_chunk(
+        self: &Arc<Self>,
+        req: pb::AllocateChunkRequest,
+    ) -> Result<pb::AllocateChunkResponse, MasterError> {
+        let upload_id = req.upload_id.clone();
+        let upload = self
+            .blocking(move |m| {
+                m.store
+                    .read_with(|t| t.get_upload(&upload_id))
+                    .map_err(Into::into)
+            })
+            .await?
+            .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
+        let n = chunk_count(upload.size, upload.chunk_size);
+        if req.index as u64 >= n {
+            return Err(MasterError::InvalidArgument(format!(
+                "chunk index {} is out of range: the upload has {n} chunks",
+                req.index
+            )));
+        }
+        let len = chunk_len(upload.size, upload.chunk_size, req.index as u64);
+        let placement = {
+            let mut inner = self.lock();
+            inner.uploads.insert(req.upload_id.clone(), Instant::now());
+            self.placement(
+                &mut inner,
+                req.index as u64,
+                ChunkId::generate(),
+                len,
+                upload.replicas,
+                &req.exclude,
+            )?
+        };
+        let alloc = Allocation {
+            index: placement.index,
+            chunk_id: placement.chunk_id.clone(),
+            workers: placement.workers.clone(),
+        };
+        let upload_id = req.upload_id.clone();
+        let _guard = self.ns_lock.lock().await;
+        self.blocking(move |m| {
+            m.store.write_with(|t| -> Result<(), MasterError> {
+                let mut rec = t
+                    .get_upload(&upload_id)?
+                    .ok_or_else(|| MasterError::UploadNotFound(upload_id.clone()))?;
+                rec.allocations.push(alloc);
+                t.put_upload(&rec)?;
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(pb::AllocateChunkResponse {
+            chunk: Some(placement),
+        })
+    }
+
+    /// Keeps an open upload's lease alive.
+    pub fn renew_upload(&self, upload_id: &str) -> Result<(), MasterError> {
+        let mut inner = self.lock();
+        match inner.uploads.get_mut(upload_id) {
+            Some(t) => {
+                *t = Instant::now();
+                Ok(())
+            }
+            None => Err(MasterError::UploadNotFound(upload_id.to_string())),
+        }
+    }
+
+    /// Makes an upload visible: checks that every chunk was written as allocated, then in one
+    /// transaction installs the file, drops the upload, and marks as garbage the chunks of the
+    /// version it replaces and of failed attempts.
+    pub async fn commit_upload(
+        self: &Arc<Self>,
+        req: pb::CommitUploadRequest,
+    ) -> Result<pb::CommitUploadResponse, MasterError> {
+        if !is_sha256_hex(&req.sha256) {
+            return Err(MasterError::InvalidArgument(
+                "sha256 must be 64 lowercase hex digits".into(),
+            ));
+        }
+        let _guard = self.ns_lock.lock().await;
+        let upload_id = req.upload_id.clone();
+        let upload = self
+            .blocking(move |m| {
+                m.store
+                    .read_with(|t| t.get_upload(&upload_id))
+                    .map_err(Into::into)
+            })
+            .await?
+            .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
+        let file = validate_commit(&upload, &req)?;
+        // Holders of the chunks the commit makes garbage, read before the transaction; no other
+        // namespace mutation can run meanwhile (ns_lock).
+        let committed: std::collections::HashSet<&str> =
+            file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
+        let failed: Vec<Allocation> = upload
+            .allocations
+            .iter()
+            .filter(|a| !committed.contains(a.chunk_id.as_str()))
+            .cloned()
+            .collect();
+        let name = upload.name.clone();
+        let old = self
+            .blocking(move |m| m.store.read_with(|t| t.get_file(&name)).map_err(Into::into))
+            .await?;
+        let old_holders: std::collections::HashMap<String, Vec<String>> = {
+            let inner = self.lock();
+            old.iter()
+                .flat_map(|f| f.chunks.iter())
+                .map(|c| (c.chunk_id.clone(), inner.holders(&c.chunk_id)))
+                .collect()
+        };
+        let f2 = file.clone();
+        let version = upload.version;
+        let (old, garbage) = self
+            .blocking(move |m| {
+                m.store
+                    .write_with(|t| -> Result<(Option<FileRecord>, Garbage), MasterError> {
+                        t.remove_upload(&upload.upload_id)?
+                            .ok_or_else(|| MasterError::UploadNotFound(upload.upload_id.clone()))?;
+                        let old = t.get_file(&f2.name)?;
+                        if let Some(o) = &old
+                            && o.version > version
+                        {
+                            return Err(MasterError::Conflict(format!(
+                                "a newer upload of {:?} was committed first; this one is discarded",
+                                f2.name
+                            )));
+                        }
+                        t.put_file(&f2)?;
+                        let mut garbage = Vec::new();
+                        for a in &failed {
+                            garbage.push((
+                                a.chunk_id.clone(),
+                                add_garbage(t, &a.chunk_id, &a.workers, "failed upload attempt")?,
+                            ));
+                        }
+                        for c in old.iter().flat_map(|o| o.chunks.iter()) {
+                            let holders = old_holders.get(&c.chunk_id).cloned().unwrap_or_default();
+                            garbage.push((
+                                c.chunk_id.clone(),
+                                add_garbage(t, &c.chunk_id, &holders, "replaced file")?,
+                            ));
+                        }
+                        Ok((old, garbage))
+                    })
+            })
+            .await?;
+        let info = {
+            let mut inner = self.lock();
+            inner.uploads.remove(&req.upload_id);
+            if let Some(o) = &old {
+                inner.forget_file(o);
+            }
+            for c in &req.chunks {
+                if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
+                    let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
+                    inner.chunks.insert(id, file.replicas, replicas);
+                }
+            }
+            inner.files += 1;
+            inner.logical_bytes += file.size;
+            inner.garbage.extend(garbage);
+            self.file_info(&inner, &file, false)
+        };
+        self.events.record(
+            Level::Info,
+            format!(
+                "{} {:?}: {}, {} chunk(s), {}/{} replicas",
+                if old.is_some() {
+                    "replaced"
+                } else {
+                    "uploaded"
+                },
+                file.name,
+                human_bytes(file.size),
+                file.chunks.len(),
+                info.replicas_min_live,
+                file.replicas
+            ),
+        );
+        Ok(pb::CommitUploadResponse {
+            file: Some(info),
+            replaced: old.is_some(),
+        })
+    }
+
+    /// Drops an open upload; every chunk allocated to it becomes garbage.
+    pub async fn abort_upload(self: &Arc<Self>, upload_id: &str) -> Result<(), MasterError> {
+        let _guard = self.ns_lock.lock().await;
+        let id = upload_id.to_string();
+        let (upload, garbage) = self
+            .blocking(move |m| {
+                m.store
+                    .write_with(|t| -> Result<(UploadRecord, Garbage), MasterError> {
+                        let upload = t
+                            .remove_upload(&id)?
+                            .ok_or_else(|| MasterError::UploadNotFound(id.clone()))?;
+                        let mut garbage = Vec::new();
+                        for a in &upload.allocations {
+                            garbage.push((
+                                a.chunk_id.clone(),
+                                add_garbage(t, &a.chunk_id, &a.workers, "aborted upload")?,
+                            ));
+                        }
+                        Ok((upload, garbage))
+                    })
+            })
+            .await?;
+        {
+            let mut inner = self.lock();
+            inner.uploads.remove(upload_id);
+            inner.garbage.extend(garbage);
+        }
+        self.events.record(
+            Level::Warn,
+            format!(
+                "upload of {:?} aborted; {} chunk(s) will be deleted",
+                upload.name,
+                upload.allocations.len()
+            ),
+        );
+        Ok(())
+    }
+
+    /// The file `name` with its chunk → replica map.
+    pub async fn get_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
+        crate::names::validate(name)?;
+        let n = name.to_string();
+        let file = self
+            .blocking(move |m| m.store.read_with(|t| t.get_file(&n)).map_err(Into::into))
+            .await?
+            .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
+        let inner = self.lock();
+        Ok(self.file_info(&inner, &file, true))
+    }
+
+    /// One page of the listing, in bytewise name order.
+    pub async fn list_files(
+        self: &Arc<Self>,
+        start_after: String,
+        limit: u32,
+    ) -> Result<pb::ListFilesResponse, MasterError> {
+        let limit = match limit as usize {
+            0 => DEFAULT_PAGE,
+            l => l.min(MAX_PAGE),
+        };
+        let files = self
+            .blocking(move |m| {
+                m.store
+                    .read_with(|t| t.list_files(&start_after, limit))
+                    .map_err(Into::into)
+            })
+            .await?;
+        let next = if files.len() == limit {
+            files.last().map(|f| f.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let inner = self.lock();
+        Ok(pb::ListFilesResponse {
+            files: files
+                .iter()
+                .map(|f| self.file_info(&inner, f, false))
+                .collect(),
+            next_start_after: next,
+        })
+    }
+
+    /// Removes `name` from the namespace; its chunks become garbage.
+    pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
+        crate::names::validate(name)?;
+        let _guard = self.ns_lock.lock().await;
+        let n = name.to_string();
+        let file = self
+            .blocking(move |m| m.store.read_with(|t| t.get_file(&n)).map_err(Into::into))
+            .await?;
+        let holders: std::collections::HashMap<String, Vec<String>> = {
+            let inner = self.lock();
+            file.iter()
+                .flat_map(|f| f.chunks.iter())
+                .map(|c| (c.chunk_id.clone(), inner.holders(&c.chunk_id)))
+                .collect()
+        };
+        let n = name.to_string();
+        let (file, garbage) = self
+            .blocking(move |m| {
+                m.store
+                    .write_with(|t| -> Result<(FileRecord, Garbage), MasterError> {
+                        let file = t
+                            .remove_file(&n)?
+                            .ok_or_else(|| MasterError::FileNotFound(n.clone()))?;
+                        let mut garbage = Vec::new();
+                        for c in &file.chunks {
+                            let h = holders.get(&c.chunk_id).cloned().unwrap_or_default();
+                            garbage.push((
+                                c.chunk_id.clone(),
+                                add_garbage(t, &c.chunk_id, &h, "deleted file")?,
+                            ));
+                        }
+                        Ok((file, garbage))
+                    })
+            })
+            .await?;
+        let info = {
+            let mut inner = self.lock();
+            let info = self.file_info(&inner, &file, false);
+            inner.forget_file(&file);
+            inner.garbage.extend(garbage);
+            info
+        };
+        self.events.record(
+            Level::Info,
+            format!("deleted {:?} ({})", file.name, human_bytes(file.size)),
+        );
+        Ok(info)
+    }
+
+    /// Builds the wire view of a file; replicas are ordered alive first.
+    pub(crate) fn file_info(&self, inner: &Inner, f: &FileRecord, with_chunks: bool) -> FileInfo {
+        let now = Instant::now();
+        let mut min_live = u32::MAX;
+        let mut chunks = Vec::new();
+        for (i, c) in f.chunks.iter().enumerate() {
+            let entry = c
+                .chunk_id
+                .parse::<ChunkId>()
+                .ok()
+                .and_then(|id| inner.chunks.get(&id));
+            let mut reps: Vec<(super::registry::Health, String)> = entry
+                .map(|e| {
+                    e.replicas
+                        .iter()
+                        .map(|&w| {
+                            (
+                                inner.registry.health(w, &self.policy, now),
+                                inner.registry.address(w).to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            reps.sort();
+            let live = reps
+                .iter()
+                .filter(|(h, _)| *h == super::registry::Health::Alive)
+                .count() as u32;
+            min_live = min_live.min(live);
+            if with_chunks {
+                chunks.push(ChunkInfo {
+                    index: i as u32,
+                    chunk_id: c.chunk_id.clone(),
+                    length: c.length,
+                    crc32c: c.crc32c,
+                    replicas: reps
+                        .into_iter()
+                        .map(|(h, w)| ReplicaInfo {
+                            worker: w,
+                            state: h.as_str().to_string(),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        FileInfo {
+            name: f.name.clone(),
+            file_id: f.file_id,
+            version: f.version,
+            size: f.size,
+            chunk_size: f.chunk_size,
+            replicas_target: f.replicas,
+            replicas_min_live: if f.chunks.is_empty() {
+                f.replicas
+            } else {
+                min_live
+            },
+            chunk_count: f.chunks.len() as u64,
+            modified_unix_ms: f.modified_unix_ms,
+            sha256: f.sha256.clone(),
+            chunks,
+        }
+    }
+}
+
+/// Checks a commit against its upload and builds the file record it would install.
+fn validate_commit(
+    upload: &UploadRecord,
+    req: &pb::CommitUploadRequest,
+) -> Result<FileRecord, MasterError> {
+    let n = chunk_count(upload.size, upload.chunk_size);
+    if req.chunks.len() as u64 != n {
+        return Err(MasterError::InvalidArgument(format!(
+            "commit lists {} chunks; a file of {} bytes has {n}",
+            req.chunks.len(),
+            upload.size
+        )));
+    }
+    let mut chunks: Vec<&pb::CommittedChunk> = req.chunks.iter().collect();
+    chunks.sort_by_key(|c| c.index);
+    let mut refs = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        if c.index as usize != i {
+            return Err(MasterError::InvalidArgument(format!(
+                "commit is missing chunk {i} (or lists a chunk twice)"
+            )));
+        }
+        let alloc = upload
+            .allocations
+            .iter()
+            .find(|a| a.chunk_id == c.chunk_id && a.index == c.index)
+            .ok_or_else(|| {
+                MasterError::InvalidArgument(format!(
+                    "chunk {} was not allocated to this upload for index {i}",
+                    c.chunk_id
+                ))
+            })?;
+        let want = chunk_len(upload.size, upload.chunk_size, i as u64);
+        if c.length != want {
+            return Err(MasterError::InvalidArgument(format!(
+                "chunk {i} is {} bytes; expected {want}",
+                c.length
+            )));
+        }
+        if c.workers.is_empty() || c.workers.iter().any(|w| !alloc.workers.contains(w)) {
+            return Err(MasterError::InvalidArgument(format!(
+                "chunk {i} lists workers outside its pipeline"
+            )));
+        }
+        refs.push(ChunkRef {
+            chunk_id: c.chunk_id.clone(),
+            length: c.length,
+            crc32c: c.crc32c,
+        });
+    }
+    Ok(FileRecord {
+        name: upload.name.clone(),
+        file_id: upload.file_id,
+        version: upload.version,
+        size: upload.size,
+        chunk_size: upload.chunk_size,
+        replicas: upload.replicas,
+        modified_unix_ms: now_unix_ms(),
+        sha256: req.sha256.clone(),
+        chunks: refs,
+    })
+}
+
+/// Aborts uploads whose lease ran out (the client died or gave up without saying so).
+pub(crate) async fn upload_expiry(master: Arc<Master>, mut stop: watch::Receiver<bool>) {
+    let period = (master.cfg.upload_lease / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let expired: Vec<String> = {
+            let inner = master.lock();
+            inner
+                .uploads
+                .iter()
+                .filter(|(_, t)| t.elapsed() > master.cfg.upload_lease)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in expired {
+            tracing::warn!(upload = %id, "upload lease expired");
+            if let Err(e) = master.abort_upload(&id).await {
+                tracing::warn!(upload = %id, error = %e, "could not expire upload");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_arithmetic() {
+        assert_eq!(chunk_count(0, 8), 0);
+        assert_eq!(chunk_count(1, 8), 1);
+        assert_eq!(chunk_count(8, 8), 1);
+        assert_eq!(chunk_count(9, 8), 2);
+        assert_eq!(chunk_len(9, 8, 0), 8);
+        assert_eq!(chunk_len(9, 8, 1), 1);
+        assert_eq!(chunk_len(16, 8, 1), 8);
+    }
+}

@@ -1,0 +1,259 @@
+//! The `dfs.v1.Master` gRPC service: a thin layer that logs each request and maps errors.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Master, MasterError};
+use crate::rpc::pb::{self, master_server::MasterServer};
+use crate::rpc::{MAX_GRPC_MESSAGE, now_unix_ms};
+
+/// The service object handed to tonic.
+pub struct MasterService {
+    master: Arc<Master>,
+    stop: watch::Receiver<bool>,
+}
+
+impl MasterService {
+    pub fn new(master: Arc<Master>, stop: watch::Receiver<bool>) -> Self {
+        MasterService { master, stop }
+    }
+
+    pub fn into_server(self) -> MasterServer<MasterService> {
+        MasterServer::new(self)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE)
+    }
+}
+
+fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Logs the outcome of a request with its duration and converts the error.
+fn finish<T>(
+    op: &'static str,
+    peer: &str,
+    what: &str,
+    started: Instant,
+    r: Result<T, MasterError>,
+) -> Result<Response<T>, Status> {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match r {
+        Ok(v) => {
+            tracing::debug!(op, %peer, what, ms, "ok");
+            Ok(Response::new(v))
+        }
+        Err(e) => {
+            tracing::info!(op, %peer, what, ms, error = %e, "request failed");
+            Err(e.into())
+        }
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::master_server::Master for MasterService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let addr = r.address.clone();
+        finish("register", &p, &addr, t, self.master.register(r).await)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let addr = r.address.clone();
+        finish("heartbeat", &p, &addr, t, self.master.heartbeat(r).await)
+    }
+
+    async fn start_upload(
+        &self,
+        req: Request<pb::StartUploadRequest>,
+    ) -> Result<Response<pb::StartUploadResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let name = r.name.clone();
+        let res = self.master.start_upload(r).await;
+        finish("start_upload", &p, &name, t, res)
+    }
+
+    async fn allocate_chunk(
+        &self,
+        req: Request<pb::AllocateChunkRequest>,
+    ) -> Result<Response<pb::AllocateChunkResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let id = r.upload_id.clone();
+        finish(
+            "allocate_chunk",
+            &p,
+            &id,
+            t,
+            self.master.allocate_chunk(r).await,
+        )
+    }
+
+    async fn commit_upload(
+        &self,
+        req: Request<pb::CommitUploadRequest>,
+    ) -> Result<Response<pb::CommitUploadResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let id = r.upload_id.clone();
+        finish(
+            "commit_upload",
+            &p,
+            &id,
+            t,
+            self.master.commit_upload(r).await,
+        )
+    }
+
+    async fn renew_upload(
+        &self,
+        req: Request<pb::RenewUploadRequest>,
+    ) -> Result<Response<pb::RenewUploadResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .renew_upload(&r.upload_id)
+            .map(|()| pb::RenewUploadResponse {});
+        finish("renew_upload", &p, &r.upload_id, t, res)
+    }
+
+    async fn abort_upload(
+        &self,
+        req: Request<pb::AbortUploadRequest>,
+    ) -> Result<Response<pb::AbortUploadResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .abort_upload(&r.upload_id)
+            .await
+            .map(|()| pb::AbortUploadResponse {});
+        finish("abort_upload", &p, &r.upload_id, t, res)
+    }
+
+    async fn get_file(
+        &self,
+        req: Request<pb::GetFileRequest>,
+    ) -> Result<Response<pb::GetFileResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .get_file(&r.name)
+            .await
+            .map(|f| pb::GetFileResponse { file: Some(f) });
+        finish("get_file", &p, &r.name, t, res)
+    }
+
+    async fn list_files(
+        &self,
+        req: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self.master.list_files(r.start_after, r.limit).await;
+        finish("list_files", &p, "", t, res)
+    }
+
+    async fn delete_file(
+        &self,
+        req: Request<pb::DeleteFileRequest>,
+    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .delete_file(&r.name)
+            .await
+            .map(|f| pb::DeleteFileResponse { file: Some(f) });
+        finish("delete_file", &p, &r.name, t, res)
+    }
+
+    async fn report_bad_replica(
+        &self,
+        req: Request<pb::ReportBadReplicaRequest>,
+    ) -> Result<Response<pb::ReportBadReplicaResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .report_bad_replica(&r)
+            .map(|()| pb::ReportBadReplicaResponse {});
+        finish("report_bad_replica", &p, &r.chunk_id, t, res)
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.master.cluster_status()))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(
+        &self,
+        req: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let backlog = match req.get_ref().backlog {
+            0 => 200,
+            n => n as usize,
+        };
+        let (past, mut live) = self.master.events.subscribe(backlog);
+        let (tx, rx) = mpsc::channel(256);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut last_seq = 0;
+            for ev in past {
+                last_seq = ev.seq;
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let ev = tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tx.closed() => return,
+                    ev = live.recv() => ev,
+                };
+                let ev = match ev {
+                    Ok(ev) if ev.seq <= last_seq => continue,
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(n)) => pb::LogEvent {
+                        unix_ms: now_unix_ms(),
+                        level: "WARN".into(),
+                        message: format!("{n} event(s) dropped: this reader fell behind"),
+                        seq: last_seq,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                last_seq = last_seq.max(ev.seq);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

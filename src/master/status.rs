@@ -1,0 +1,55 @@
+//! The cluster status view: workers with derived health and usage, totals, replication health.
+
+use std::time::Instant;
+
+use super::Master;
+use super::registry::Health;
+use crate::rpc::pb::{ClusterStatusResponse, WorkerStatus};
+
+impl Master {
+    /// A consistent snapshot of the cluster, computed from the live chunk → replica map.
+    pub fn cluster_status(&self) -> ClusterStatusResponse {
+        let now = Instant::now();
+        let inner = self.lock();
+        let (counts, per_worker) = inner.chunks.counts(&inner.registry, &self.policy, now);
+        let mut out = ClusterStatusResponse {
+            master_address: self.address.lock().map(|a| a.clone()).unwrap_or_default(),
+            files: inner.files,
+            logical_bytes: inner.logical_bytes,
+            chunks: counts.chunks,
+            under_replicated_chunks: counts.under_replicated,
+            missing_chunks: counts.missing,
+            corrupt_replicas: counts.corrupt_replicas,
+            pending_deletions: inner.garbage.len() as u64,
+            open_uploads: inner.uploads.len() as u64,
+            chunk_size: self.cfg.chunk_size,
+            default_replicas: self.cfg.default_replicas,
+            ..Default::default()
+        };
+        for (i, w) in inner.registry.iter() {
+            let h = inner.registry.health(i, &self.policy, now);
+            match h {
+                Health::Alive => out.workers_alive += 1,
+                Health::Suspect => out.workers_suspect += 1,
+                Health::Dead => out.workers_dead += 1,
+            }
+            if h != Health::Dead {
+                out.capacity_bytes += w.usage.capacity_bytes;
+                out.used_bytes += w.usage.used_bytes;
+                out.free_bytes += w.usage.free_bytes;
+            }
+            out.workers.push(WorkerStatus {
+                address: w.address.clone(),
+                state: h.as_str().to_string(),
+                usage: Some(w.usage),
+                last_heartbeat_ms_ago: w
+                    .last_heartbeat
+                    .map(|t| now.saturating_duration_since(t).as_millis() as i64)
+                    .unwrap_or(-1),
+                chunks_mapped: per_worker.get(&i).copied().unwrap_or(0),
+            });
+        }
+        out.workers.sort_by(|a, b| a.address.cmp(&b.address));
+        out
+    }
+}

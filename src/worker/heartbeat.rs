@@ -1,0 +1,107 @@
+//! Registration with the master, heartbeats, and carrying out deletion orders.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::Worker;
+use crate::chunk::ChunkId;
+use crate::rpc::pb::{HeartbeatRequest, RegisterRequest};
+
+/// Registers (with a full chunk report) and then heartbeats until `stop`; re-registers when
+/// the master asks (it restarted) and keeps retrying, quietly, while it is unreachable.
+pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
+    let mut client = match crate::rpc::control_channel(&worker.master) {
+        Ok(ch) => crate::rpc::master_client(ch),
+        Err(e) => {
+            tracing::error!(master = %worker.master, error = %e, "invalid master address; not registering");
+            return;
+        }
+    };
+    let mut registered = false;
+    let mut acks: Vec<String> = Vec::new();
+    let mut interval = worker.heartbeat_interval;
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let outcome: Result<(), tonic::Status> = async {
+            if !registered {
+                let req = RegisterRequest {
+                    address: worker.address.clone(),
+                    usage: Some(worker.usage()),
+                    chunks: worker.store.report(),
+                };
+                let n = req.chunks.len();
+                let resp = client.register(req).await?.into_inner();
+                if resp.heartbeat_interval_ms > 0 {
+                    interval = Duration::from_millis(resp.heartbeat_interval_ms)
+                        .min(worker.heartbeat_interval.max(Duration::from_millis(50)));
+                }
+                registered = true;
+                tracing::info!(master = %worker.master, chunks = n, "registered with master");
+                return Ok(());
+            }
+            let resp = client
+                .heartbeat(HeartbeatRequest {
+                    address: worker.address.clone(),
+                    usage: Some(worker.usage()),
+                    deleted_chunks: acks.clone(),
+                })
+                .await?
+                .into_inner();
+            acks.clear();
+            if resp.reregister {
+                tracing::info!("master asked for a full report; re-registering");
+                registered = false;
+                return Ok(());
+            }
+            if !resp.delete_chunks.is_empty() {
+                let store = worker.store.clone();
+                let orders = resp.delete_chunks;
+                let done = tokio::task::spawn_blocking(move || {
+                    let mut done = Vec::new();
+                    for id in orders {
+                        match id.parse::<ChunkId>() {
+                            Ok(cid) => match store.delete(&cid) {
+                                Ok(_) => done.push(id),
+                                Err(e) => tracing::warn!(chunk = %id, error = %e, "delete failed"),
+                            },
+                            // Not a chunk id: nothing to delete, acknowledge so it is dropped.
+                            Err(_) => done.push(id),
+                        }
+                    }
+                    done
+                })
+                .await
+                .unwrap_or_default();
+                tracing::info!(chunks = done.len(), "deleted chunks on the master's order");
+                acks = done;
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => last_error_log = None,
+            Err(s) => {
+                registered = registered && s.code() != tonic::Code::NotFound;
+                let quiet = last_error_log.is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+                if !quiet {
+                    tracing::warn!(master = %worker.master, error = %s.message(), "master unreachable; retrying");
+                    last_error_log = Some(Instant::now());
+                }
+            }
+        }
+        if !registered {
+            // Re-register promptly, but do not spin against a master that is down.
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(interval.min(Duration::from_millis(500))) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

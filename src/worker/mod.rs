@@ -1,0 +1,143 @@
+//! The worker: stores chunks durably on local disk, serves them, and keeps the master informed.
+
+pub mod error;
+pub mod heartbeat;
+pub mod service;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+
+pub use error::WorkerError;
+use store::ChunkStore;
+
+use crate::rpc::pb::WorkerUsage;
+
+/// Worker settings (the `worker` binary's flags).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub data_dir: PathBuf,
+    /// The master's "host:port".
+    pub master: String,
+    /// Host part of the address this worker advertises; the port is the bound one.
+    pub host: String,
+    /// Bytes this worker may use; None = the file system's size.
+    pub capacity: Option<u64>,
+    pub heartbeat_interval: Duration,
+}
+
+/// A running worker's shared state.
+pub struct Worker {
+    pub(crate) address: String,
+    pub(crate) store: Arc<ChunkStore>,
+    pub(crate) master: String,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) active_reads: AtomicU32,
+    pub(crate) active_writes: AtomicU32,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+impl Worker {
+    /// Opens the data directory (failing clearly if it is unusable) for a worker that will
+    /// listen on `listener`.
+    pub fn open(cfg: &WorkerConfig, listener: &TcpListener) -> Result<Arc<Worker>, WorkerError> {
+        let port = listener
+            .local_addr()
+            .map_err(|e| WorkerError::Startup(format!("listener has no address: {e}")))?
+            .port();
+        let store = ChunkStore::open(&cfg.data_dir, cfg.capacity)?;
+        Ok(Arc::new(Worker {
+            address: format!("{}:{port}", cfg.host),
+            store: Arc::new(store),
+            master: cfg.master.clone(),
+            heartbeat_interval: cfg.heartbeat_interval,
+            active_reads: AtomicU32::new(0),
+            active_writes: AtomicU32::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            peers: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The address this worker advertises ("host:port").
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.store.root()
+    }
+
+    pub(crate) fn usage(&self) -> WorkerUsage {
+        let (capacity, used, free) = self.store.usage();
+        WorkerUsage {
+            capacity_bytes: capacity,
+            used_bytes: used,
+            free_bytes: free,
+            chunk_count: self.store.chunk_count(),
+            active_reads: self.active_reads.load(Ordering::Relaxed),
+            active_writes: self.active_writes.load(Ordering::Relaxed),
+            bytes_read_total: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written_total: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A client for a pipeline peer; channels are cached per address.
+    pub(crate) fn worker_client(
+        &self,
+        addr: &str,
+    ) -> Result<crate::rpc::pb::worker_client::WorkerClient<Channel>, tonic::transport::Error> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = match peers.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = crate::rpc::data_channel(addr)?;
+                peers.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(crate::rpc::worker_client(ch))
+    }
+
+    /// Serves chunks on `listener` and heartbeats to the master until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WorkerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let hb = tokio::spawn(heartbeat::run(self.clone(), stop_rx));
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<crate::rpc::pb::worker_server::WorkerServer<service::WorkerService>>()
+            .await;
+        let reflection =
+            crate::server::reflection().map_err(|e| WorkerError::Startup(e.to_string()))?;
+        tracing::info!(address = %self.address, data_dir = %self.store.root().display(), chunks = self.store.chunk_count(), "worker serving");
+        let stop = stop_tx.clone();
+        let result = crate::server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service::WorkerService::new(self.clone()).into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.await;
+                let _ = stop.send(true);
+            })
+            .await;
+        let _ = stop_tx.send(true);
+        let _ = hb.await;
+        tracing::info!(address = %self.address, "worker stopped");
+        result.map_err(|e| WorkerError::Startup(format!("server error: {e}")))
+    }
+}

@@ -1,0 +1,400 @@
+//! The `dfs.v1.Worker` service: the pipelined chunk write and the checksum-verified read.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::Worker;
+use super::error::WorkerError;
+use super::store::MAX_CHUNK_LEN;
+use crate::chunk::{self, ChunkId, HEADER_REGION};
+use crate::rpc::pb::{
+    self, ChunkHeader, ReadChunkResponse, WriteChunkRequest, WriteChunkResponse, WriteFinish,
+    WriteStart, read_chunk_response, worker_server::WorkerServer, write_chunk_request,
+};
+use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, MAX_GRPC_MESSAGE};
+
+/// Longest pipeline accepted (one hop per replica).
+const MAX_PIPELINE: usize = 16;
+
+/// The service object handed to tonic.
+pub struct WorkerService {
+    worker: Arc<Worker>,
+}
+
+impl WorkerService {
+    pub fn new(worker: Arc<Worker>) -> Self {
+        WorkerService { worker }
+    }
+
+    pub fn into_server(self) -> WorkerServer<WorkerService> {
+        WorkerServer::new(self)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE)
+    }
+}
+
+struct Gauge<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Gauge<'a> {
+    fn enter(g: &'a std::sync::atomic::AtomicU32) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn validate_start(start: &WriteStart, me: &str) -> Result<ChunkHeader, WorkerError> {
+    let header = start
+        .header
+        .clone()
+        .ok_or_else(|| WorkerError::InvalidArgument("write start carries no header".into()))?;
+    header
+        .chunk_id
+        .parse::<ChunkId>()
+        .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
+    if header.length > MAX_CHUNK_LEN {
+        return Err(WorkerError::InvalidArgument(format!(
+            "chunk length {} exceeds the limit of {MAX_CHUNK_LEN}",
+            header.length
+        )));
+    }
+    crate::names::validate(&header.file_name)
+        .map_err(|e| WorkerError::InvalidArgument(format!("invalid file name: {e}")))?;
+    if start.downstream.len() >= MAX_PIPELINE {
+        return Err(WorkerError::InvalidArgument("pipeline too long".into()));
+    }
+    if start.downstream.iter().any(|d| d == me) {
+        return Err(WorkerError::InvalidArgument(
+            "pipeline names this worker twice".into(),
+        ));
+    }
+    Ok(header)
+}
+
+/// Which worker a failed downstream call blames: the deepest one named, else the next hop.
+fn blame(next: &str, status: &Status) -> String {
+    status
+        .metadata()
+        .get(FAILED_WORKER_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| next.to_string())
+}
+
+impl WorkerService {
+    async fn write(
+        &self,
+        mut stream: Streaming<WriteChunkRequest>,
+    ) -> Result<WriteChunkResponse, WorkerError> {
+        let w = &self.worker;
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| WorkerError::InvalidArgument(format!("stream failed: {}", s.message())))?
+            .ok_or_else(|| WorkerError::InvalidArgument("empty write stream".into()))?;
+        let Some(write_chunk_request::Msg::Start(start)) = first.msg else {
+            return Err(WorkerError::InvalidArgument(
+                "a write must begin with a start message".into(),
+            ));
+        };
+        let header = validate_start(&start, &w.address)?;
+        let chunk_id = header.chunk_id.clone();
+        let length = header.length;
+        let reservation = w.store.reserve(length)?;
+
+        // Disk writer: a blocking task fed through a bounded channel.
+        let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(8);
+        let store = w.store.clone();
+        let h2 = header.clone();
+        let disk = tokio::task::spawn_blocking(move || {
+            let mut writer = store.create(h2)?;
+            while let Some(b) = disk_rx.blocking_recv() {
+                writer.write(&b)?;
+            }
+            Ok::<_, WorkerError>(writer)
+        });
+
+        // Downstream forwarder: the rest of the pipeline, fed the same buffers.
+        let next = start.downstream.first().cloned();
+        let (down_tx, down_task) = match &next {
+            Some(next) => {
+                let (tx, rx) = mpsc::channel::<WriteChunkRequest>(8);
+                let first = WriteChunkRequest {
+                    msg: Some(write_chunk_request::Msg::Start(WriteStart {
+                        header: Some(header.clone()),
+                        downstream: start.downstream[1..].to_vec(),
+                    })),
+                };
+                let _ = tx.send(first).await;
+                let mut client = w.worker_client(next).map_err(|e| WorkerError::Downstream {
+                    worker: next.clone(),
+                    code: Code::Unavailable,
+                    message: e.to_string(),
+                })?;
+                let task = tokio::spawn(async move {
+                    client
+                        .write_chunk(ReceiverStream::new(rx))
+                        .await
+                        .map(|r| r.into_inner())
+                });
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
+
+        let result: Result<u32, WorkerError> = async {
+            let mut received = 0u64;
+            loop {
+                let msg = stream.message().await.map_err(|s| {
+                    WorkerError::InvalidArgument(format!("upstream failed: {}", s.message()))
+                })?;
+                match msg.and_then(|m| m.msg) {
+                    Some(write_chunk_request::Msg::Data(b)) => {
+                        received += b.len() as u64;
+                        if received > length {
+                            return Err(WorkerError::InvalidArgument(format!(
+                                "chunk {chunk_id} received more than its declared {length} bytes"
+                            )));
+                        }
+                        w.bytes_written.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        if let Some(tx) = &down_tx
+                            && tx
+                                .send(WriteChunkRequest {
+                                    msg: Some(write_chunk_request::Msg::Data(b.clone())),
+                                })
+                                .await
+                                .is_err()
+                            {
+                                // The downstream call ended early; its result says why.
+                                break Err(WorkerError::Downstream {
+                                    worker: next.clone().unwrap_or_default(),
+                                    code: Code::Unavailable,
+                                    message: "stream closed".into(),
+                                });
+                            }
+                        if disk_tx.send(b).await.is_err() {
+                            break Err(WorkerError::InvalidArgument(
+                                "local write failed".into(),
+                            ));
+                        }
+                    }
+                    Some(write_chunk_request::Msg::Finish(WriteFinish { crc32c })) => {
+                        break Ok(crc32c);
+                    }
+                    Some(write_chunk_request::Msg::Start(_)) => {
+                        return Err(WorkerError::InvalidArgument(
+                            "a write has exactly one start message".into(),
+                        ));
+                    }
+                    None => {
+                        return Err(WorkerError::InvalidArgument(format!(
+                            "write of chunk {chunk_id} ended without a finish message after {received} bytes"
+                        )));
+                    }
+                }
+            }
+        }
+        .await;
+        drop(disk_tx);
+        let local = disk
+            .await
+            .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")));
+
+        // Resolve downstream errors first: they say which worker to avoid.
+        let expected_crc = match result {
+            Ok(c) => c,
+            Err(e) => {
+                drop(down_tx);
+                if let (Some(task), Some(next), WorkerError::Downstream { .. }) =
+                    (down_task, &next, &e)
+                    && let Ok(Err(s)) = task.await
+                {
+                    return Err(WorkerError::Downstream {
+                        worker: blame(next, &s),
+                        code: s.code(),
+                        message: s.message().to_string(),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        let writer = local??;
+        // Every replica checks the data against the client's checksum itself, so the finish
+        // is forwarded while this one verifies and syncs: the pipeline's fsyncs overlap.
+        let store = w.store.clone();
+        let verify_and_sync = tokio::task::spawn_blocking(move || writer.finish(expected_crc));
+        let down_result = match (down_tx, down_task) {
+            (Some(tx), Some(task)) => {
+                let _ = tx
+                    .send(WriteChunkRequest {
+                        msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
+                            crc32c: expected_crc,
+                        })),
+                    })
+                    .await;
+                drop(tx);
+                Some(task.await)
+            }
+            _ => None,
+        };
+        let local_result = verify_and_sync
+            .await
+            .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")))?;
+        drop(reservation);
+        let mut stored_on = vec![w.address.clone()];
+        if let (Some(res), Some(next)) = (down_result, &next) {
+            let down = match res {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(s)) => Err(WorkerError::Downstream {
+                    worker: blame(next, &s),
+                    code: s.code(),
+                    message: s.message().to_string(),
+                }),
+                Err(e) => Err(WorkerError::Downstream {
+                    worker: next.clone(),
+                    code: Code::Internal,
+                    message: e.to_string(),
+                }),
+            };
+            match (local_result, down) {
+                (Ok(()), Ok(r)) => stored_on.extend(r.stored_on),
+                (local, Err(e)) => {
+                    // The pipeline failed: do not keep a copy the client will not commit.
+                    if local.is_ok()
+                        && let Ok(id) = chunk_id.parse::<ChunkId>()
+                    {
+                        let _ = store.delete(&id);
+                    }
+                    return Err(e);
+                }
+                (Err(e), Ok(_)) => return Err(e),
+            }
+        } else {
+            local_result?;
+        }
+        Ok(WriteChunkResponse { stored_on })
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadChunkResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn write_chunk(
+        &self,
+        req: Request<Streaming<WriteChunkRequest>>,
+    ) -> Result<Response<WriteChunkResponse>, Status> {
+        let started = Instant::now();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _g = Gauge::enter(&self.worker.active_writes);
+        match self.write(req.into_inner()).await {
+            Ok(r) => {
+                tracing::debug!(%peer, stored_on = ?r.stored_on, ms = started.elapsed().as_millis() as u64, "chunk written");
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "chunk write failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    type ReadChunkStream = ReadStream;
+
+    async fn read_chunk(
+        &self,
+        req: Request<pb::ReadChunkRequest>,
+    ) -> Result<Response<Self::ReadChunkStream>, Status> {
+        let id: ChunkId = req
+            .get_ref()
+            .chunk_id
+            .parse()
+            .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
+        let worker = self.worker.clone();
+        let store = worker.store.clone();
+        let (file, header) = tokio::task::spawn_blocking(move || store.open_read(&id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::from)?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _g = Gauge::enter(&worker.active_reads);
+            stream_chunk(&worker, id, file, header, &tx);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Sends a chunk's header, then its data; ends with DataLoss (and quarantines the chunk)
+/// if the bytes on disk do not match the stored checksum.
+fn stream_chunk(
+    worker: &Worker,
+    id: ChunkId,
+    mut file: std::fs::File,
+    header: ChunkHeader,
+    tx: &mpsc::Sender<Result<ReadChunkResponse, Status>>,
+) {
+    use std::io::Read;
+    let expected = header.crc32c;
+    let length = header.length;
+    if tx
+        .blocking_send(Ok(ReadChunkResponse {
+            msg: Some(read_chunk_response::Msg::Header(header)),
+        }))
+        .is_err()
+    {
+        return;
+    }
+    let mut crc = 0u32;
+    let mut left = length;
+    while left > 0 {
+        let n = left.min(MAX_DATA_MESSAGE as u64) as usize;
+        let mut buf = BytesMut::zeroed(n);
+        if let Err(e) = file.read_exact(&mut buf) {
+            let reason = format!(
+                "short read at offset {}: {e}",
+                HEADER_REGION + length - left
+            );
+            worker.store.quarantine(&id, &reason);
+            let _ = tx.blocking_send(Err(WorkerError::Corrupt {
+                chunk: id.to_string(),
+                reason,
+            }
+            .into()));
+            return;
+        }
+        crc = chunk::crc32c_append(crc, &buf);
+        left -= n as u64;
+        worker.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        if tx
+            .blocking_send(Ok(ReadChunkResponse {
+                msg: Some(read_chunk_response::Msg::Data(buf.freeze())),
+            }))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if crc != expected {
+        let e = WorkerError::ChecksumMismatch {
+            chunk: id.to_string(),
+            expected,
+            actual: crc,
+        };
+        worker.store.quarantine(&id, &e.to_string());
+        let _ = tx.blocking_send(Err(e.into()));
+    }
+}
