@@ -94,6 +94,23 @@ fn blame(next: &str, status: &Status) -> String {
         .unwrap_or_else(|| next.to_string())
 }
 
+/// The error for a failed downstream call; a message that already names the failed worker
+/// (from deeper in the pipeline) is passed on without another prefix.
+fn downstream_error(next: &str, status: &Status) -> WorkerError {
+    let worker = blame(next, status);
+    let prefix = format!("pipeline worker {worker} failed: ");
+    let message = status
+        .message()
+        .strip_prefix(&prefix)
+        .unwrap_or(status.message())
+        .to_string();
+    WorkerError::Downstream {
+        worker,
+        code: status.code(),
+        message,
+    }
+}
+
 impl WorkerService {
     async fn write(
         &self,
@@ -258,11 +275,7 @@ impl WorkerService {
         if let (Some(res), Some(next)) = (down_result, &next) {
             let down = match res {
                 Ok(Ok(r)) => Ok(r),
-                Ok(Err(s)) => Err(WorkerError::Downstream {
-                    worker: blame(next, &s),
-                    code: s.code(),
-                    message: s.message().to_string(),
-                }),
+                Ok(Err(s)) => Err(downstream_error(next, &s)),
                 Err(e) => Err(WorkerError::Downstream {
                     worker: next.clone(),
                     code: Code::Internal,
@@ -271,16 +284,17 @@ impl WorkerService {
             };
             match (local_result, down) {
                 (Ok(()), Ok(r)) => stored_on.extend(r.stored_on),
-                (local, Err(e)) => {
+                // This worker's own failure (bad input, or its disk) is the one to report:
+                // blaming a downstream peer would make the client avoid a healthy worker.
+                // Any downstream copy is an allocation of the failed attempt: garbage.
+                (Err(e), _) => return Err(e),
+                (Ok(()), Err(e)) => {
                     // The pipeline failed: do not keep a copy the client will not commit.
-                    if local.is_ok()
-                        && let Ok(id) = chunk_id.parse::<ChunkId>()
-                    {
+                    if let Ok(id) = chunk_id.parse::<ChunkId>() {
                         let _ = store.delete(&id);
                     }
                     return Err(e);
                 }
-                (Err(e), Ok(_)) => return Err(e),
             }
         } else {
             local_result?;

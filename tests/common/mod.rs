@@ -1,0 +1,291 @@
+//! Shared fixtures: an in-process cluster in a temp dir, real-binary daemons that are killed on
+//! drop, deterministic test data, and bounded polling.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dfs::client::{Client, DownloadOptions, UploadOptions};
+use dfs::cluster::{LocalCluster, LocalClusterConfig};
+use sha2::{Digest, Sha256};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A local cluster and the temp dir that holds its data (removed after the cluster stops).
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    pub async fn start(cfg: LocalClusterConfig) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(dir.path(), cfg)
+            .await
+            .expect("cluster starts");
+        let client = Client::connect(cluster.master_addr())
+            .await
+            .expect("client connects");
+        TestCluster {
+            cluster,
+            client,
+            dir,
+        }
+    }
+
+    /// A scratch directory for local files of the test.
+    pub fn scratch(&self) -> PathBuf {
+        let p = self.dir.path().join("scratch");
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        p
+    }
+
+    pub async fn must_upload(&self, path: &Path, name: &str) -> dfs::client::UploadReport {
+        self.client
+            .upload(
+                path,
+                UploadOptions {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("upload of {name} failed: {e}"))
+    }
+
+    /// Downloads `name` and asserts the bytes equal those of `expected`.
+    pub async fn must_download_equal(&self, name: &str, expected: &Path) {
+        let dest = self
+            .scratch()
+            .join(format!("dl-{}", dfs::chunk::random_u128()));
+        self.client
+            .download(name, &dest, DownloadOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("download of {name} failed: {e}"));
+        assert_files_equal(&dest, expected);
+        std::fs::remove_file(&dest).ok();
+    }
+}
+
+/// Small chunks keep multi-chunk tests fast.
+pub fn small_chunks(workers: usize) -> LocalClusterConfig {
+    LocalClusterConfig {
+        workers,
+        chunk_size: MIB,
+        heartbeat_timeout: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// Writes `size` deterministic pseudo-random bytes (seeded) to `path`, streaming.
+pub fn make_file(path: &Path, size: u64, seed: u64) -> PathBuf {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create test file"));
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut left = size;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while left > 0 {
+        buf.clear();
+        let n = left.min(64 * 1024);
+        while (buf.len() as u64) < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        buf.truncate(n as usize);
+        f.write_all(&buf).expect("write test file");
+        left -= n;
+    }
+    f.flush().expect("flush test file");
+    path.to_path_buf()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).expect("open for hashing");
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash file");
+    hex::encode(h.finalize())
+}
+
+/// Compares two files by length and streamed hash (never loads them whole).
+pub fn assert_files_equal(a: &Path, b: &Path) {
+    let la = std::fs::metadata(a).expect("stat a").len();
+    let lb = std::fs::metadata(b).expect("stat b").len();
+    assert_eq!(
+        la,
+        lb,
+        "{} and {} differ in length",
+        a.display(),
+        b.display()
+    );
+    assert_eq!(
+        sha256_file(a),
+        sha256_file(b),
+        "{} and {} differ in content",
+        a.display(),
+        b.display()
+    );
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every chunk file (not tmp, not quarantine) under a worker's data dir.
+pub fn chunk_files(worker_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(subs) = std::fs::read_dir(worker_dir.join("chunks")) else {
+        return out;
+    };
+    for s in subs.flatten() {
+        if let Ok(files) = std::fs::read_dir(s.path()) {
+            out.extend(files.flatten().map(|f| f.path()));
+        }
+    }
+    out
+}
+
+/// The path of chunk `id` under a worker's data dir, if it is there.
+pub fn chunk_path(worker_dir: &Path, id: &str) -> Option<PathBuf> {
+    let p = worker_dir.join("chunks").join(&id[..2]).join(id);
+    p.exists().then_some(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real binaries.
+// ---------------------------------------------------------------------------------------------
+
+/// A daemon started from the real binary; SIGKILLed on drop so a failing test leaves nothing.
+pub struct Daemon {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Daemon {
+    pub fn spawn(bin: &str, args: &[&str], cwd: &Path) -> Daemon {
+        let child = Command::new(bin)
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Daemon {
+            child,
+            name: format!("{bin} {}", args.join(" ")),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we own; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits (bounded) for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr_text(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Output of a finished CLI run.
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `dfs-tui` with `args` in `cwd` against `master`, bounded by a timeout.
+pub fn cli(master: &str, cwd: &Path, args: &[&str]) -> CliOut {
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
+        .arg("--master")
+        .arg(master)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dfs-tui");
+    // Collect output on a thread (pipes are drained while the child runs) with a bound.
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Ok(out)) => out,
+        _ => {
+            // SAFETY: kill(2) on the child we spawned.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("dfs-tui {args:?} did not finish in time");
+        }
+    };
+    CliOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
