@@ -1,0 +1,289 @@
+//! The real binaries, driven like a user would: four terminals' worth of daemons, the CLI,
+//! `kill -9` of a worker and of the master, and the CLI's errors and exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MASTER: &str = env!("CARGO_BIN_EXE_master");
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+struct Binaries {
+    dir: tempfile::TempDir,
+    master_port: u16,
+    master: Option<Daemon>,
+    workers: Vec<(u16, Option<Daemon>)>,
+}
+
+impl Binaries {
+    fn master_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.master_port)
+    }
+
+    fn cwd(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn start_master(&mut self) {
+        let listen = self.master_addr();
+        self.master = Some(Daemon::spawn(
+            MASTER,
+            &["--listen", &listen, "--heartbeat-timeout", "2s"],
+            self.dir.path(),
+        ));
+    }
+
+    fn start_worker(&mut self, i: usize) {
+        let port = self.workers[i].0.to_string();
+        let master = self.master_addr();
+        let d = Daemon::spawn(
+            WORKER,
+            &[
+                "--port",
+                &port,
+                "--master",
+                &master,
+                "--heartbeat-interval",
+                "200ms",
+            ],
+            self.dir.path(),
+        );
+        self.workers[i].1 = Some(d);
+    }
+
+    fn start(workers: usize) -> Binaries {
+        let mut b = Binaries {
+            dir: tempfile::tempdir().expect("temp dir"),
+            master_port: free_port(),
+            master: None,
+            workers: (0..workers).map(|_| (free_port(), None)).collect(),
+        };
+        b.start_master();
+        for i in 0..workers {
+            b.start_worker(i);
+        }
+        b
+    }
+
+    fn cli(&self, args: &[&str]) -> CliOut {
+        cli(&self.master_addr(), self.cwd(), args)
+    }
+
+    /// Polls `status --json` until `alive` workers are alive (bounded).
+    fn wait_alive(&self, alive: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cli(&["--cmd", "status", "--json"]);
+            if out.code == 0 {
+                let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+                if v["workers_alive"].as_u64() == Some(alive) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached {alive} alive workers: {} {}",
+                out.stdout,
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn upload(b: &Binaries, path: &Path) -> CliOut {
+    let out = b.cli(&["--cmd", "upload", path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "upload failed: {}", out.stderr);
+    out
+}
+
+fn download_and_compare(b: &Binaries, name: &str, original: &Path) {
+    let dest = b.cwd().join(format!("dl-{}", dfs::chunk::random_u128()));
+    let out = b.cli(&["--cmd", "download", name, "-o", dest.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "download of {name} failed: {}", out.stderr);
+    assert_files_equal(&dest, original);
+    std::fs::remove_file(dest).ok();
+}
+
+#[test]
+fn cli_round_trip_then_kill9_a_worker_then_the_master() {
+    let mut b = Binaries::start(3);
+    b.wait_alive(3);
+    let files: Vec<PathBuf> = [(20 * MIB + 3, "photo.jpg"), (1, "one.txt"), (0, "empty")]
+        .iter()
+        .enumerate()
+        .map(|(i, (size, name))| make_file(&b.cwd().join(name), *size, i as u64))
+        .collect();
+
+    let out = upload(&b, &files[0]);
+    assert!(
+        out.stdout.contains("photo.jpg")
+            && out.stdout.contains("3 chunks")
+            && out.stdout.contains("3/3 replicas"),
+        "{}",
+        out.stdout
+    );
+    upload(&b, &files[1]);
+    upload(&b, &files[2]);
+
+    let ls = b.cli(&["--cmd", "ls"]);
+    assert_eq!(ls.code, 0);
+    for n in ["photo.jpg", "one.txt", "empty"] {
+        assert!(ls.stdout.contains(n), "{}", ls.stdout);
+    }
+    let stat = b.cli(&["--cmd", "stat", "photo.jpg"]);
+    assert!(
+        stat.stdout.contains(&sha256_file(&files[0])),
+        "{}",
+        stat.stdout
+    );
+    let json = b.cli(&["--cmd", "stat", "photo.jpg", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["chunks"].as_array().unwrap().len(), 3);
+    assert_eq!(v["chunks"][0]["replicas"].as_array().unwrap().len(), 3);
+    // Chunks are in the workers' default directories; logs in logs/.
+    for (port, _) in &b.workers {
+        let d = b.cwd().join(format!("worker_localhost_{port}"));
+        assert_eq!(chunk_files(&d).len(), 4, "{}", d.display());
+        assert!(b.cwd().join(format!("logs/worker-{port}.log")).exists());
+    }
+    assert!(b.cwd().join("logs/master.log").exists());
+    assert!(b.cwd().join("master_data").is_dir());
+
+    // kill -9 one worker: downloads stay byte-exact and uploads still succeed.
+    b.workers[0].1.as_mut().unwrap().kill9();
+    for (f, n) in files.iter().zip(["photo.jpg", "one.txt", "empty"]) {
+        download_and_compare(&b, n, f);
+    }
+    let late = make_file(&b.cwd().join("late.bin"), 9 * MIB, 7);
+    let out = upload(&b, &late);
+    assert!(out.stdout.contains("2/3 replicas"), "{}", out.stdout);
+    download_and_compare(&b, "late.bin", &late);
+    b.wait_alive(2);
+    let st = b.cli(&["--cmd", "status"]);
+    assert!(st.stdout.contains("dead"), "{}", st.stdout);
+
+    // kill -9 the master and restart it on the same directory: nothing acknowledged is lost.
+    b.master.as_mut().unwrap().kill9();
+    b.start_master();
+    b.wait_alive(2);
+    let ls = b.cli(&["--cmd", "ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap();
+    let names: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["empty", "late.bin", "one.txt", "photo.jpg"]);
+    for (f, n) in files.iter().zip(["photo.jpg", "one.txt", "empty"]) {
+        download_and_compare(&b, n, f);
+    }
+    download_and_compare(&b, "late.bin", &late);
+
+    // Delete works after all that, and the name is gone.
+    let out = b.cli(&["--cmd", "delete", "photo.jpg"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = b.cli(&["--cmd", "stat", "photo.jpg"]);
+    assert_eq!(out.code, 1);
+}
+
+#[test]
+fn cli_errors_are_one_line_and_non_zero() {
+    let mut b = Binaries::start(1);
+    b.wait_alive(1);
+    let one_line = |o: &CliOut| {
+        assert_ne!(o.code, 0, "expected failure: {}", o.stdout);
+        assert_eq!(
+            o.stderr.trim_end().lines().count(),
+            1,
+            "not one line: {:?}",
+            o.stderr
+        );
+    };
+    let src = make_file(&b.cwd().join("a.txt"), 1000, 1);
+
+    let o = b.cli(&["--cmd", "upload", "missing.bin"]);
+    one_line(&o);
+    assert!(o.stderr.contains("missing.bin"), "{}", o.stderr);
+    let o = b.cli(&["--cmd", "upload", "a.txt", "--name", "bad/name"]);
+    one_line(&o);
+    assert!(o.stderr.contains("file name"), "{}", o.stderr);
+    let o = b.cli(&["--cmd", "download", "nothing-here"]);
+    one_line(&o);
+    assert!(o.stderr.contains("not found"), "{}", o.stderr);
+    assert!(!b.cwd().join("nothing-here").exists());
+    let o = b.cli(&["--cmd", "delete", "nothing-here", "--json"]);
+    one_line(&o);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["code"], "NotFound");
+
+    // The destination exists: refused, untouched; --force replaces it.
+    upload(&b, &src);
+    std::fs::write(b.cwd().join("a.txt.keep"), b"mine").unwrap();
+    let o = b.cli(&["--cmd", "download", "a.txt", "-o", "a.txt.keep"]);
+    one_line(&o);
+    assert!(o.stderr.contains("--force"), "{}", o.stderr);
+    assert_eq!(std::fs::read(b.cwd().join("a.txt.keep")).unwrap(), b"mine");
+    let o = b.cli(&["--cmd", "download", "a.txt", "-o", "a.txt.keep", "--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_files_equal(&b.cwd().join("a.txt.keep"), &src);
+
+    // Usage errors are one line too.
+    let o = b.cli(&["--cmd", "frobnicate"]);
+    one_line(&o);
+
+    // Master unreachable: a bounded, clear failure.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let o = cli(&nobody, b.cwd(), &["--cmd", "ls"]);
+    one_line(&o);
+    assert!(o.stderr.contains("cannot reach the master"), "{}", o.stderr);
+    assert!(o.elapsed < Duration::from_secs(15), "took {:?}", o.elapsed);
+
+    // A worker on a port in use, or with a data dir it cannot write, exits with a clear error.
+    let used = b.workers[0].0.to_string();
+    let mut w = Daemon::spawn(
+        WORKER,
+        &["--port", &used, "--master", &b.master_addr()],
+        b.cwd(),
+    );
+    let status = w.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!status.success());
+    let err = w.stderr_text();
+    assert!(err.contains("cannot listen"), "{err}");
+    std::fs::write(b.cwd().join("plainfile"), b"x").unwrap();
+    let port = free_port().to_string();
+    let mut w = Daemon::spawn(
+        WORKER,
+        &[
+            "--port",
+            &port,
+            "--master",
+            &b.master_addr(),
+            "--data-dir",
+            "plainfile/sub",
+        ],
+        b.cwd(),
+    );
+    let status = w.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!status.success());
+    let err = w.stderr_text();
+    assert!(err.contains("data dir"), "{err}");
+
+    // SIGTERM: graceful shutdown with exit code 0.
+    let m = b.master.as_mut().unwrap();
+    m.signal(libc::SIGTERM);
+    let status = m
+        .wait_exit(Duration::from_secs(15))
+        .expect("master exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let w = b.workers[0].1.as_mut().unwrap();
+    w.signal(libc::SIGTERM);
+    let status = w
+        .wait_exit(Duration::from_secs(15))
+        .expect("worker exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
