@@ -38,6 +38,9 @@ pub struct LocalClusterConfig {
     pub heartbeat_interval: Duration,
     pub worker_capacity: Option<u64>,
     pub upload_lease: Duration,
+    /// Reuse the ports of the previous run in the same directory (kept in `<dir>/ports`), so
+    /// a restarted cluster's workers keep their identities. Tests leave this off.
+    pub sticky_ports: bool,
 }
 
 impl Default for LocalClusterConfig {
@@ -50,8 +53,30 @@ impl Default for LocalClusterConfig {
             heartbeat_interval: Duration::from_secs(1),
             worker_capacity: None,
             upload_lease: Duration::from_secs(600),
+            sticky_ports: false,
         }
     }
+}
+
+/// Ports remembered from the previous run in `dir` (master first), if any.
+fn load_ports(dir: &Path) -> Vec<u16> {
+    std::fs::read_to_string(dir.join("ports"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Binds 127.0.0.1 on `port` if it is free, else on any free port.
+async fn bind_preferring(port: Option<u16>) -> Result<TcpListener, ClusterError> {
+    if let Some(p) = port
+        && let Ok(l) = TcpListener::bind(("127.0.0.1", p)).await
+    {
+        return Ok(l);
+    }
+    bind("127.0.0.1:0").await
 }
 
 /// A node's server task and the switch that stops it gracefully.
@@ -108,8 +133,17 @@ impl LocalCluster {
         mcfg.heartbeat_timeout = cfg.heartbeat_timeout;
         mcfg.heartbeat_interval = cfg.heartbeat_interval;
         mcfg.upload_lease = cfg.upload_lease;
+        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Bind {
+            addr: dir.display().to_string(),
+            source,
+        })?;
+        let ports = if cfg.sticky_ports {
+            load_ports(dir)
+        } else {
+            Vec::new()
+        };
         let master = Master::open(mcfg)?;
-        let listener = bind("127.0.0.1:0").await?;
+        let listener = bind_preferring(ports.first().copied()).await?;
         let master_addr = listener
             .local_addr()
             .map_err(|source| ClusterError::Bind {
@@ -140,13 +174,23 @@ impl LocalCluster {
             workers: Vec::new(),
         };
         for i in 0..cfg.workers {
-            let dir = dir.join(format!("worker-{i}"));
-            let (addr, node) = cluster.spawn_worker("127.0.0.1:0", &dir).await?;
+            let wdir = dir.join(format!("worker-{i}"));
+            let listener = bind_preferring(ports.get(i + 1).copied()).await?;
+            let (addr, node) = cluster.spawn_worker_on(listener, &wdir)?;
             cluster.workers.push(LocalWorker {
                 addr,
-                dir,
+                dir: wdir,
                 node: Some(node),
             });
+        }
+        if cfg.sticky_ports {
+            let mut all = vec![cluster.master_addr.clone()];
+            all.extend(cluster.worker_addrs());
+            let list: Vec<&str> = all
+                .iter()
+                .filter_map(|a| a.rsplit_once(':').map(|(_, p)| p))
+                .collect();
+            let _ = std::fs::write(dir.join("ports"), list.join(" "));
         }
         cluster
             .wait_for_alive(cfg.workers, Duration::from_secs(10))
@@ -160,6 +204,14 @@ impl LocalCluster {
         dir: &Path,
     ) -> Result<(String, Node), ClusterError> {
         let listener = bind(bind_addr).await?;
+        self.spawn_worker_on(listener, dir)
+    }
+
+    fn spawn_worker_on(
+        &self,
+        listener: TcpListener,
+        dir: &Path,
+    ) -> Result<(String, Node), ClusterError> {
         let wcfg = WorkerConfig {
             data_dir: dir.to_path_buf(),
             master: self.master_addr.clone(),

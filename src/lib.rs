@@ -24,4 +24,5 @@ pub mod master;
 pub mod names;
 pub mod rpc;
 pub mod server;
+pub mod ui;
 pub mod worker;

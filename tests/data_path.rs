@@ -394,3 +394,39 @@ async fn health_and_reflection_answer_on_master_and_workers() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_gets_no_chunks_and_the_upload_fails_cleanly() {
+    let mut cfg = small_chunks(1);
+    cfg.replicas = 1;
+    cfg.worker_capacity = Some(3 * MIB);
+    let t = TestCluster::start(cfg).await;
+    let a = make_file(&t.scratch().join("a"), 2 * MIB, 1);
+    t.must_upload(&a, "a").await;
+    let b = make_file(&t.scratch().join("b"), 2 * MIB, 2);
+    let e = t
+        .client
+        .upload(
+            &b,
+            UploadOptions {
+                name: Some("b".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let names: Vec<String> = t
+        .client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(names, ["a"]);
+    let d = t.cluster.worker_dir(0).unwrap().to_path_buf();
+    let only_a = wait_until(Duration::from_secs(10), || chunk_files(&d).len() == 2).await;
+    assert!(only_a, "chunks of the failed upload remain");
+    t.must_download_equal("a", &a).await;
+}

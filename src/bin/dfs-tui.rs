@@ -1,11 +1,14 @@
 //! `dfs-tui`: the cluster console, and with `--cmd` the scriptable command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
 use dfs::cli::Op;
+use dfs::cluster::{LocalCluster, LocalClusterConfig};
 
-/// The dfs console. `dfs-tui --cmd OP ARGS…` runs one operation and exits (scriptable).
+/// The dfs console: a live dashboard of workers, files, transfers and logs.
+/// `dfs-tui --cmd OP ARGS…` runs one operation and exits (scriptable).
 #[derive(Debug, Parser)]
 #[command(name = "dfs-tui", version, subcommand_value_name = "OP")]
 struct Args {
@@ -17,6 +20,12 @@ struct Args {
         global = true
     )]
     master: String,
+    /// Start an embedded cluster (a master and N workers in this process) and use it.
+    #[arg(long, value_name = "N")]
+    local: Option<usize>,
+    /// Data directory of the embedded cluster.
+    #[arg(long, env = "DFS_LOCAL_DIR", default_value = "dfs-local")]
+    data_dir: PathBuf,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -60,22 +69,87 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // Scripts get a quiet stderr: logs go to the file (RUST_LOG turns stderr logging on).
-    let _guard = dfs::logging::init(&args.log_dir, "dfs-tui.log", Some("off"));
-    let code = match args.op {
-        Some(op) => match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt.block_on(dfs::cli::run(&args.master, op, args.json)),
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                1
-            }
-        },
-        None => {
-            eprintln!(
-                "error: the interactive console is not available yet; run one operation with --cmd OP (upload, download, delete, ls, stat, status)"
-            );
-            2
+    if args.local == Some(0) || args.local.is_some_and(|n| n > 64) {
+        eprintln!("error: --local takes 1 to 64 workers");
+        std::process::exit(2);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
         }
     };
+    let code = match args.op.clone() {
+        Some(op) => {
+            // Scripts get a quiet stderr: logs go to the file (RUST_LOG turns stderr on).
+            let guard = dfs::logging::init(&args.log_dir, "dfs-tui.log", Some("off"));
+            let code = rt.block_on(async {
+                match start_local(&args).await {
+                    Ok((addr, cluster)) => {
+                        let code = dfs::cli::run(&addr, op, args.json).await;
+                        if let Some(c) = cluster {
+                            c.shutdown().await;
+                        }
+                        code
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        1
+                    }
+                }
+            });
+            drop(guard);
+            code
+        }
+        None => {
+            if !std::io::stdout().is_terminal() {
+                eprintln!(
+                    "error: the console needs a terminal; use --cmd OP for scripts (see dfs-tui --help)"
+                );
+                std::process::exit(2);
+            }
+            let guard = dfs::ui::runtime::init_logging(&args.log_dir);
+            let r = rt.block_on(async {
+                let (addr, cluster) = start_local(&args).await?;
+                let r = dfs::ui::runtime::run(addr, cluster.is_some()).await;
+                if let Some(c) = cluster {
+                    c.shutdown().await;
+                }
+                r
+            });
+            drop(guard);
+            match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+    };
+    // Background tasks of the console may still hold the runtime; do not wait for them.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(code);
+}
+
+/// With `--local N`, starts the embedded cluster; returns the master address to use.
+async fn start_local(args: &Args) -> anyhow::Result<(String, Option<LocalCluster>)> {
+    let Some(n) = args.local else {
+        return Ok((args.master.clone(), None));
+    };
+    let cfg = LocalClusterConfig {
+        workers: n,
+        sticky_ports: true,
+        ..Default::default()
+    };
+    let cluster = LocalCluster::start(&args.data_dir, cfg)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start the local cluster in {}: {e}",
+                args.data_dir.display()
+            )
+        })?;
+    Ok((cluster.master_addr().to_string(), Some(cluster)))
 }

@@ -40,6 +40,7 @@ fn main() {
     if let Err(e) = run(args) {
         tracing::error!("{e:#}");
         eprintln!("error: {e:#}");
+        drop(_guard); // flush the log file before exiting
         std::process::exit(1);
     }
 }

@@ -5,11 +5,55 @@
 
 mod output;
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use crate::client::{Client, ClientError, DownloadOptions, UploadOptions};
+use crate::client::{Client, ClientError, DownloadOptions, Progress, UploadOptions};
+use crate::config::human_bytes;
+
+/// Shows a transfer's progress on stderr while it runs, if stderr is a terminal; the line is
+/// cleared when the meter is dropped, so the final output stays one clean summary.
+struct Meter {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Meter {
+    fn start(verb: &'static str, name: String, progress: Arc<Progress>, enabled: bool) -> Meter {
+        if !enabled || !std::io::stderr().is_terminal() {
+            return Meter { task: None };
+        }
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let (done, total) = progress.snapshot();
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                eprint!(
+                    "\r\x1b[K{verb} {name}: {} / {} ({pct}%) {}/s",
+                    human_bytes(done),
+                    human_bytes(total),
+                    human_bytes(rate as u64)
+                );
+                let _ = std::io::stderr().flush();
+            }
+        });
+        Meter { task: Some(task) }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            eprint!("\r\x1b[K");
+        }
+    }
+}
 
 /// The operations of `--cmd`.
 #[derive(Debug, Clone, Subcommand)]
@@ -79,16 +123,21 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
                     "--replicas must be at least 1".into(),
                 ));
             }
+            let progress = Arc::new(Progress::default());
+            let label = name.clone().unwrap_or_else(|| file.display().to_string());
+            let meter = Meter::start("uploading", label, progress.clone(), !json);
             let r = client
                 .upload(
                     &file,
                     UploadOptions {
                         name,
                         replicas,
-                        progress: None,
+                        progress: Some(progress),
                     },
                 )
-                .await?;
+                .await;
+            drop(meter);
+            let r = r?;
             Ok(output::upload(&r, json))
         }
         Op::Download {
@@ -106,16 +155,20 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
                     PathBuf::from(&name)
                 }
             };
+            let progress = Arc::new(Progress::default());
+            let meter = Meter::start("downloading", name.clone(), progress.clone(), !json);
             let r = client
                 .download(
                     &name,
                     &dest,
                     DownloadOptions {
                         force,
-                        progress: None,
+                        progress: Some(progress),
                     },
                 )
-                .await?;
+                .await;
+            drop(meter);
+            let r = r?;
             Ok(output::download(&r, json))
         }
         Op::Delete { name } => {

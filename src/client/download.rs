@@ -116,6 +116,9 @@ impl Client {
         let chunks = std::mem::take(&mut file.chunks);
         let mut offset = 0u64;
         for c in &chunks {
+            if progress.is_cancelled() {
+                return Err(ClientError::Cancelled);
+            }
             let before = progress.done.load(Ordering::Relaxed);
             let mut last = String::from("no replica is known");
             let mut done = false;
@@ -285,6 +288,9 @@ impl Client {
                     saw_header = true;
                 }
                 Some(read_chunk_response::Msg::Data(b)) => {
+                    if progress.is_cancelled() {
+                        return Err(Err(ClientError::Cancelled));
+                    }
                     if !saw_header {
                         return replica_err(false, "data before header".into());
                     }

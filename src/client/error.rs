@@ -32,6 +32,8 @@ pub enum ClientError {
     ReadFailed { index: u32, last: String },
     #[error("integrity check failed: {0}")]
     Integrity(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl ClientError {
@@ -50,6 +52,7 @@ impl ClientError {
             ClientError::InvalidInput(_) => Code::InvalidArgument,
             ClientError::WriteFailed { .. } | ClientError::ReadFailed { .. } => Code::Unavailable,
             ClientError::Integrity(_) => Code::DataLoss,
+            ClientError::Cancelled => Code::Cancelled,
         }
     }
 

@@ -21,14 +21,25 @@ use crate::rpc::pb::{
     worker_client::WorkerClient,
 };
 
-/// Bytes done and total of a transfer, updated as it runs (for progress bars).
+/// Bytes done and total of a transfer, updated as it runs (for progress bars), and a flag
+/// that cancels it: the transfer stops at the next message and cleans up after itself.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub done: AtomicU64,
     pub total: AtomicU64,
+    pub cancel: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
+    /// Asks the transfer to stop.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> (u64, u64) {
         (
             self.done.load(Ordering::Relaxed),

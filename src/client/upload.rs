@@ -187,6 +187,9 @@ impl Client {
         let mut committed = Vec::with_capacity(n as usize);
         let mut retried = 0;
         for index in 0..n {
+            if progress.is_cancelled() {
+                return Err(ClientError::Cancelled);
+            }
             let offset = index * cs;
             let len = (size - offset).min(cs);
             let mut placement = match plan.chunks.iter().find(|c| c.index as u64 == index) {
@@ -232,6 +235,9 @@ impl Client {
                     }
                     Err(e) => {
                         progress.done.store(before, Ordering::Relaxed);
+                        if progress.is_cancelled() {
+                            return Err(ClientError::Cancelled);
+                        }
                         if let Some(local) = e.local {
                             return Err(local);
                         }

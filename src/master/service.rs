@@ -46,13 +46,19 @@ fn finish<T>(
     r: Result<T, MasterError>,
 ) -> Result<Response<T>, Status> {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
+    // Periodic worker traffic is debug; everything a user does is logged at info.
+    let routine = matches!(op, "heartbeat" | "renew_upload");
     match r {
+        Ok(v) if routine => {
+            tracing::debug!(op, %peer, what, ms, outcome = "ok");
+            Ok(Response::new(v))
+        }
         Ok(v) => {
-            tracing::debug!(op, %peer, what, ms, "ok");
+            tracing::info!(op, %peer, what, ms, outcome = "ok");
             Ok(Response::new(v))
         }
         Err(e) => {
-            tracing::info!(op, %peer, what, ms, error = %e, "request failed");
+            tracing::warn!(op, %peer, what, ms, outcome = "error", error = %e);
             Err(e.into())
         }
     }

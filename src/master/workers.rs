@@ -73,6 +73,8 @@ impl Master {
                 w.last_heartbeat = Some(Instant::now());
                 w.reported = true;
                 w.pending_bytes = 0;
+                // The registration is the event; the health watcher need not repeat it.
+                w.last_health = super::registry::Health::Alive;
             }
             (known, orphans, garbage_fix, is_new)
         };

@@ -115,7 +115,7 @@ impl WorkerService {
     async fn write(
         &self,
         mut stream: Streaming<WriteChunkRequest>,
-    ) -> Result<WriteChunkResponse, WorkerError> {
+    ) -> Result<(WriteChunkResponse, String, u64), WorkerError> {
         let w = &self.worker;
         let first = stream
             .message()
@@ -299,7 +299,7 @@ impl WorkerService {
         } else {
             local_result?;
         }
-        Ok(WriteChunkResponse { stored_on })
+        Ok((WriteChunkResponse { stored_on }, chunk_id, length))
     }
 }
 
@@ -315,12 +315,12 @@ impl pb::worker_server::Worker for WorkerService {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let _g = Gauge::enter(&self.worker.active_writes);
         match self.write(req.into_inner()).await {
-            Ok(r) => {
-                tracing::debug!(%peer, stored_on = ?r.stored_on, ms = started.elapsed().as_millis() as u64, "chunk written");
+            Ok((r, chunk, bytes)) => {
+                tracing::info!(op = "write_chunk", %chunk, bytes, %peer, replicas = r.stored_on.len(), ms = started.elapsed().as_millis() as u64, outcome = "ok");
                 Ok(Response::new(r))
             }
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "chunk write failed");
+                tracing::warn!(op = "write_chunk", %peer, ms = started.elapsed().as_millis() as u64, outcome = "error", error = %e);
                 Err(e.into())
             }
         }
@@ -337,12 +337,17 @@ impl pb::worker_server::Worker for WorkerService {
             .chunk_id
             .parse()
             .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let worker = self.worker.clone();
         let store = worker.store.clone();
         let (file, header) = tokio::task::spawn_blocking(move || store.open_read(&id))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Status::from)?;
+            .map_err(|e| {
+                tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "error", error = %e);
+                Status::from(e)
+            })?;
+        tracing::info!(op = "read_chunk", chunk = %id, bytes = header.length, %peer, outcome = "started");
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _g = Gauge::enter(&worker.active_reads);
