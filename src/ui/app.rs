@@ -150,7 +150,10 @@ pub enum FileSort {
 /// Modal dialogs; at most one is open.
 #[derive(Debug, Clone)]
 pub enum Dialog {
-    Help,
+    /// The key list; `scroll` for small terminals.
+    Help {
+        scroll: usize,
+    },
     Picker(Picker),
     /// Destination directory for downloading `names`; `dest` is editable.
     Download {
@@ -795,7 +798,7 @@ impl App {
         }
         match k.code {
             KeyCode::Char('q') => self.quit(),
-            KeyCode::Char('?') => self.dialog = Some(Dialog::Help),
+            KeyCode::Char('?') => self.dialog = Some(Dialog::Help { scroll: 0 }),
             KeyCode::Tab => {
                 let i = Pane::ALL.iter().position(|p| *p == self.focus).unwrap_or(0);
                 self.focus = Pane::ALL[(i + 1) % Pane::ALL.len()];
@@ -927,13 +930,21 @@ impl App {
 
     fn on_dialog_key(&mut self, d: Dialog, k: KeyEvent) -> Vec<Effect> {
         match d {
-            Dialog::Help => {
-                if !matches!(
-                    k.code,
-                    KeyCode::Esc | KeyCode::Char('?') | KeyCode::Char('q') | KeyCode::Enter
-                ) {
-                    self.dialog = Some(Dialog::Help);
-                }
+            Dialog::Help { scroll } => {
+                let scroll = match k.code {
+                    KeyCode::Esc | KeyCode::Char('?') | KeyCode::Char('q') | KeyCode::Enter => {
+                        return Vec::new();
+                    }
+                    KeyCode::Down | KeyCode::Char('j') => scroll + 1,
+                    KeyCode::Up | KeyCode::Char('k') => scroll.saturating_sub(1),
+                    KeyCode::PageDown | KeyCode::Char(' ') => scroll + 10,
+                    KeyCode::PageUp => scroll.saturating_sub(10),
+                    _ => scroll,
+                };
+                // The view clamps; keep the stored value bounded too.
+                self.dialog = Some(Dialog::Help {
+                    scroll: scroll.min(super::keys::BINDINGS.len() + 8),
+                });
                 Vec::new()
             }
             Dialog::Detail {

@@ -179,15 +179,15 @@ pub const BINDINGS: &[Binding] = &[
 /// Keys inside the file picker (shown in its own footer).
 pub const PICKER_HINT: &str = "type to filter · ↑↓ move · Enter open dir / upload · Space mark · Bksp/← up · . hidden · Tab upload marked · Esc cancel";
 
-/// The footer line for a pane: its own bindings first, then the global ones.
+/// The footer line for a pane: `?` first (so the way to every key is never cut off on a
+/// narrow terminal), then the pane's own bindings, then the other global ones.
 pub fn footer(scope: Scope) -> Vec<(&'static str, &'static str)> {
-    BINDINGS
-        .iter()
-        .filter(|b| b.footer && b.scope == scope)
+    let help = BINDINGS.iter().filter(|b| b.keys == "?");
+    help.chain(BINDINGS.iter().filter(|b| b.footer && b.scope == scope))
         .chain(
             BINDINGS
                 .iter()
-                .filter(|b| b.footer && b.scope == Scope::Global),
+                .filter(|b| b.footer && b.scope == Scope::Global && b.keys != "?"),
         )
         .map(|b| (b.keys, b.hint))
         .collect()

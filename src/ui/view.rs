@@ -108,9 +108,16 @@ pub fn render(f: &mut Frame, app: &mut App) {
         .areas(right);
         (w, left, tr)
     } else {
-        let tr_h = if app.transfers.is_empty() { 3 } else { 5 };
+        // The transfers pane takes room only when it has something to show (or has focus).
+        let tr_h = if !app.transfers.is_empty() {
+            (app.transfers.len() as u16 + 2).min(5)
+        } else if app.focus == Pane::Transfers {
+            3
+        } else {
+            0
+        };
         let [w, fl, tr] = Layout::vertical([
-            Constraint::Length((n_workers + 3).clamp(4, 7)),
+            Constraint::Length((n_workers + 3).clamp(4, 6)),
             Constraint::Min(4),
             Constraint::Length(tr_h),
         ])
@@ -164,28 +171,26 @@ fn render_header(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
     if app.stale() {
         spans.push(Span::styled(" [stale data] ", t.fg(Color::Yellow)));
     }
+    let narrow = area.width < 110;
     if let Some(s) = &app.status {
         spans.push(Span::raw("│ workers "));
-        spans.push(Span::styled(
-            format!("✔ {} alive ", s.workers_alive),
-            t.fg(Color::Green),
-        ));
-        spans.push(Span::styled(
-            format!("▲ {} suspect ", s.workers_suspect),
-            if s.workers_suspect > 0 {
-                t.fg(Color::Yellow)
-            } else {
-                Style::default()
-            },
-        ));
-        spans.push(Span::styled(
-            format!("✖ {} dead ", s.workers_dead),
-            if s.workers_dead > 0 {
-                t.fg(Color::Red)
-            } else {
-                Style::default()
-            },
-        ));
+        let (alive, suspect, dead) = if narrow {
+            (
+                format!("✔{} ", s.workers_alive),
+                format!("▲{} ", s.workers_suspect),
+                format!("✖{} ", s.workers_dead),
+            )
+        } else {
+            (
+                format!("✔ {} alive ", s.workers_alive),
+                format!("▲ {} suspect ", s.workers_suspect),
+                format!("✖ {} dead ", s.workers_dead),
+            )
+        };
+        let st = |n: u32, c: Color| if n > 0 { t.fg(c) } else { Style::default() };
+        spans.push(Span::styled(alive, t.fg(Color::Green)));
+        spans.push(Span::styled(suspect, st(s.workers_suspect, Color::Yellow)));
+        spans.push(Span::styled(dead, st(s.workers_dead, Color::Red)));
         spans.push(Span::raw(format!(
             "│ {} files, {}",
             s.files,
@@ -227,6 +232,20 @@ fn render_header(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
                 v.push(Span::styled(
                     format!("✔ healthy ({} chunks)", s.chunks),
                     t.fg(Color::Green),
+                ));
+            } else if narrow {
+                let st = |n: u64, c: Color| if n > 0 { t.fg(c) } else { Style::default() };
+                v.push(Span::styled(
+                    format!("▲{} under ", s.under_replicated_chunks),
+                    st(s.under_replicated_chunks, Color::Yellow),
+                ));
+                v.push(Span::styled(
+                    format!("✖{} missing ", s.missing_chunks),
+                    st(s.missing_chunks, Color::Red),
+                ));
+                v.push(Span::styled(
+                    format!("!{} corrupt", s.corrupt_replicas),
+                    st(s.corrupt_replicas, Color::Red),
                 ));
             } else {
                 v.push(Span::styled(
@@ -344,10 +363,13 @@ fn render_workers(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
         h("USED", WorkerSort::Used),
         h("CHUNKS", WorkerSort::Chunks),
         h("HEARTBEAT", WorkerSort::Heartbeat),
-        "R/W".to_string(),
+        "READ/WRITE".to_string(),
     ])
     .style(t.bold());
     let rows_h = area.height.saturating_sub(3) as usize;
+    // Columns shrink to fit: a longer usage bar and the rates only where there is room.
+    let inner = area.width.saturating_sub(2);
+    let roomy = inner >= 80;
     app.workers_nav.clamp(workers.len());
     app.workers_nav.scroll_into_view(rows_h);
     let focused = app.focus == Pane::Workers;
@@ -356,18 +378,18 @@ fn render_workers(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
         .enumerate()
         .skip(app.workers_nav.offset)
         .take(rows_h)
-        .map(|(i, w)| worker_row(app, t, w, focused && i == app.workers_nav.selected))
+        .map(|(i, w)| worker_row(app, t, w, focused && i == app.workers_nav.selected, roomy))
         .collect();
     let title = format!("Workers ({})", workers.len());
     let table = Table::new(
         rows,
         [
             Constraint::Min(15),
-            Constraint::Length(10),
-            Constraint::Length(16),
-            Constraint::Length(7),
-            Constraint::Length(10),
-            Constraint::Length(19),
+            Constraint::Length(9),
+            Constraint::Length(if roomy { 11 } else { 8 }),
+            Constraint::Length(6),
+            Constraint::Length(9),
+            Constraint::Length(if inner >= 62 { 13 } else { 0 }),
         ],
     )
     .header(header)
@@ -386,7 +408,7 @@ fn render_workers(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
     }
 }
 
-fn worker_row(app: &App, t: &Theme, w: &WorkerStatus, selected: bool) -> Row<'static> {
+fn worker_row(app: &App, t: &Theme, w: &WorkerStatus, selected: bool, roomy: bool) -> Row<'static> {
     let u = w.usage.unwrap_or_default();
     let ratio = if u.capacity_bytes > 0 {
         u.used_bytes as f64 / u.capacity_bytes as f64
@@ -397,7 +419,11 @@ fn worker_row(app: &App, t: &Theme, w: &WorkerStatus, selected: bool) -> Row<'st
     let row = Row::new(vec![
         Cell::from(w.address.clone()),
         state_cell(t, &w.state),
-        Cell::from(format!("{} {:>5.1}%", bar(ratio, 8), ratio * 100.0)),
+        Cell::from(format!(
+            "{} {:>3.0}%",
+            bar(ratio, if roomy { 6 } else { 3 }),
+            ratio * 100.0
+        )),
         Cell::from(w.chunks_mapped.to_string()),
         Cell::from(age(w.last_heartbeat_ms_ago)),
         Cell::from(format!("{}/{}", short_rate(r), short_rate(wr))),
@@ -411,9 +437,9 @@ fn worker_row(app: &App, t: &Theme, w: &WorkerStatus, selected: bool) -> Row<'st
 
 fn short_rate(bps: u64) -> String {
     if bps == 0 {
-        "0".into()
+        "-".into()
     } else {
-        format!("{}/s", human_bytes(bps))
+        human_bytes(bps).replace(' ', "")
     }
 }
 
@@ -470,7 +496,12 @@ fn render_files(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
                 Cell::from(human_bytes(file.size)),
                 Cell::from(file.chunk_count.to_string()),
                 replicas_cell(t, file),
-                Cell::from(modified(file.modified_unix_ms)),
+                Cell::from(
+                    modified(file.modified_unix_ms)
+                        .chars()
+                        .take(16)
+                        .collect::<String>(),
+                ),
             ]);
             if focused && i == app.files_nav.selected {
                 row.style(t.selected())
@@ -510,9 +541,9 @@ fn render_files(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
         [
             Constraint::Min(12),
             Constraint::Length(10),
-            Constraint::Length(7),
-            Constraint::Length(9),
-            Constraint::Length(19),
+            Constraint::Length(6),
+            Constraint::Length(8),
+            Constraint::Length(16),
         ],
     )
     .header(header)
@@ -784,7 +815,7 @@ fn list_names(names: &[String], max: usize) -> String {
 fn render_dialog(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
     let Some(d) = &app.dialog else { return };
     match d {
-        Dialog::Help => {
+        Dialog::Help { scroll } => {
             let r = centered(area, 76, 30);
             let mut lines = Vec::new();
             for scope in [
@@ -806,11 +837,19 @@ fn render_dialog(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
                 "Mouse: click selects, wheel scrolls. NO_COLOR is honoured.  Esc closes.",
                 t.dim(),
             ));
+            let inner_h = r.height.saturating_sub(2) as usize;
+            let max = lines.len().saturating_sub(inner_h);
+            let s = (*scroll).min(max);
+            let title = if max > 0 {
+                format!(" Help ({}/{} · j/k scroll) ", s + inner_h, lines.len())
+            } else {
+                " Help ".to_string()
+            };
             f.render_widget(Clear, r);
             f.render_widget(
                 Paragraph::new(lines)
-                    .wrap(Wrap { trim: false })
-                    .block(Block::bordered().title(" Help ")),
+                    .scroll((s as u16, 0))
+                    .block(Block::bordered().title(title)),
                 r,
             );
         }
@@ -990,15 +1029,24 @@ fn render_dialog(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
                         modified(fi.modified_unix_ms)
                     )));
                     lines.push(Line::from(""));
+                    let full = r.width >= 120;
+                    let id_w = if full { 32 } else { 9 };
                     lines.push(Line::styled(
-                        "CHUNK  ID                                SIZE        CRC32C    REPLICAS",
+                        format!(
+                            "{:<6} {:<id_w$} {:>10}  {:<8}  REPLICAS",
+                            "CHUNK", "ID", "SIZE", "CRC32C"
+                        ),
                         t.bold(),
                     ));
                     for c in &fi.chunks {
+                        let id = if full {
+                            c.chunk_id.clone()
+                        } else {
+                            format!("{}…", &c.chunk_id[..c.chunk_id.len().min(8)])
+                        };
                         let mut spans = vec![Span::raw(format!(
-                            "{:<6} {} {:>10}  {:08x}  ",
+                            "{:<6} {id:<id_w$} {:>10}  {:08x}  ",
                             c.index,
-                            c.chunk_id,
                             human_bytes(c.length),
                             c.crc32c
                         ))];
