@@ -463,3 +463,51 @@ fn connection_badge_follows_status_results() {
     a.update(Msg::Status(Ok(Box::default())));
     assert_eq!(a.conn, Conn::Connected);
 }
+
+fn draw(a: &mut App, w: u16, h: u16) -> ratatui::buffer::Buffer {
+    let mut t = ratatui::Terminal::new(ratatui::backend::TestBackend::new(w, h)).unwrap();
+    t.draw(|f| dfs::ui::view::render(f, a)).unwrap();
+    t.backend().buffer().clone()
+}
+
+#[test]
+fn mouse_click_selects_and_wheel_scrolls() {
+    use crossterm::event::{MouseButton, MouseEvent, MouseEventKind};
+    let mut a = app_with_files();
+    a.focus = Pane::Logs;
+    draw(&mut a, 160, 48);
+    let files = a.hit.files;
+    // Third data row: below the border and the header row.
+    let click = MouseEvent {
+        kind: MouseEventKind::Down(MouseButton::Left),
+        column: files.x + 3,
+        row: files.y + 2 + 2,
+        modifiers: KeyModifiers::NONE,
+    };
+    a.update(Msg::Mouse(click));
+    assert_eq!(a.focus, Pane::Files);
+    assert_eq!(a.selected_file().unwrap().name, "zeta");
+    let wheel = MouseEvent {
+        kind: MouseEventKind::ScrollUp,
+        ..click
+    };
+    a.update(Msg::Mouse(wheel));
+    assert_eq!(a.files_nav.selected, 0);
+}
+
+#[test]
+fn no_color_draws_without_colours() {
+    use ratatui::style::Color;
+    let mut a = app_with_files();
+    a.no_color = true;
+    let buf = draw(&mut a, 120, 40);
+    let coloured = buf
+        .content()
+        .iter()
+        .filter(|c| c.fg != Color::Reset || c.bg != Color::Reset)
+        .count();
+    assert_eq!(coloured, 0, "NO_COLOR output has coloured cells");
+    a.no_color = false;
+    let buf = draw(&mut a, 120, 40);
+    assert!(buf.content().iter().any(|c| c.fg != Color::Reset));
+}

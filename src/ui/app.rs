@@ -499,7 +499,7 @@ impl App {
             kind,
             name,
             progress: progress.clone(),
-            started: self.now,
+            started: Instant::now(),
             finished: None,
             state: TransferState::Running,
         });
@@ -570,7 +570,8 @@ impl App {
                 Vec::new()
             }
             Msg::TransferDone { id, result } => {
-                let now = self.now;
+                let now = Instant::now();
+                self.now = now;
                 let mut note = None;
                 if let Some(t) = self.transfers.iter_mut().find(|t| t.id == id) {
                     t.finished = Some(now);
