@@ -24,6 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".dfs.v1.WorkerStatus", SERDE)
         .type_attribute(".dfs.v1.WorkerUsage", SERDE)
         .type_attribute(".dfs.v1.LogEvent", SERDE)
+        .type_attribute(".dfs.v1.MatrixCell", SERDE)
+        .type_attribute(".dfs.v1.DrainPlanResponse", SERDE)
+        .type_attribute(".dfs.v1.AtRiskFile", SERDE)
+        .type_attribute(".dfs.v1.FsckResponse", SERDE)
+        .type_attribute(".dfs.v1.FsckFile", SERDE)
+        .type_attribute(".dfs.v1.GcStatusResponse", SERDE)
+        .type_attribute(".dfs.v1.GcEntry", SERDE)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -52,6 +52,7 @@ fn status(workers: usize) -> ClusterStatusResponse {
                 }),
                 last_heartbeat_ms_ago: 400,
                 chunks_mapped: 150_000,
+                ..Default::default()
             })
             .collect(),
         workers_alive: workers as u32,

@@ -165,6 +165,7 @@ mod tests {
             length: 12345,
             crc32c: 0xdead_beef,
             created_unix_ms: 1,
+            ..Default::default()
         }
     }
 

@@ -41,6 +41,12 @@ pub struct LocalClusterConfig {
     /// Reuse the ports of the previous run in the same directory (kept in `<dir>/ports`), so
     /// a restarted cluster's workers keep their identities. Tests leave this off.
     pub sticky_ports: bool,
+    /// Scrubber read rate per worker (bytes/s; 0 = off) and pause between passes.
+    pub scrub_rate: u64,
+    pub scrub_interval: Duration,
+    /// Garbage (and orphan chunks) are deleted only after this grace period.
+    pub gc_grace: Duration,
+    pub max_repairs_per_worker: usize,
 }
 
 impl Default for LocalClusterConfig {
@@ -54,6 +60,10 @@ impl Default for LocalClusterConfig {
             worker_capacity: None,
             upload_lease: Duration::from_secs(600),
             sticky_ports: false,
+            scrub_rate: 32 << 20,
+            scrub_interval: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(60),
+            max_repairs_per_worker: 2,
         }
     }
 }
@@ -133,6 +143,8 @@ impl LocalCluster {
         mcfg.heartbeat_timeout = cfg.heartbeat_timeout;
         mcfg.heartbeat_interval = cfg.heartbeat_interval;
         mcfg.upload_lease = cfg.upload_lease;
+        mcfg.gc_grace = cfg.gc_grace;
+        mcfg.max_repairs_per_worker = cfg.max_repairs_per_worker;
         std::fs::create_dir_all(dir).map_err(|source| ClusterError::Bind {
             addr: dir.display().to_string(),
             source,
@@ -218,6 +230,10 @@ impl LocalCluster {
             host: "127.0.0.1".into(),
             capacity: self.cfg.worker_capacity,
             heartbeat_interval: self.cfg.heartbeat_interval,
+            scrub: crate::worker::scrub::ScrubConfig {
+                rate: self.cfg.scrub_rate,
+                interval: self.cfg.scrub_interval,
+            },
         };
         let worker = Worker::open(&wcfg, &listener)?;
         let addr = worker.address().to_string();

@@ -186,6 +186,7 @@ fn start_msg(chunk_id: &str, len: u64, downstream: Vec<String>) -> pb::WriteChun
                 length: len,
                 crc32c: 0,
                 created_unix_ms: 0,
+                ..Default::default()
             }),
             downstream,
         })),

@@ -27,6 +27,7 @@ fn worker(i: usize, state: &str, used_gib: u64, chunks: u64, hb_ms: i64) -> Work
         }),
         last_heartbeat_ms_ago: hb_ms,
         chunks_mapped: chunks,
+        ..Default::default()
     }
 }
 

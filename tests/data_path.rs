@@ -293,6 +293,7 @@ async fn write_chunk_direct(
                 length: data.len() as u64,
                 crc32c: 0,
                 created_unix_ms: 0,
+                ..Default::default()
             }),
             downstream: placement.workers[1..].to_vec(),
         })),

@@ -33,6 +33,12 @@ struct Args {
     /// An upload with no sign of life this long is aborted and its chunks deleted.
     #[arg(long, env = "DFS_UPLOAD_LEASE", default_value = "10m")]
     upload_lease: HumanDuration,
+    /// Deleted chunks and orphan chunks are purged from workers only after this grace period.
+    #[arg(long, env = "DFS_GC_GRACE", default_value = "1m")]
+    gc_grace: HumanDuration,
+    /// Re-replication copies that may run at once per worker (as source or target).
+    #[arg(long, env = "DFS_MAX_REPAIRS_PER_WORKER", default_value_t = 2)]
+    max_repairs_per_worker: usize,
 }
 
 fn main() {
@@ -53,6 +59,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cfg.default_replicas = args.replicas;
     cfg.heartbeat_timeout = args.heartbeat_timeout.0;
     cfg.upload_lease = args.upload_lease.0;
+    cfg.gc_grace = args.gc_grace.0;
+    cfg.max_repairs_per_worker = args.max_repairs_per_worker;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

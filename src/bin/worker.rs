@@ -32,6 +32,12 @@ struct Args {
     /// Interval between heartbeats to the master.
     #[arg(long, env = "DFS_HEARTBEAT_INTERVAL", default_value = "1s")]
     heartbeat_interval: HumanDuration,
+    /// Scrubber read rate: how fast stored chunks are re-verified in the background (0 = off).
+    #[arg(long, env = "DFS_SCRUB_RATE", default_value = "32MiB")]
+    scrub_rate: ByteSize,
+    /// Pause between two scrub passes over all chunks.
+    #[arg(long, env = "DFS_SCRUB_INTERVAL", default_value = "1h")]
+    scrub_interval: HumanDuration,
 }
 
 fn main() {
@@ -60,6 +66,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host: args.host.clone(),
         capacity: args.capacity.map(|c| c.0),
         heartbeat_interval: args.heartbeat_interval.0,
+        scrub: dfs::worker::scrub::ScrubConfig {
+            rate: args.scrub_rate.0,
+            interval: args.scrub_interval.0,
+        },
     };
     let worker = Worker::open(&cfg, &listener)?;
     tracing::info!(address = %worker.address(), master = %args.master, data_dir = %cfg.data_dir.display(), "worker starting");

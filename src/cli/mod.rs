@@ -87,6 +87,24 @@ pub enum Op {
     Stat { name: String },
     /// Show workers (address, state, capacity, used, chunks, last heartbeat) and totals.
     Status,
+    /// Drain a worker: no new chunks; its chunks are copied elsewhere. --dry-run shows the
+    /// blast radius instead (chunks, files left with one or no live replica, time to move).
+    Drain {
+        /// The worker's address (host:port), as `status` shows it.
+        worker: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop draining a worker.
+    Undrain { worker: String },
+    /// List every file with a chunk below its replica target; exit 1 if any chunk has no
+    /// live replica.
+    Fsck,
+    /// Show what garbage collection will purge, and why (collection itself is automatic).
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Runs one operation against the master at `master`; returns the process exit code.
@@ -186,6 +204,41 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
         Op::Status => {
             let s = client.status().await?;
             Ok(output::status(&s, json))
+        }
+        Op::Drain { worker, dry_run } => {
+            if dry_run {
+                let p = client.drain_plan(&worker).await?;
+                Ok(output::drain_plan(&p, json))
+            } else {
+                let w = client.set_draining(&worker, true).await?;
+                Ok(output::drain(&w, json))
+            }
+        }
+        Op::Undrain { worker } => {
+            let w = client.set_draining(&worker, false).await?;
+            Ok(output::drain(&w, json))
+        }
+        Op::Fsck => {
+            let r = client.fsck().await?;
+            let missing = r.files.iter().any(|f| f.chunks_missing > 0);
+            let text = output::fsck(&r, json);
+            if missing {
+                print!("{text}");
+                return Err(ClientError::Integrity(format!(
+                    "{} file(s) have chunks with no live replica",
+                    r.files.iter().filter(|f| f.chunks_missing > 0).count()
+                )));
+            }
+            Ok(text)
+        }
+        Op::Gc { dry_run } => {
+            if !dry_run {
+                return Err(ClientError::InvalidInput(
+                    "garbage collection runs by itself after the grace period; use --dry-run to see what it will purge".into(),
+                ));
+            }
+            let r = client.gc_status().await?;
+            Ok(output::gc(&r, json))
         }
     }
 }

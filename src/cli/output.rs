@@ -5,7 +5,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::client::{DownloadReport, UploadReport};
 use crate::config::human_bytes;
-use crate::rpc::pb::{ClusterStatusResponse, FileInfo};
+use crate::rpc::pb::{
+    ClusterStatusResponse, DrainPlanResponse, FileInfo, FsckResponse, GcStatusResponse,
+    WorkerStatus,
+};
 
 fn json(v: serde_json::Value) -> String {
     format!("{v}\n")
@@ -278,8 +281,175 @@ pub fn status(st: &ClusterStatusResponse, as_json: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "pending:    {} chunk deletion(s), {} open upload(s)",
-        st.pending_deletions, st.open_uploads
+        "replicas:   {} missing, {} endangered (one copy left), {} under target, {} stable, {} over target",
+        st.missing_chunks,
+        st.endangered_chunks,
+        st.under_replicated_chunks - st.endangered_chunks.min(st.under_replicated_chunks),
+        st.stable_chunks,
+        st.over_target_chunks
     );
+    let _ = writeln!(
+        s,
+        "repair:     {} queued, {} copying, {} chunk(s) / {} repaired so far, {}/s now",
+        st.repair_queue,
+        st.repairs_in_flight,
+        st.repaired_chunks_total,
+        human_bytes(st.repaired_bytes_total),
+        human_bytes(st.repair_bytes_per_sec)
+    );
+    let _ = writeln!(
+        s,
+        "pending:    {} chunk deletion(s), {} orphan chunk(s), {} open upload(s)",
+        st.pending_deletions, st.orphan_chunks, st.open_uploads
+    );
+    if !st.matrix.is_empty() {
+        let max_live = st.matrix.iter().map(|c| c.live).max().unwrap_or(0);
+        let mut rows = vec![
+            std::iter::once("TARGET \\ LIVE".to_string())
+                .chain((0..=max_live).map(|l| l.to_string()))
+                .collect::<Vec<_>>(),
+        ];
+        let mut targets: Vec<u32> = st.matrix.iter().map(|c| c.target).collect();
+        targets.dedup();
+        for t in targets {
+            let mut row = vec![t.to_string()];
+            for l in 0..=max_live {
+                let n = st
+                    .matrix
+                    .iter()
+                    .find(|c| c.target == t && c.live == l)
+                    .map(|c| c.chunks)
+                    .unwrap_or(0);
+                row.push(if n == 0 { "-".into() } else { n.to_string() });
+            }
+            rows.push(row);
+        }
+        s.push_str("\nchunks by target and live copies:\n");
+        s.push_str(&table(&rows));
+    }
+    s
+}
+
+pub fn drain(w: &WorkerStatus, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!({ "worker": w }));
+    }
+    if w.draining {
+        format!(
+            "{} is draining: no new chunks; {} chunk(s) still need a copy elsewhere (watch `status`; safe to stop at 0)\n",
+            w.address, w.drain_remaining
+        )
+    } else {
+        format!("{} is no longer draining\n", w.address)
+    }
+}
+
+pub fn drain_plan(p: &DrainPlanResponse, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!(p));
+    }
+    let mut s = format!("dry run: {}\n", crate::master::operator::summarize(p));
+    let _ = writeln!(
+        s,
+        "moving its data: about {} at {}/s{}",
+        humantime::format_duration(Duration::from_secs(p.estimated_seconds)),
+        human_bytes(if p.rate_assumed {
+            50 << 20
+        } else {
+            p.repair_bytes_per_sec
+        }),
+        if p.rate_assumed {
+            " (assumed: nothing was repaired lately)"
+        } else {
+            " (current repair rate)"
+        }
+    );
+    if !p.at_risk.is_empty() {
+        let mut rows = vec![vec![
+            "AT RISK".to_string(),
+            "LIVE REPLICAS IF IT VANISHED".into(),
+            "TARGET".into(),
+        ]];
+        for f in &p.at_risk {
+            rows.push(vec![
+                f.name.clone(),
+                f.live_after.to_string(),
+                f.target.to_string(),
+            ]);
+        }
+        s.push_str(&table(&rows));
+    }
+    s
+}
+
+pub fn fsck(r: &FsckResponse, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!(r));
+    }
+    let mut s = String::new();
+    if r.files.is_empty() {
+        let _ = writeln!(
+            s,
+            "fsck: {} file(s), {} chunk(s): every chunk is at its replica target",
+            r.files_checked, r.chunks_checked
+        );
+        return s;
+    }
+    let mut rows = vec![vec![
+        "FILE".to_string(),
+        "LIVE (MIN)".into(),
+        "TARGET".into(),
+        "CHUNKS SHORT".into(),
+        "CHUNKS MISSING".into(),
+    ]];
+    for f in &r.files {
+        rows.push(vec![
+            f.name.clone(),
+            f.min_live.to_string(),
+            f.target.to_string(),
+            f.chunks_short.to_string(),
+            f.chunks_missing.to_string(),
+        ]);
+    }
+    s.push_str(&table(&rows));
+    let _ = writeln!(
+        s,
+        "fsck: {} of {} file(s) have chunks below target",
+        r.files.len(),
+        r.files_checked
+    );
+    s
+}
+
+pub fn gc(r: &GcStatusResponse, as_json: bool) -> String {
+    if as_json {
+        return json(serde_json::json!(r));
+    }
+    let mut s = format!(
+        "dry run: {} chunk(s) to purge (grace period {})\n",
+        r.entries.len(),
+        humantime::format_duration(Duration::from_millis(r.grace_ms.max(0) as u64))
+    );
+    if !r.entries.is_empty() {
+        let mut rows = vec![vec![
+            "CHUNK".to_string(),
+            "PURGE IN".into(),
+            "WORKERS".into(),
+            "WHY".into(),
+        ]];
+        for e in &r.entries {
+            rows.push(vec![
+                e.chunk_id.clone(),
+                if e.purge_in_ms == 0 {
+                    "now".into()
+                } else {
+                    format!("{:.0}s", e.purge_in_ms as f64 / 1000.0)
+                },
+                e.workers.join(","),
+                e.reason.clone(),
+            ]);
+        }
+        s.push_str(&table(&rows));
+    }
     s
 }

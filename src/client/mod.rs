@@ -179,6 +179,53 @@ impl Client {
             .map_err(|s| self.err(s))
     }
 
+    /// Marks a worker draining (or not); returns its status.
+    pub async fn set_draining(
+        &self,
+        worker: &str,
+        draining: bool,
+    ) -> Result<pb::WorkerStatus, ClientError> {
+        self.master()
+            .set_draining(pb::SetDrainingRequest {
+                worker: worker.to_string(),
+                draining,
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner()
+            .worker
+            .ok_or_else(|| ClientError::Integrity("master answered without a worker".into()))
+    }
+
+    /// The blast radius of losing `worker` now.
+    pub async fn drain_plan(&self, worker: &str) -> Result<pb::DrainPlanResponse, ClientError> {
+        self.master()
+            .drain_plan(pb::DrainPlanRequest {
+                worker: worker.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    /// Files with chunks below their target.
+    pub async fn fsck(&self) -> Result<pb::FsckResponse, ClientError> {
+        self.master()
+            .fsck(pb::FsckRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    /// What garbage collection will purge.
+    pub async fn gc_status(&self) -> Result<pb::GcStatusResponse, ClientError> {
+        self.master()
+            .gc_status(pb::GcStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
     /// The master's recent events (up to `backlog`), then live ones.
     pub async fn stream_logs(
         &self,

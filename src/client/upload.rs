@@ -209,6 +209,8 @@ impl Client {
                     length: len,
                     crc32c: 0,
                     created_unix_ms: now_unix_ms(),
+                    file_size: size,
+                    chunk_size: cs,
                 };
                 let before = progress.done.load(Ordering::Relaxed);
                 match self

@@ -15,18 +15,26 @@ use crate::chunk::ChunkId;
 #[derive(Debug, Clone, Default)]
 pub struct ChunkEntry {
     pub target: u8,
+    pub length: u64,
     pub replicas: Vec<WorkerIdx>,
     /// Replicas reported corrupt (not served, not counted as replicas).
     pub corrupt: Vec<WorkerIdx>,
 }
 
 /// Replication health counts over every chunk.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReplicationCounts {
     pub chunks: u64,
+    /// At least one live copy but fewer than the target.
     pub under_replicated: u64,
     pub missing: u64,
+    /// Exactly one live copy of a chunk whose target is higher.
+    pub endangered: u64,
+    pub stable: u64,
+    pub over_target: u64,
     pub corrupt_replicas: u64,
+    /// (target, live copies) → chunks.
+    pub matrix: std::collections::BTreeMap<(u32, u32), u64>,
 }
 
 /// Chunk → replicas for every committed chunk.
@@ -36,11 +44,12 @@ pub struct ChunkMap {
 }
 
 impl ChunkMap {
-    pub fn insert(&mut self, id: ChunkId, target: u32, replicas: Vec<WorkerIdx>) {
+    pub fn insert(&mut self, id: ChunkId, target: u32, length: u64, replicas: Vec<WorkerIdx>) {
         self.entries.insert(
             id,
             ChunkEntry {
                 target: target.min(u8::MAX as u32) as u8,
+                length,
                 replicas,
                 corrupt: Vec::new(),
             },
@@ -70,6 +79,21 @@ impl ChunkMap {
             }
             None => false,
         }
+    }
+
+    /// Forgets the replica of `id` on `worker`.
+    pub fn remove_replica(&mut self, id: &ChunkId, worker: WorkerIdx) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.replicas.retain(|&w| w != worker);
+        }
+    }
+
+    pub fn get_mut(&mut self, id: &ChunkId) -> Option<&mut ChunkEntry> {
+        self.entries.get_mut(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ChunkId, &ChunkEntry)> {
+        self.entries.iter()
     }
 
     /// Forgets every replica on `worker` (before applying its full report).
@@ -116,6 +140,7 @@ impl ChunkMap {
         now: Instant,
     ) -> (ReplicationCounts, HashMap<WorkerIdx, u64>) {
         let mut c = ReplicationCounts::default();
+        let mut cells: HashMap<(u32, u32), u64> = HashMap::new();
         let mut per_worker: HashMap<WorkerIdx, u64> = HashMap::new();
         for e in self.entries.values() {
             c.chunks += 1;
@@ -124,12 +149,22 @@ impl ChunkMap {
                 *per_worker.entry(w).or_default() += 1;
             }
             let live = Self::live_replicas(e, reg, policy, now);
+            let target = e.target as usize;
+            *cells.entry((e.target as u32, live as u32)).or_default() += 1;
             if live == 0 {
                 c.missing += 1;
-            } else if live < e.target as usize {
+            } else if live < target {
                 c.under_replicated += 1;
+                if live == 1 {
+                    c.endangered += 1;
+                }
+            } else if live == target {
+                c.stable += 1;
+            } else {
+                c.over_target += 1;
             }
         }
+        c.matrix = cells.into_iter().collect();
         (c, per_worker)
     }
 

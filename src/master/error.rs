@@ -16,6 +16,8 @@ pub enum MasterError {
     FileNotFound(String),
     #[error("upload {0:?} not found (it was committed, aborted, or expired)")]
     UploadNotFound(String),
+    #[error("no worker {0:?} is known to the master")]
+    WorkerNotFound(String),
     #[error("no live workers: start a worker (`worker --port N`) or wait for one to register")]
     NoLiveWorkers,
     #[error("no live worker has {needed} free for a chunk")]
@@ -32,7 +34,9 @@ impl From<MasterError> for Status {
     fn from(e: MasterError) -> Status {
         let code = match &e {
             MasterError::InvalidName(_) | MasterError::InvalidArgument(_) => Code::InvalidArgument,
-            MasterError::FileNotFound(_) | MasterError::UploadNotFound(_) => Code::NotFound,
+            MasterError::FileNotFound(_)
+            | MasterError::UploadNotFound(_)
+            | MasterError::WorkerNotFound(_) => Code::NotFound,
             MasterError::NoLiveWorkers => Code::Unavailable,
             MasterError::NoSpace { .. } => Code::ResourceExhausted,
             MasterError::Conflict(_) => Code::Aborted,

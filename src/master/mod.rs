@@ -7,8 +7,10 @@
 pub mod chunkmap;
 pub mod error;
 pub mod namespace;
+pub mod operator;
 pub mod redb_store;
 pub mod registry;
+pub mod repair;
 pub mod service;
 pub mod status;
 pub mod store;
@@ -41,6 +43,9 @@ pub struct MasterConfig {
     pub heartbeat_interval: Duration,
     /// An upload with no sign of life for this long is aborted and its chunks collected.
     pub upload_lease: Duration,
+    /// Garbage and orphan chunks are deleted only after this long.
+    pub gc_grace: Duration,
+    pub max_repairs_per_worker: usize,
 }
 
 impl MasterConfig {
@@ -52,6 +57,8 @@ impl MasterConfig {
             heartbeat_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
             upload_lease: Duration::from_secs(600),
+            gc_grace: Duration::from_secs(60),
+            max_repairs_per_worker: 2,
         }
     }
 }
@@ -70,6 +77,11 @@ pub(crate) struct Inner {
     pub garbage: HashMap<String, GarbageRecord>,
     pub files: u64,
     pub logical_bytes: u64,
+    /// Chunk ids allocated to open uploads (never orphans).
+    pub upload_chunks: std::collections::HashSet<String>,
+    /// Chunks reported by workers that belong to no file, upload or garbage entry.
+    pub orphans: HashMap<String, repair::Orphan>,
+    pub repair: repair::RepairState,
 }
 
 /// The master's shared state; the gRPC service and background tasks hold an `Arc` of it.
@@ -82,6 +94,8 @@ pub struct Master {
     /// Serialises namespace mutations (store transaction + memory update) so both orders agree.
     pub(crate) ns_lock: tokio::sync::Mutex<()>,
     pub(crate) address: Mutex<String>,
+    /// Channels to workers for repair orders.
+    pub(crate) worker_channels: Mutex<HashMap<String, tonic::transport::Channel>>,
 }
 
 impl Master {
@@ -108,6 +122,7 @@ impl Master {
             inner: Mutex::new(Inner::default()),
             ns_lock: tokio::sync::Mutex::new(()),
             address: Mutex::new(String::new()),
+            worker_channels: Mutex::new(HashMap::new()),
         };
         master.load()?;
         Ok(Arc::new(master))
@@ -125,13 +140,16 @@ impl Master {
                 inner.logical_bytes += f.size;
                 for c in &f.chunks {
                     if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
-                        inner.chunks.insert(id, f.replicas, Vec::new());
+                        inner.chunks.insert(id, f.replicas, c.length, Vec::new());
                     }
                 }
             }
         }
         let now = Instant::now();
         for u in self.store.read_with(|t| t.list_uploads())? {
+            for a in &u.allocations {
+                inner.upload_chunks.insert(a.chunk_id.clone());
+            }
             inner.uploads.insert(u.upload_id, now);
         }
         inner.garbage = self
@@ -140,7 +158,10 @@ impl Master {
             .into_iter()
             .collect();
         for w in self.store.read_with(|t| t.list_workers())? {
-            inner.registry.intern(&w.address);
+            let i = inner.registry.intern(&w.address);
+            if let Some(e) = inner.registry.get_mut(i) {
+                e.draining = w.draining;
+            }
         }
         tracing::info!(
             files = inner.files,
@@ -193,6 +214,7 @@ impl Master {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(workers::health_watcher(self.clone(), stop_rx.clone()));
         tasks.spawn(namespace::upload_expiry(self.clone(), stop_rx.clone()));
+        tasks.spawn(repair::repair_loop(self.clone(), stop_rx.clone()));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter

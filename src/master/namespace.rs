@@ -268,6 +268,7 @@ impl Master {
             workers: placement.workers.clone(),
         };
         let upload_id = req.upload_id.clone();
+        self.lock().upload_chunks.insert(placement.chunk_id.clone());
         let _guard = self.ns_lock.lock().await;
         self.blocking(move |m| {
             m.store.write_with(|t| -> Result<(), MasterError> {
@@ -343,6 +344,11 @@ impl Master {
         };
         let f2 = file.clone();
         let version = upload.version;
+        let upload_allocs: Vec<String> = upload
+            .allocations
+            .iter()
+            .map(|a| a.chunk_id.clone())
+            .collect();
         let (old, garbage) = self
             .blocking(move |m| {
                 m.store
@@ -380,13 +386,17 @@ impl Master {
         let info = {
             let mut inner = self.lock();
             inner.uploads.remove(&req.upload_id);
+            for a in &upload_allocs {
+                inner.upload_chunks.remove(a);
+            }
             if let Some(o) = &old {
                 inner.forget_file(o);
             }
             for c in &req.chunks {
                 if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
                     let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
-                    inner.chunks.insert(id, file.replicas, replicas);
+                    inner.chunks.insert(id, file.replicas, c.length, replicas);
+                    inner.orphans.remove(&c.chunk_id);
                 }
             }
             inner.files += 1;
@@ -441,6 +451,9 @@ impl Master {
         {
             let mut inner = self.lock();
             inner.uploads.remove(upload_id);
+            for a in &upload.allocations {
+                inner.upload_chunks.remove(&a.chunk_id);
+            }
             inner.garbage.extend(garbage);
         }
         self.events.record(

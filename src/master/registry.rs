@@ -40,6 +40,8 @@ pub struct WorkerEntry {
     pub pending_bytes: u64,
     /// Health as of the last watcher pass, to log transitions once.
     pub last_health: Health,
+    /// Draining: no new chunks; its replicas do not count toward targets.
+    pub draining: bool,
 }
 
 /// Timeouts that turn heartbeat age into health.
@@ -80,6 +82,7 @@ impl Registry {
             reported: false,
             pending_bytes: 0,
             last_health: Health::Dead,
+            draining: false,
         });
         self.by_address.insert(address.to_string(), i);
         i
@@ -136,6 +139,7 @@ impl Registry {
         let mut candidates: Vec<(u32, std::cmp::Reverse<u64>, u128, WorkerIdx)> = self
             .iter()
             .filter(|(_, w)| health_of(w, policy, now) == Health::Alive && w.reported)
+            .filter(|(_, w)| !w.draining)
             .filter(|(_, w)| !exclude.iter().any(|e| e == &w.address))
             .filter_map(|(i, w)| {
                 let free = w.usage.free_bytes.saturating_sub(w.pending_bytes);
@@ -157,11 +161,17 @@ impl Registry {
         chosen
     }
 
-    /// Workers that could take a write now (alive and reported).
+    /// Workers that could take a write now (alive, reported, not draining).
     pub fn alive_count(&self, policy: &HealthPolicy, now: Instant) -> usize {
         self.iter()
-            .filter(|(_, w)| w.reported && health_of(w, policy, now) == Health::Alive)
+            .filter(|(_, w)| {
+                w.reported && !w.draining && health_of(w, policy, now) == Health::Alive
+            })
             .count()
+    }
+
+    pub fn is_draining(&self, i: WorkerIdx) -> bool {
+        self.get(i).is_some_and(|w| w.draining)
     }
 }
 

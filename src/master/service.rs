@@ -216,6 +216,46 @@ impl pb::master_server::Master for MasterService {
         Ok(Response::new(self.master.cluster_status()))
     }
 
+    async fn set_draining(
+        &self,
+        req: Request<pb::SetDrainingRequest>,
+    ) -> Result<Response<pb::SetDrainingResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self
+            .master
+            .set_draining(&r.worker, r.draining)
+            .await
+            .map(|w| pb::SetDrainingResponse { worker: Some(w) });
+        finish("set_draining", &p, &r.worker, t, res)
+    }
+
+    async fn drain_plan(
+        &self,
+        req: Request<pb::DrainPlanRequest>,
+    ) -> Result<Response<pb::DrainPlanResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let res = self.master.drain_plan(&r.worker).await;
+        finish("drain_plan", &p, &r.worker, t, res)
+    }
+
+    async fn fsck(
+        &self,
+        req: Request<pb::FsckRequest>,
+    ) -> Result<Response<pb::FsckResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let res = self.master.fsck().await;
+        finish("fsck", &p, "", t, res)
+    }
+
+    async fn gc_status(
+        &self,
+        _req: Request<pb::GcStatusRequest>,
+    ) -> Result<Response<pb::GcStatusResponse>, Status> {
+        Ok(Response::new(self.master.gc_status()))
+    }
+
     type StreamLogsStream = LogStream;
 
     async fn stream_logs(

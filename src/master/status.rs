@@ -12,6 +12,27 @@ impl Master {
         let now = Instant::now();
         let inner = self.lock();
         let (counts, per_worker) = inner.chunks.counts(&inner.registry, &self.policy, now);
+        // Chunks on each draining worker that still lack enough copies elsewhere.
+        let mut drain_remaining: std::collections::HashMap<u32, u64> = Default::default();
+        if inner.registry.iter().any(|(_, w)| w.draining) {
+            for (_, e) in inner.chunks.iter() {
+                let serving = e
+                    .replicas
+                    .iter()
+                    .filter(|&&w| {
+                        !inner.registry.is_draining(w)
+                            && inner.registry.health(w, &self.policy, now) == Health::Alive
+                    })
+                    .count();
+                if serving < e.target as usize {
+                    for &w in &e.replicas {
+                        if inner.registry.is_draining(w) {
+                            *drain_remaining.entry(w).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
         let mut out = ClusterStatusResponse {
             master_address: self.address.lock().map(|a| a.clone()).unwrap_or_default(),
             files: inner.files,
@@ -20,6 +41,24 @@ impl Master {
             under_replicated_chunks: counts.under_replicated,
             missing_chunks: counts.missing,
             corrupt_replicas: counts.corrupt_replicas,
+            endangered_chunks: counts.endangered,
+            stable_chunks: counts.stable,
+            over_target_chunks: counts.over_target,
+            matrix: counts
+                .matrix
+                .iter()
+                .map(|(&(target, live), &chunks)| crate::rpc::pb::MatrixCell {
+                    target,
+                    live,
+                    chunks,
+                })
+                .collect(),
+            repair_queue: inner.repair.queue,
+            repairs_in_flight: inner.repair.in_flight.len() as u32,
+            repaired_chunks_total: inner.repair.chunks_total,
+            repaired_bytes_total: inner.repair.bytes_total,
+            repair_bytes_per_sec: inner.repair.rate(now),
+            orphan_chunks: inner.orphans.len() as u64,
             pending_deletions: inner.garbage.len() as u64,
             open_uploads: inner.uploads.len() as u64,
             chunk_size: self.cfg.chunk_size,
@@ -40,7 +79,13 @@ impl Master {
             }
             out.workers.push(WorkerStatus {
                 address: w.address.clone(),
-                state: h.as_str().to_string(),
+                state: if w.draining && h == Health::Alive {
+                    "draining".to_string()
+                } else {
+                    h.as_str().to_string()
+                },
+                draining: w.draining,
+                drain_remaining: drain_remaining.get(&i).copied().unwrap_or(0),
                 usage: Some(w.usage),
                 last_heartbeat_ms_ago: w
                     .last_heartbeat

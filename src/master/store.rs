@@ -110,6 +110,9 @@ pub struct WorkerRecord {
     pub first_seen_unix_ms: i64,
     #[prost(uint64, tag = "3")]
     pub capacity_bytes: u64,
+    /// Set by an operator: no new chunks, copy its chunks elsewhere.
+    #[prost(bool, tag = "4")]
+    pub draining: bool,
 }
 
 /// Reads inside a transaction (or a read-only snapshot).

@@ -62,10 +62,20 @@ impl Master {
                         g.workers.push(req.address.clone());
                         garbage_fix.push((c.chunk_id.clone(), g.clone()));
                     }
-                } else {
-                    // Part of an upload in flight, or unknown: left alone (never deleted on a
-                    // guess; the garbage collector decides with a grace period).
+                } else if !inner.upload_chunks.contains(&c.chunk_id) {
+                    // Unknown: an orphan. Never deleted on a guess: the collector purges it only
+                    // after the grace period, and only if it still belongs to nothing.
                     orphans += 1;
+                    let now = Instant::now();
+                    let o = inner.orphans.entry(c.chunk_id.clone()).or_insert_with(|| {
+                        super::repair::Orphan {
+                            workers: Vec::new(),
+                            first_seen: now,
+                        }
+                    });
+                    if !o.workers.contains(&req.address) {
+                        o.workers.push(req.address.clone());
+                    }
                 }
             }
             if let Some(w) = inner.registry.get_mut(idx) {
@@ -82,6 +92,7 @@ impl Master {
             address: req.address.clone(),
             first_seen_unix_ms: now_unix_ms(),
             capacity_bytes: usage.capacity_bytes,
+            draining: false,
         };
         self.blocking(move |m| {
             m.store.write_with(|t| -> Result<(), MasterError> {
@@ -126,6 +137,7 @@ impl Master {
         self: &Arc<Self>,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, MasterError> {
+        let mut corrupt = Vec::new();
         let (orders, acked) = {
             let mut inner = self.lock();
             let Some(idx) = inner.registry.find(&req.address) else {
@@ -160,24 +172,36 @@ impl Master {
                 }
                 if let Ok(cid) = id.parse::<ChunkId>() {
                     // A deleted replica of a still-committed chunk is no longer a replica.
-                    if let Some(e) = inner.chunks.get(&cid)
-                        && e.replicas.contains(&idx)
-                    {
-                        let mut e = e.clone();
-                        e.replicas.retain(|&x| x != idx);
-                        inner.chunks.insert(cid, e.target as u32, e.replicas);
-                    }
+                    inner.chunks.remove_replica(&cid, idx);
                 }
             }
+            for id in &req.corrupt_chunks {
+                if let Ok(cid) = id.parse::<ChunkId>()
+                    && inner.chunks.mark_corrupt(&cid, idx)
+                {
+                    corrupt.push(id.clone());
+                }
+            }
+            // Two-phase collection: an entry is purged only once it is older than the grace.
+            let ripe = now_unix_ms() - self.cfg.gc_grace.as_millis() as i64;
             let orders: Vec<String> = inner
                 .garbage
                 .iter()
-                .filter(|(_, g)| g.workers.contains(&req.address))
+                .filter(|(_, g)| g.workers.contains(&req.address) && g.since_unix_ms <= ripe)
                 .map(|(id, _)| id.clone())
                 .take(DELETES_PER_HEARTBEAT)
                 .collect();
             (orders, acked)
         };
+        for id in &corrupt {
+            self.events.record(
+                Level::Error,
+                format!(
+                    "worker {} found chunk {id} corrupt and quarantined it; repairing from a good copy",
+                    req.address
+                ),
+            );
+        }
         if !acked.is_empty() {
             let n = acked.len();
             self.blocking(move |m| {

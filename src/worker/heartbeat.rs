@@ -41,14 +41,22 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                 tracing::info!(master = %worker.master, chunks = n, "registered with master");
                 return Ok(());
             }
-            let resp = client
+            let corrupt = worker.store.take_quarantined();
+            let resp = match client
                 .heartbeat(HeartbeatRequest {
                     address: worker.address.clone(),
                     usage: Some(worker.usage()),
                     deleted_chunks: acks.clone(),
+                    corrupt_chunks: corrupt.clone(),
                 })
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    worker.store.requeue_quarantined(corrupt);
+                    return Err(e);
+                }
+            };
             acks.clear();
             if resp.reregister {
                 tracing::info!("master asked for a full report; re-registering");

@@ -2,6 +2,8 @@
 
 pub mod error;
 pub mod heartbeat;
+pub mod replicate;
+pub mod scrub;
 pub mod service;
 pub mod store;
 
@@ -33,6 +35,16 @@ pub struct WorkerConfig {
     /// Bytes this worker may use; None = the file system's size.
     pub capacity: Option<u64>,
     pub heartbeat_interval: Duration,
+    pub scrub: scrub::ScrubConfig,
+}
+
+/// Sets a stop flag when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A running worker's shared state.
@@ -45,6 +57,8 @@ pub struct Worker {
     pub(crate) active_writes: AtomicU32,
     pub(crate) bytes_read: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
+    pub(crate) scrub_cfg: scrub::ScrubConfig,
+    pub scrub_stats: Arc<scrub::ScrubStats>,
     peers: Mutex<HashMap<String, Channel>>,
 }
 
@@ -66,6 +80,8 @@ impl Worker {
             active_writes: AtomicU32::new(0),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            scrub_cfg: cfg.scrub,
+            scrub_stats: Arc::new(scrub::ScrubStats::default()),
             peers: Mutex::new(HashMap::new()),
         }))
     }
@@ -118,6 +134,19 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let hb = tokio::spawn(heartbeat::run(self.clone(), stop_rx));
+        let scrub_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scrubber = {
+            let (store, cfg, stats, stop) = (
+                self.store.clone(),
+                self.scrub_cfg,
+                self.scrub_stats.clone(),
+                scrub_stop.clone(),
+            );
+            tokio::task::spawn_blocking(move || scrub::run(store, cfg, stats, stop))
+        };
+        // A blocking thread cannot be aborted: stop it when this future ends in any way,
+        // including being dropped (an aborted task), or the runtime would wait for it forever.
+        let _scrub_guard = StopOnDrop(scrub_stop.clone());
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<crate::rpc::pb::worker_server::WorkerServer<service::WorkerService>>()
@@ -136,7 +165,9 @@ impl Worker {
             })
             .await;
         let _ = stop_tx.send(true);
+        scrub_stop.store(true, Ordering::Relaxed);
         let _ = hb.await;
+        let _ = scrubber.await;
         tracing::info!(address = %self.address, "worker stopped");
         result.map_err(|e| WorkerError::Startup(format!("server error: {e}")))
     }

@@ -326,6 +326,25 @@ impl pb::worker_server::Worker for WorkerService {
         }
     }
 
+    async fn replicate_chunk(
+        &self,
+        req: Request<pb::ReplicateChunkRequest>,
+    ) -> Result<Response<pb::ReplicateChunkResponse>, Status> {
+        let r = req.into_inner();
+        let id: ChunkId = r
+            .chunk_id
+            .parse()
+            .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
+        let _g = Gauge::enter(&self.worker.active_reads);
+        match self.worker.replicate_to(id, &r.target).await {
+            Ok(bytes) => Ok(Response::new(pb::ReplicateChunkResponse { bytes })),
+            Err(e) => {
+                tracing::warn!(op = "replicate", chunk = %id, target = %r.target, error = %e, outcome = "error");
+                Err(e.into())
+            }
+        }
+    }
+
     type ReadChunkStream = ReadStream;
 
     async fn read_chunk(

@@ -42,6 +42,8 @@ pub struct ChunkStore {
     used: AtomicU64,
     reserved: AtomicU64,
     index: Mutex<HashMap<ChunkId, Indexed>>,
+    /// Chunks quarantined since the last heartbeat, to report to the master.
+    quarantined: Mutex<Vec<String>>,
     _lock: File,
 }
 
@@ -119,6 +121,7 @@ impl ChunkStore {
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             index: Mutex::new(HashMap::new()),
+            quarantined: Mutex::new(Vec::new()),
             _lock: lock,
         };
         store.scan()?;
@@ -183,6 +186,29 @@ impl ChunkStore {
                 length: i.length,
                 crc32c: i.crc32c,
             })
+            .collect()
+    }
+
+    /// Takes the chunks quarantined since the last call.
+    pub fn take_quarantined(&self) -> Vec<String> {
+        std::mem::take(&mut *self.quarantined.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts back quarantine reports that could not be delivered.
+    pub fn requeue_quarantined(&self, ids: Vec<String>) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+    }
+
+    /// The ids of every chunk held (a snapshot, for the scrubber).
+    pub fn ids(&self) -> Vec<ChunkId> {
+        self.index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
             .collect()
     }
 
@@ -308,6 +334,10 @@ impl ChunkStore {
             Ok(()) => {
                 tracing::error!(chunk = %id, %reason, "chunk quarantined");
                 self.forget(id, size);
+                self.quarantined
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(id.to_string());
             }
             Err(e) => tracing::error!(chunk = %id, error = %e, "could not quarantine chunk"),
         }

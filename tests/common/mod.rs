@@ -76,6 +76,7 @@ pub fn small_chunks(workers: usize) -> LocalClusterConfig {
         chunk_size: MIB,
         heartbeat_timeout: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(200),
+        gc_grace: Duration::from_millis(200),
         ..Default::default()
     }
 }

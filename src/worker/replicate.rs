@@ -1,0 +1,121 @@
+//! Worker → worker copies ordered by the master's repair loop: the source streams a chunk it
+//! holds to the target through the ordinary write path, so the target verifies the checksum
+//! before it acknowledges, exactly as for a client's write.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Worker;
+use super::error::WorkerError;
+use crate::chunk::{self, ChunkId};
+use crate::rpc::MAX_DATA_MESSAGE;
+use crate::rpc::pb::{WriteChunkRequest, WriteFinish, WriteStart, write_chunk_request};
+
+impl Worker {
+    /// Copies chunk `id` to the worker at `target`; returns the bytes copied.
+    pub async fn replicate_to(
+        self: &std::sync::Arc<Self>,
+        id: ChunkId,
+        target: &str,
+    ) -> Result<u64, WorkerError> {
+        if target == self.address {
+            return Err(WorkerError::InvalidArgument(
+                "cannot replicate a chunk to its own worker".into(),
+            ));
+        }
+        let store = self.store.clone();
+        let (mut file, header) = tokio::task::spawn_blocking(move || store.open_read(&id))
+            .await
+            .map_err(|e| WorkerError::Startup(format!("reader task failed: {e}")))??;
+        let length = header.length;
+        let expected = header.crc32c;
+        let (tx, rx) = mpsc::channel::<WriteChunkRequest>(4);
+        let start = WriteChunkRequest {
+            msg: Some(write_chunk_request::Msg::Start(WriteStart {
+                header: Some(header),
+                downstream: Vec::new(),
+            })),
+        };
+        let me = self.clone();
+        // Reader: verify while sending; a bad copy is quarantined and never finished, so the
+        // target discards what it got.
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), WorkerError> {
+            use std::io::Read;
+            if tx.blocking_send(start).is_err() {
+                return Ok(());
+            }
+            let mut crc = 0u32;
+            let mut left = length;
+            while left > 0 {
+                let n = left.min(MAX_DATA_MESSAGE as u64) as usize;
+                let mut buf = BytesMut::zeroed(n);
+                if let Err(e) = file.read_exact(&mut buf) {
+                    let reason = format!("short read: {e}");
+                    me.store.quarantine(&id, &reason);
+                    return Err(WorkerError::Corrupt {
+                        chunk: id.to_string(),
+                        reason,
+                    });
+                }
+                crc = chunk::crc32c_append(crc, &buf);
+                left -= n as u64;
+                me.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                if tx
+                    .blocking_send(WriteChunkRequest {
+                        msg: Some(write_chunk_request::Msg::Data(buf.freeze())),
+                    })
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if crc != expected {
+                let e = WorkerError::ChecksumMismatch {
+                    chunk: id.to_string(),
+                    expected,
+                    actual: crc,
+                };
+                me.store.quarantine(&id, &e.to_string());
+                return Err(e);
+            }
+            let _ = tx.blocking_send(WriteChunkRequest {
+                msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
+                    crc32c: crc,
+                })),
+            });
+            Ok(())
+        });
+        let mut client = self
+            .worker_client(target)
+            .map_err(|e| WorkerError::Downstream {
+                worker: target.to_string(),
+                code: tonic::Code::Unavailable,
+                message: e.to_string(),
+            })?;
+        let limit = Duration::from_secs(30) + Duration::from_secs(length >> 20);
+        let call = tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await;
+        reader
+            .await
+            .map_err(|e| WorkerError::Startup(format!("reader task failed: {e}")))??;
+        match call {
+            Err(_) => Err(WorkerError::Downstream {
+                worker: target.to_string(),
+                code: tonic::Code::DeadlineExceeded,
+                message: format!("no answer within {}s", limit.as_secs()),
+            }),
+            Ok(Err(s)) => Err(WorkerError::Downstream {
+                worker: target.to_string(),
+                code: s.code(),
+                message: s.message().to_string(),
+            }),
+            Ok(Ok(_)) => {
+                tracing::info!(op = "replicate", chunk = %id, %target, bytes = length, outcome = "ok");
+                Ok(length)
+            }
+        }
+    }
+}
