@@ -19,6 +19,9 @@ pub struct ChunkEntry {
     pub replicas: Vec<WorkerIdx>,
     /// Replicas reported corrupt (not served, not counted as replicas).
     pub corrupt: Vec<WorkerIdx>,
+    /// Of those, the workers that confirmed they quarantined their copy: they no longer hold
+    /// the chunk and may receive a fresh one.
+    pub quarantined: Vec<WorkerIdx>,
 }
 
 /// Replication health counts over every chunk.
@@ -52,6 +55,7 @@ impl ChunkMap {
                 length,
                 replicas,
                 corrupt: Vec::new(),
+                quarantined: Vec::new(),
             },
         );
     }
@@ -72,6 +76,12 @@ impl ChunkMap {
     pub fn add_replica(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
         match self.entries.get_mut(id) {
             Some(e) => {
+                // A worker that quarantined its copy and then received a fresh one holds a
+                // good replica again.
+                if e.quarantined.contains(&worker) {
+                    e.quarantined.retain(|&w| w != worker);
+                    e.corrupt.retain(|&w| w != worker);
+                }
                 if !e.replicas.contains(&worker) && !e.corrupt.contains(&worker) {
                     e.replicas.push(worker);
                 }
@@ -116,6 +126,17 @@ impl ChunkMap {
             }
             None => false,
         }
+    }
+
+    /// A worker quarantined its copy of `id` (it no longer holds it); true if it was a replica.
+    pub fn mark_quarantined(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
+        let had = self.mark_corrupt(id, worker);
+        if let Some(e) = self.entries.get_mut(id) {
+            if !e.quarantined.contains(&worker) {
+                e.quarantined.push(worker);
+            }
+        }
+        had
     }
 
     /// How many replicas of `entry` are on alive workers.

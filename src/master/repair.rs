@@ -169,7 +169,14 @@ impl Master {
             let Some(e) = inner.chunks.get(&id) else {
                 continue;
             };
-            let (length, replicas, corrupt) = (e.length, e.replicas.clone(), e.corrupt.clone());
+            // Unconfirmed bad copies may still be on their workers: not a target for them.
+            let unconfirmed: Vec<WorkerIdx> = e
+                .corrupt
+                .iter()
+                .copied()
+                .filter(|w| !e.quarantined.contains(w))
+                .collect();
+            let (length, replicas, corrupt) = (e.length, e.replicas.clone(), unconfirmed);
             let source = replicas
                 .iter()
                 .copied()

@@ -177,7 +177,7 @@ impl Master {
             }
             for id in &req.corrupt_chunks {
                 if let Ok(cid) = id.parse::<ChunkId>()
-                    && inner.chunks.mark_corrupt(&cid, idx)
+                    && inner.chunks.mark_quarantined(&cid, idx)
                 {
                     corrupt.push(id.clone());
                 }
