@@ -4,95 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-const MASTER: &str = env!("CARGO_BIN_EXE_master");
-const WORKER: &str = env!("CARGO_BIN_EXE_worker");
-
-struct Binaries {
-    dir: tempfile::TempDir,
-    master_port: u16,
-    master: Option<Daemon>,
-    workers: Vec<(u16, Option<Daemon>)>,
-}
-
-impl Binaries {
-    fn master_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.master_port)
-    }
-
-    fn cwd(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn start_master(&mut self) {
-        let listen = self.master_addr();
-        self.master = Some(Daemon::spawn(
-            MASTER,
-            &["--listen", &listen, "--heartbeat-timeout", "2s"],
-            self.dir.path(),
-        ));
-    }
-
-    fn start_worker(&mut self, i: usize) {
-        let port = self.workers[i].0.to_string();
-        let master = self.master_addr();
-        let d = Daemon::spawn(
-            WORKER,
-            &[
-                "--port",
-                &port,
-                "--master",
-                &master,
-                "--heartbeat-interval",
-                "200ms",
-            ],
-            self.dir.path(),
-        );
-        self.workers[i].1 = Some(d);
-    }
-
-    fn start(workers: usize) -> Binaries {
-        let mut b = Binaries {
-            dir: tempfile::tempdir().expect("temp dir"),
-            master_port: free_port(),
-            master: None,
-            workers: (0..workers).map(|_| (free_port(), None)).collect(),
-        };
-        b.start_master();
-        for i in 0..workers {
-            b.start_worker(i);
-        }
-        b
-    }
-
-    fn cli(&self, args: &[&str]) -> CliOut {
-        cli(&self.master_addr(), self.cwd(), args)
-    }
-
-    /// Polls `status --json` until `alive` workers are alive (bounded).
-    fn wait_alive(&self, alive: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.cli(&["--cmd", "status", "--json"]);
-            if out.code == 0 {
-                let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-                if v["workers_alive"].as_u64() == Some(alive) {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster never reached {alive} alive workers: {} {}",
-                out.stdout,
-                out.stderr
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
 
 fn upload(b: &Binaries, path: &Path) -> CliOut {
     let out = b.cli(&["--cmd", "upload", path.to_str().unwrap()]);

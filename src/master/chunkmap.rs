@@ -131,10 +131,10 @@ impl ChunkMap {
     /// A worker quarantined its copy of `id` (it no longer holds it); true if it was a replica.
     pub fn mark_quarantined(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
         let had = self.mark_corrupt(id, worker);
-        if let Some(e) = self.entries.get_mut(id) {
-            if !e.quarantined.contains(&worker) {
-                e.quarantined.push(worker);
-            }
+        if let Some(e) = self.entries.get_mut(id)
+            && !e.quarantined.contains(&worker)
+        {
+            e.quarantined.push(worker);
         }
         had
     }

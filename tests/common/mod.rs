@@ -290,3 +290,95 @@ pub fn cli(master: &str, cwd: &Path, args: &[&str]) -> CliOut {
         elapsed: started.elapsed(),
     }
 }
+
+pub const MASTER: &str = env!("CARGO_BIN_EXE_master");
+pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+/// Real `master` and `worker` processes in a temp dir, killed on drop (through `Daemon`).
+pub struct Binaries {
+    pub dir: tempfile::TempDir,
+    pub master_port: u16,
+    pub master: Option<Daemon>,
+    pub workers: Vec<(u16, Option<Daemon>)>,
+    pub master_args: Vec<String>,
+}
+
+impl Binaries {
+    pub fn master_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.master_port)
+    }
+
+    pub fn cwd(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn start_master(&mut self) {
+        let listen = self.master_addr();
+        let mut args: Vec<&str> = vec!["--listen", &listen, "--heartbeat-timeout", "2s"];
+        args.extend(self.master_args.iter().map(String::as_str));
+        self.master = Some(Daemon::spawn(MASTER, &args, self.dir.path()));
+    }
+
+    pub fn start_worker(&mut self, i: usize) {
+        let port = self.workers[i].0.to_string();
+        let master = self.master_addr();
+        let d = Daemon::spawn(
+            WORKER,
+            &[
+                "--port",
+                &port,
+                "--master",
+                &master,
+                "--heartbeat-interval",
+                "200ms",
+            ],
+            self.dir.path(),
+        );
+        self.workers[i].1 = Some(d);
+    }
+
+    pub fn start(workers: usize) -> Binaries {
+        Self::start_with(workers, &[])
+    }
+
+    /// Starts with extra master flags (e.g. a short GC grace).
+    pub fn start_with(workers: usize, master_args: &[&str]) -> Binaries {
+        let mut b = Binaries {
+            dir: tempfile::tempdir().expect("temp dir"),
+            master_port: free_port(),
+            master: None,
+            workers: (0..workers).map(|_| (free_port(), None)).collect(),
+            master_args: master_args.iter().map(|s| s.to_string()).collect(),
+        };
+        b.start_master();
+        for i in 0..workers {
+            b.start_worker(i);
+        }
+        b
+    }
+
+    pub fn cli(&self, args: &[&str]) -> CliOut {
+        cli(&self.master_addr(), self.cwd(), args)
+    }
+
+    /// Polls `status --json` until `alive` workers are alive (bounded).
+    pub fn wait_alive(&self, alive: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cli(&["--cmd", "status", "--json"]);
+            if out.code == 0 {
+                let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+                if v["workers_alive"].as_u64() == Some(alive) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached {alive} alive workers: {} {}",
+                out.stdout,
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

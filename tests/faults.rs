@@ -1,0 +1,173 @@
+//! Faults with the real binaries: `kill -9` and `SIGSTOP` of a worker. The cluster must return
+//! to full replication by itself, lose nothing, and trim the surplus when a worker returns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn status(b: &Binaries) -> serde_json::Value {
+    let out = b.cli(&["--cmd", "status", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("status json")
+}
+
+fn healed(v: &serde_json::Value) -> bool {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    n("under_replicated_chunks") == 0
+        && n("missing_chunks") == 0
+        && n("repair_queue") == 0
+        && n("repairs_in_flight") == 0
+        && n("over_target_chunks") == 0
+}
+
+/// Polls `status` until `pred` holds; panics with the last status after `timeout`.
+fn wait_status(
+    b: &Binaries,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let v = status(b);
+        if pred(&v) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out waiting for {what}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn chunk_ids(b: &Binaries, name: &str) -> Vec<String> {
+    let out = b.cli(&["--cmd", "stat", name, "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    v["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["chunk_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn worker_dir(b: &Binaries, i: usize) -> PathBuf {
+    b.cwd().join(format!("worker_localhost_{}", b.workers[i].0))
+}
+
+fn holders(b: &Binaries, id: &str) -> Vec<usize> {
+    (0..b.workers.len())
+        .filter(|&i| chunk_path(&worker_dir(b, i), id).is_some())
+        .collect()
+}
+
+fn upload_files(b: &Binaries) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for (i, size) in [17 * MIB + 5, 3 * MIB, 1].into_iter().enumerate() {
+        let name = format!("f{i}.bin");
+        let p = make_file(&b.cwd().join(&name), size, 50 + i as u64);
+        let o = b.cli(&["--cmd", "upload", p.to_str().unwrap()]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        out.push((name, p));
+    }
+    out
+}
+
+fn download_equal(b: &Binaries, name: &str, original: &Path) {
+    let dest = b.cwd().join(format!("dl-{}", dfs::chunk::random_u128()));
+    let o = b.cli(&["--cmd", "download", name, "-o", dest.to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_files_equal(&dest, original);
+    std::fs::remove_file(dest).ok();
+}
+
+#[test]
+fn kill9_a_worker_and_every_chunk_is_re_replicated() {
+    let mut b = Binaries::start_with(4, &["--gc-grace", "500ms"]);
+    b.wait_alive(4);
+    let files = upload_files(&b);
+    let ids: Vec<String> = files.iter().flat_map(|(n, _)| chunk_ids(&b, n)).collect();
+    let victim = (0..4)
+        .max_by_key(|&i| chunk_files(&worker_dir(&b, i)).len())
+        .unwrap();
+    let started = Instant::now();
+    b.workers[victim].1.as_mut().unwrap().kill9();
+    // Downloads stay byte-exact throughout.
+    for (n, p) in &files {
+        download_equal(&b, n, p);
+    }
+    let dead = wait_status(
+        &b,
+        "the worker declared dead",
+        Duration::from_secs(20),
+        |v| v["workers_dead"].as_u64() == Some(1),
+    );
+    wait_status(&b, "full replication", Duration::from_secs(60), |v| {
+        v["workers_dead"].as_u64() == Some(1) && healed(v)
+    });
+    eprintln!(
+        "kill -9: declared dead after {:.1}s, back to 3 replicas after {:.1}s",
+        dead.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    for id in &ids {
+        let h = holders(&b, id);
+        let live: Vec<usize> = h.into_iter().filter(|&i| i != victim).collect();
+        assert_eq!(live.len(), 3, "chunk {id} on {live:?}");
+    }
+    for (n, p) in &files {
+        download_equal(&b, n, p);
+    }
+}
+
+#[test]
+fn a_paused_worker_is_repaired_around_and_trimmed_on_return() {
+    let b = Binaries::start_with(4, &["--gc-grace", "500ms"]);
+    b.wait_alive(4);
+    let files = upload_files(&b);
+    let ids: Vec<String> = files.iter().flat_map(|(n, _)| chunk_ids(&b, n)).collect();
+    let victim = 1;
+    // SIGSTOP: a hung node (as in a partition); it keeps its sockets but answers nothing.
+    b.workers[victim].1.as_ref().unwrap().signal(libc::SIGSTOP);
+    wait_status(
+        &b,
+        "repair around the hung worker",
+        Duration::from_secs(60),
+        |v| v["workers_dead"].as_u64() == Some(1) && healed(v),
+    );
+    for (n, p) in &files {
+        download_equal(&b, n, p);
+    }
+    // SIGCONT: it returns with its old copies; the surplus is trimmed, nothing is lost.
+    b.workers[victim].1.as_ref().unwrap().signal(libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = status(&b);
+        let exact = ids.iter().all(|id| holders(&b, id).len() == 3);
+        if v["workers_alive"].as_u64() == Some(4)
+            && healed(&v)
+            && v["pending_deletions"].as_u64() == Some(0)
+            && exact
+        {
+            break;
+        }
+        let spread: Vec<usize> = ids.iter().map(|id| holders(&b, id).len()).collect();
+        assert!(Instant::now() < deadline, "not trimmed: {spread:?} {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (n, p) in &files {
+        download_equal(&b, n, p);
+    }
+    let o = b.cli(&["--cmd", "fsck"]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("every chunk is at its replica target"),
+        "{}",
+        o.stdout
+    );
+}
