@@ -51,6 +51,8 @@ fn status(
         files,
         logical_bytes: (files * 3) << 20,
         chunks: files,
+        stable_chunks: files - under - missing,
+        endangered_chunks: under.min(1),
         under_replicated_chunks: under,
         missing_chunks: missing,
         master_address: "127.0.0.1:50050".into(),
@@ -225,6 +227,17 @@ fn help_overlay() {
     both("help", || {
         let mut a = healthy();
         key(&mut a, KeyCode::Char('?'));
+        a
+    });
+}
+
+#[test]
+fn drain_dialog() {
+    both("drain_dialog", || {
+        let mut a = healthy();
+        key(&mut a, KeyCode::Char('1'));
+        key(&mut a, KeyCode::Down);
+        key(&mut a, KeyCode::Char('D'));
         a
     });
 }

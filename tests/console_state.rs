@@ -511,3 +511,34 @@ fn no_color_draws_without_colours() {
     let buf = draw(&mut a, 120, 40);
     assert!(buf.content().iter().any(|c| c.fg != Color::Reset));
 }
+
+#[test]
+fn drain_needs_confirmation_and_toggles() {
+    let mut a = app_with_files();
+    press(&mut a, KeyCode::Char('1'));
+    // Sorted by address: a:1 (dead) first, then b:1.
+    press(&mut a, KeyCode::Down);
+    press(&mut a, KeyCode::Char('D'));
+    assert!(
+        matches!(&a.dialog, Some(Dialog::ConfirmDrain { worker, drain: true, yes: false }) if worker == "b:1")
+    );
+    assert!(
+        press(&mut a, KeyCode::Enter).is_empty(),
+        "Cancel is the default"
+    );
+    press(&mut a, KeyCode::Char('D'));
+    let fx = press(&mut a, KeyCode::Char('y'));
+    assert!(
+        matches!(fx.as_slice(), [Effect::SetDraining { worker, draining: true }] if worker == "b:1")
+    );
+    a.update(Msg::Drained {
+        worker: "b:1".into(),
+        draining: true,
+        result: Ok(5),
+    });
+    assert!(
+        a.logs
+            .iter()
+            .any(|l| l.message.contains("draining b:1: 5 chunk(s)"))
+    );
+}

@@ -172,6 +172,12 @@ pub enum Dialog {
         names: Vec<String>,
         yes: bool,
     },
+    /// Drain (or undrain) `worker`? Cancel is the default button.
+    ConfirmDrain {
+        worker: String,
+        drain: bool,
+        yes: bool,
+    },
     /// File detail: checksum and chunk map (`info` arrives from a stat).
     Detail {
         name: String,
@@ -203,6 +209,10 @@ pub enum Effect {
     Stat {
         name: String,
     },
+    SetDraining {
+        worker: String,
+        draining: bool,
+    },
     Refresh,
 }
 
@@ -224,6 +234,12 @@ pub enum Msg {
     Deleted {
         name: String,
         result: Result<(), String>,
+    },
+    /// The outcome of a drain or undrain.
+    Drained {
+        worker: String,
+        draining: bool,
+        result: Result<u64, String>,
     },
     Quit,
 }
@@ -608,6 +624,25 @@ impl App {
                 }
                 vec![Effect::Refresh]
             }
+            Msg::Drained {
+                worker,
+                draining,
+                result,
+            } => {
+                match (draining, result) {
+                    (true, Ok(n)) => self.note(
+                        Level::Warn,
+                        format!("draining {worker}: {n} chunk(s) to copy elsewhere"),
+                    ),
+                    (false, Ok(_)) => {
+                        self.note(Level::Info, format!("{worker} is no longer draining"))
+                    }
+                    (_, Err(e)) => {
+                        self.note(Level::Error, format!("drain of {worker} failed: {e}"))
+                    }
+                }
+                vec![Effect::Refresh]
+            }
             Msg::Quit => {
                 self.quit();
                 Vec::new()
@@ -896,6 +931,15 @@ impl App {
                 };
             }
             (Pane::Workers, KeyCode::Char('S')) => self.workers_sort.1 = !self.workers_sort.1,
+            (Pane::Workers, KeyCode::Char('D')) => {
+                if let Some(w) = self.sorted_workers().get(self.workers_nav.selected) {
+                    self.dialog = Some(Dialog::ConfirmDrain {
+                        worker: w.address.clone(),
+                        drain: !w.draining,
+                        yes: false,
+                    });
+                }
+            }
             (Pane::Transfers, KeyCode::Char('c')) => {
                 if let Some(t) = self.transfers.get(self.transfers_nav.selected)
                     && t.state == TransferState::Running
@@ -1096,6 +1140,17 @@ impl App {
                         existing,
                         yes,
                     });
+                    Vec::new()
+                }
+            },
+            Dialog::ConfirmDrain { worker, drain, yes } => match confirm_key(k.code, yes) {
+                Confirm::Yes => vec![Effect::SetDraining {
+                    worker,
+                    draining: drain,
+                }],
+                Confirm::No => Vec::new(),
+                Confirm::Toggle(yes) => {
+                    self.dialog = Some(Dialog::ConfirmDrain { worker, drain, yes });
                     Vec::new()
                 }
             },

@@ -252,6 +252,11 @@ fn execute_effect(
                 result: Err(err),
             }),
             Effect::Stat { name } => tx.send(Msg::Detail(name, Err(err))),
+            Effect::SetDraining { worker, draining } => tx.send(Msg::Drained {
+                worker,
+                draining,
+                result: Err(err),
+            }),
             Effect::Refresh => Ok(()),
         };
         return;
@@ -319,6 +324,20 @@ fn execute_effect(
             tokio::spawn(async move {
                 let r = c.delete(&name).await.map(|_| ()).map_err(|e| e.to_string());
                 let _ = tx.send(Msg::Deleted { name, result: r });
+            });
+        }
+        Effect::SetDraining { worker, draining } => {
+            tokio::spawn(async move {
+                let r = c
+                    .set_draining(&worker, draining)
+                    .await
+                    .map(|w| w.drain_remaining)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Msg::Drained {
+                    worker,
+                    draining,
+                    result: r,
+                });
             });
         }
         Effect::Stat { name } => {

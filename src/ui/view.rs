@@ -226,55 +226,7 @@ fn render_header(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
     f.render_widget(gauge, gauge_area);
     let health = match &app.status {
         None => Line::from(" health: unknown"),
-        Some(s) => {
-            let mut v = vec![Span::raw(" health: ")];
-            if s.under_replicated_chunks == 0 && s.missing_chunks == 0 && s.corrupt_replicas == 0 {
-                v.push(Span::styled(
-                    format!("✔ healthy ({} chunks)", s.chunks),
-                    t.fg(Color::Green),
-                ));
-            } else if narrow {
-                let st = |n: u64, c: Color| if n > 0 { t.fg(c) } else { Style::default() };
-                v.push(Span::styled(
-                    format!("▲{} under ", s.under_replicated_chunks),
-                    st(s.under_replicated_chunks, Color::Yellow),
-                ));
-                v.push(Span::styled(
-                    format!("✖{} missing ", s.missing_chunks),
-                    st(s.missing_chunks, Color::Red),
-                ));
-                v.push(Span::styled(
-                    format!("!{} corrupt", s.corrupt_replicas),
-                    st(s.corrupt_replicas, Color::Red),
-                ));
-            } else {
-                v.push(Span::styled(
-                    format!("▲ {} under-replicated ", s.under_replicated_chunks),
-                    if s.under_replicated_chunks > 0 {
-                        t.fg(Color::Yellow)
-                    } else {
-                        Style::default()
-                    },
-                ));
-                v.push(Span::styled(
-                    format!("✖ {} missing ", s.missing_chunks),
-                    if s.missing_chunks > 0 {
-                        t.fg(Color::Red)
-                    } else {
-                        Style::default()
-                    },
-                ));
-                v.push(Span::styled(
-                    format!("! {} corrupt", s.corrupt_replicas),
-                    if s.corrupt_replicas > 0 {
-                        t.fg(Color::Red)
-                    } else {
-                        Style::default()
-                    },
-                ));
-            }
-            Line::from(v)
-        }
+        Some(s) => health_line(s, t, narrow),
     };
     f.render_widget(health, health_area);
 
@@ -316,6 +268,58 @@ fn render_header(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
             .style(t.fg(Color::Magenta)),
         w_spark,
     );
+}
+
+/// Replication health: the MooseFS-style groups (missing / endangered / under / stable / over),
+/// corrupt copies and repair activity, each with a symbol as well as a colour.
+fn health_line(
+    s: &crate::rpc::pb::ClusterStatusResponse,
+    t: &Theme,
+    narrow: bool,
+) -> Line<'static> {
+    let under_only = s
+        .under_replicated_chunks
+        .saturating_sub(s.endangered_chunks);
+    let repairing = s.repair_queue + s.repairs_in_flight as u64;
+    let mut v = vec![Span::raw(" health: ")];
+    if s.missing_chunks == 0 && s.under_replicated_chunks == 0 && s.corrupt_replicas == 0 {
+        v.push(Span::styled(
+            format!(
+                "✔ healthy ({} chunks at target)",
+                s.stable_chunks + s.over_target_chunks
+            ),
+            t.fg(Color::Green),
+        ));
+    } else {
+        let st = |n: u64, c: Color| if n > 0 { t.fg(c) } else { Style::default() };
+        let parts: [(u64, &str, &str, Color); 4] = [
+            (s.missing_chunks, "✖", "missing", Color::Red),
+            (s.endangered_chunks, "‼", "endangered", Color::Red),
+            (under_only, "▲", "under", Color::Yellow),
+            (s.corrupt_replicas, "!", "corrupt", Color::Red),
+        ];
+        for (n, sym, word, c) in parts {
+            let text = if narrow {
+                format!("{sym}{n} ")
+            } else {
+                format!("{sym} {n} {word} ")
+            };
+            v.push(Span::styled(text, st(n, c)));
+        }
+        if !narrow {
+            v.push(Span::raw(format!("✔ {} stable ", s.stable_chunks)));
+        }
+    }
+    if repairing > 0 {
+        v.push(Span::styled(
+            format!(
+                " ⟳ {repairing} repairing {}/s",
+                human_bytes(s.repair_bytes_per_sec)
+            ),
+            t.fg(Color::Cyan),
+        ));
+    }
+    Line::from(v)
 }
 
 fn bar(ratio: f64, width: usize) -> String {
@@ -967,6 +971,39 @@ fn render_dialog(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
                 Paragraph::new(lines).wrap(Wrap { trim: false }).block(
                     Block::bordered()
                         .title(" Overwrite? ")
+                        .border_style(t.fg(Color::Yellow)),
+                ),
+                r,
+            );
+        }
+        Dialog::ConfirmDrain { worker, drain, yes } => {
+            let r = centered(area, 70, 8);
+            f.render_widget(Clear, r);
+            let (title, q, note, verb) = if *drain {
+                (
+                    " Drain? ",
+                    format!("Drain worker {worker}?"),
+                    "It takes no new chunks; its chunks are copied to other workers.",
+                    "Drain",
+                )
+            } else {
+                (
+                    " Undrain? ",
+                    format!("Stop draining worker {worker}?"),
+                    "It takes new chunks again.",
+                    "Undrain",
+                )
+            };
+            let lines = vec![
+                Line::from(q),
+                Line::styled(note, t.dim()),
+                Line::from(""),
+                buttons(t, "Cancel", verb, *yes),
+            ];
+            f.render_widget(
+                Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+                    Block::bordered()
+                        .title(title)
                         .border_style(t.fg(Color::Yellow)),
                 ),
                 r,
