@@ -11,19 +11,28 @@ fn filter(directives: &str) -> EnvFilter {
     EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
 }
 
+/// Keeps the log writers flushing until dropped (at exit).
+pub struct LogGuards {
+    _stderr: WorkerGuard,
+    _file: Option<WorkerGuard>,
+}
+
 /// Installs the global subscriber: stderr at `stderr_filter` (or `RUST_LOG`), and
-/// `<log_dir>/<file_name>` at info. Keep the guard alive until exit so the file is flushed.
+/// `<log_dir>/<file_name>` at info. Keep the guard alive until exit so the logs are flushed.
 ///
+/// Both writers are non-blocking: a daemon must never stall because whatever reads its stderr
+/// (a full pipe, a stopped terminal) is slow; lines are dropped instead.
 /// If the log directory cannot be created the process still runs, logging to stderr only,
 /// and says so: losing the log file must not take a storage daemon down.
-pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Option<WorkerGuard> {
+pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Option<LogGuards> {
     let stderr_env = std::env::var("RUST_LOG").ok();
     let stderr_directives = stderr_env
         .as_deref()
         .or(stderr_filter)
         .unwrap_or(DEFAULT_FILTER);
+    let (stderr_writer, stderr_guard) = tracing_appender::non_blocking(std::io::stderr());
     let stderr_layer = fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(stderr_writer)
         .with_filter(filter(stderr_directives));
 
     let (file_layer, guard, file_err) = match std::fs::create_dir_all(log_dir) {
@@ -45,5 +54,8 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
     if let Some(e) = file_err {
         tracing::warn!(dir = %log_dir.display(), error = %e, "cannot create log directory; logging to stderr only");
     }
-    guard
+    Some(LogGuards {
+        _stderr: stderr_guard,
+        _file: guard,
+    })
 }

@@ -228,7 +228,7 @@ impl Client {
             Ok(c) => c,
             Err(e) => return replica_err(false, e.to_string()),
         };
-        let limit = Duration::from_secs(30) + Duration::from_secs(c.length >> 20);
+        let limit = crate::rpc::transfer_limit(c.length);
         let (tx, mut rx) = mpsc::channel(1);
         let req = pb::ReadChunkRequest {
             chunk_id: c.chunk_id.clone(),

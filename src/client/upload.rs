@@ -351,7 +351,7 @@ impl Client {
                 Ok((crc, sha))
             });
         // A generous bound: a stalled worker must not hang the upload forever.
-        let limit = Duration::from_secs(30) + Duration::from_secs(len >> 20);
+        let limit = crate::rpc::transfer_limit(len);
         let call = tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await;
         let read = reader.await.map_err(|e| AttemptError {
             blame: None,

@@ -253,7 +253,7 @@ impl Master {
         let started = Instant::now();
         let result = async {
             let mut client = crate::rpc::worker_client(self.worker_channel(&job.source)?);
-            let limit = Duration::from_secs(30) + Duration::from_secs(job.length >> 20);
+            let limit = crate::rpc::transfer_limit(job.length);
             let call = client.replicate_chunk(pb::ReplicateChunkRequest {
                 chunk_id: job.chunk.to_string(),
                 target: job.target.clone(),

@@ -27,6 +27,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound for a control (unary) RPC.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long one chunk transfer may take: a base for stalls (a hung peer must not hold a
+/// transfer for long) plus one second per MiB, i.e. slower than 1 MiB/s counts as stalled.
+pub fn transfer_limit(bytes: u64) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs(bytes >> 20)
+}
+
 /// Status metadata key naming the pipeline member that failed a chunk write.
 pub const FAILED_WORKER_KEY: &str = "x-dfs-failed-worker";
 

@@ -3,7 +3,6 @@
 //! before it acknowledges, exactly as for a client's write.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::sync::mpsc;
@@ -96,7 +95,7 @@ impl Worker {
                 code: tonic::Code::Unavailable,
                 message: e.to_string(),
             })?;
-        let limit = Duration::from_secs(30) + Duration::from_secs(length >> 20);
+        let limit = crate::rpc::transfer_limit(length);
         let call = tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await;
         reader
             .await

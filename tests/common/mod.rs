@@ -174,22 +174,34 @@ pub fn chunk_path(worker_dir: &Path, id: &str) -> Option<PathBuf> {
 pub struct Daemon {
     pub child: Child,
     pub name: String,
+    /// Where its stderr goes (a file, never an unread pipe that could fill up).
+    pub stderr_path: PathBuf,
 }
 
 impl Daemon {
     pub fn spawn(bin: &str, args: &[&str], cwd: &Path) -> Daemon {
+        let stderr_path = cwd.join(format!(
+            "stderr-{}-{}.log",
+            Path::new(bin)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("daemon"),
+            dfs::chunk::random_u128() as u32
+        ));
+        let err = std::fs::File::create(&stderr_path).expect("stderr file");
         let child = Command::new(bin)
             .args(args)
             .current_dir(cwd)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         Daemon {
             child,
             name: format!("{bin} {}", args.join(" ")),
+            stderr_path,
         }
     }
 
@@ -221,12 +233,7 @@ impl Daemon {
     }
 
     pub fn stderr_text(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 }
 
@@ -357,6 +364,13 @@ impl Binaries {
         b
     }
 
+    /// The last `n` lines of a log file under `logs/`.
+    pub fn log_tail(&self, file: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.cwd().join("logs").join(file)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn cli(&self, args: &[&str]) -> CliOut {
         cli(&self.master_addr(), self.cwd(), args)
     }
@@ -374,9 +388,10 @@ impl Binaries {
             }
             assert!(
                 Instant::now() < deadline,
-                "cluster never reached {alive} alive workers: {} {}",
+                "cluster never reached {alive} alive workers: {} {}\nmaster.log tail:\n{}",
                 out.stdout,
-                out.stderr
+                out.stderr,
+                self.log_tail("master.log", 40)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
