@@ -167,6 +167,7 @@ async fn out_of_range_requests_are_invalid() {
             address: "../../etc".into(),
             usage: None,
             chunks: vec![],
+            with_headers: false,
         })
         .await
         .unwrap_err();

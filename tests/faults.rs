@@ -171,3 +171,77 @@ fn a_paused_worker_is_repaired_around_and_trimmed_on_return() {
         o.stdout
     );
 }
+
+#[test]
+fn metadata_is_rebuilt_from_the_workers_after_the_master_loses_its_data_dir() {
+    // A long grace keeps the replaced version's chunks on the workers: the rebuild must
+    // still bring back the newest version.
+    let mut b = Binaries::start_with(3, &["--gc-grace", "10m"]);
+    b.wait_alive(3);
+    let big = make_file(&b.cwd().join("big.bin"), 17 * MIB + 3, 1);
+    let small = make_file(&b.cwd().join("small.txt"), 10, 2);
+    let v1 = make_file(&b.cwd().join("doc-v1"), 9 * MIB, 3);
+    let v2 = make_file(&b.cwd().join("doc-v2"), 2 * MIB + 1, 4);
+    for (p, name) in [
+        (&big, "big.bin"),
+        (&small, "small.txt"),
+        (&v1, "doc"),
+        (&v2, "doc"),
+    ] {
+        let o = b.cli(&["--cmd", "upload", p.to_str().unwrap(), "--name", name]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    // The master loses everything.
+    b.master.as_mut().unwrap().kill9();
+    std::fs::remove_dir_all(b.cwd().join("master_data")).unwrap();
+    b.master_args = ["--rebuild-from-workers", "--rebuild-window", "2s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    b.start_master();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = b.cli(&["--cmd", "ls", "--json"]);
+        if o.code == 0 {
+            let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+            if v["files"].as_array().map(|a| a.len()) == Some(3) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rebuilt: {} {}\n{}",
+            o.stdout,
+            o.stderr,
+            b.log_tail("master.log", 20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    download_equal(&b, "big.bin", &big);
+    download_equal(&b, "small.txt", &small);
+    download_equal(&b, "doc", &v2);
+    let o = b.cli(&["--cmd", "stat", "doc"]);
+    assert!(
+        o.stdout.contains("rebuilt from worker chunk headers"),
+        "{}",
+        o.stdout
+    );
+    // It is a normal master again: uploads work and versions keep increasing.
+    let o = b.cli(&["--cmd", "upload", v1.to_str().unwrap(), "--name", "doc"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    download_equal(&b, "doc", &v1);
+
+    // Rebuilding over existing metadata is refused.
+    b.master.as_mut().unwrap().kill9();
+    b.start_master();
+    let m = b.master.as_mut().unwrap();
+    let status = m
+        .wait_exit(Duration::from_secs(10))
+        .expect("refuses and exits");
+    assert!(!status.success());
+    assert!(
+        m.stderr_text().contains("refusing to rebuild"),
+        "{}",
+        m.stderr_text()
+    );
+}

@@ -39,6 +39,12 @@ struct Args {
     /// Re-replication copies that may run at once per worker (as source or target).
     #[arg(long, env = "DFS_MAX_REPAIRS_PER_WORKER", default_value_t = 2)]
     max_repairs_per_worker: usize,
+    /// Rebuild lost metadata from the chunk headers the workers hold (needs an empty data dir).
+    #[arg(long)]
+    rebuild_from_workers: bool,
+    /// With --rebuild-from-workers: how long to collect worker reports before rebuilding.
+    #[arg(long, env = "DFS_REBUILD_WINDOW", default_value = "15s")]
+    rebuild_window: HumanDuration,
 }
 
 fn main() {
@@ -61,6 +67,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cfg.upload_lease = args.upload_lease.0;
     cfg.gc_grace = args.gc_grace.0;
     cfg.max_repairs_per_worker = args.max_repairs_per_worker;
+    if args.rebuild_from_workers {
+        cfg.rebuild_window = Some(args.rebuild_window.0);
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

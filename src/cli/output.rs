@@ -169,7 +169,14 @@ pub fn stat(f: &FileInfo, as_json: bool) -> String {
         "replicas:   {} live (minimum over chunks) / {} target",
         f.replicas_min_live, f.replicas_target
     );
-    let _ = writeln!(s, "sha256:     {}", f.sha256);
+    if f.sha256.is_empty() {
+        let _ = writeln!(
+            s,
+            "sha256:     unknown (rebuilt from worker chunk headers; chunk CRCs still verified)"
+        );
+    } else {
+        let _ = writeln!(s, "sha256:     {}", f.sha256);
+    }
     let _ = writeln!(s, "version:    {} (file id {})", f.version, f.file_id);
     let _ = writeln!(s, "modified:   {}", time(f.modified_unix_ms));
     if !f.chunks.is_empty() {

@@ -16,6 +16,8 @@ pub enum MasterError {
     FileNotFound(String),
     #[error("upload {0:?} not found (it was committed, aborted, or expired)")]
     UploadNotFound(String),
+    #[error("the master is rebuilding its metadata from the workers; try again shortly")]
+    Rebuilding,
     #[error("no worker {0:?} is known to the master")]
     WorkerNotFound(String),
     #[error("no live workers: start a worker (`worker --port N`) or wait for one to register")]
@@ -37,7 +39,7 @@ impl From<MasterError> for Status {
             MasterError::FileNotFound(_)
             | MasterError::UploadNotFound(_)
             | MasterError::WorkerNotFound(_) => Code::NotFound,
-            MasterError::NoLiveWorkers => Code::Unavailable,
+            MasterError::NoLiveWorkers | MasterError::Rebuilding => Code::Unavailable,
             MasterError::NoSpace { .. } => Code::ResourceExhausted,
             MasterError::Conflict(_) => Code::Aborted,
             MasterError::Store(_) | MasterError::Internal(_) => Code::Internal,

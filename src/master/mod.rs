@@ -8,6 +8,7 @@ pub mod chunkmap;
 pub mod error;
 pub mod namespace;
 pub mod operator;
+pub mod rebuild;
 pub mod redb_store;
 pub mod registry;
 pub mod repair;
@@ -46,6 +47,9 @@ pub struct MasterConfig {
     /// Garbage and orphan chunks are deleted only after this long.
     pub gc_grace: Duration,
     pub max_repairs_per_worker: usize,
+    /// Rebuild the namespace from worker chunk headers, collecting reports this long first.
+    /// Refused unless the metadata store is empty.
+    pub rebuild_window: Option<Duration>,
 }
 
 impl MasterConfig {
@@ -59,6 +63,7 @@ impl MasterConfig {
             upload_lease: Duration::from_secs(600),
             gc_grace: Duration::from_secs(60),
             max_repairs_per_worker: 2,
+            rebuild_window: None,
         }
     }
 }
@@ -82,6 +87,8 @@ pub(crate) struct Inner {
     /// Chunks reported by workers that belong to no file, upload or garbage entry.
     pub orphans: HashMap<String, repair::Orphan>,
     pub repair: repair::RepairState,
+    /// Chunk reports (with headers) collected while rebuilding, by worker.
+    pub rebuild_reports: HashMap<String, Vec<crate::rpc::pb::ChunkReport>>,
 }
 
 /// The master's shared state; the gRPC service and background tasks hold an `Arc` of it.
@@ -94,6 +101,8 @@ pub struct Master {
     /// Serialises namespace mutations (store transaction + memory update) so both orders agree.
     pub(crate) ns_lock: tokio::sync::Mutex<()>,
     pub(crate) address: Mutex<String>,
+    /// True while the namespace is being rebuilt from workers: no namespace changes.
+    pub(crate) rebuilding: std::sync::atomic::AtomicBool,
     /// Channels to workers for repair orders.
     pub(crate) worker_channels: Mutex<HashMap<String, tonic::transport::Channel>>,
 }
@@ -123,8 +132,24 @@ impl Master {
             ns_lock: tokio::sync::Mutex::new(()),
             address: Mutex::new(String::new()),
             worker_channels: Mutex::new(HashMap::new()),
+            rebuilding: std::sync::atomic::AtomicBool::new(false),
         };
         master.load()?;
+        if master.cfg.rebuild_window.is_some() {
+            let (files, uploads) = {
+                let inner = master.lock();
+                (inner.files, inner.uploads.len())
+            };
+            if files > 0 || uploads > 0 {
+                return Err(MasterError::InvalidArgument(format!(
+                    "refusing to rebuild: {} already holds {files} file(s); --rebuild-from-workers needs an empty data dir",
+                    master.cfg.data_dir.display()
+                )));
+            }
+            master
+                .rebuilding
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Arc::new(master))
     }
 
@@ -173,6 +198,14 @@ impl Master {
         Ok(())
     }
 
+    /// Refuses namespace changes while the metadata is being rebuilt.
+    pub(crate) fn check_not_rebuilding(&self) -> Result<(), MasterError> {
+        if self.rebuilding.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(MasterError::Rebuilding);
+        }
+        Ok(())
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent-enough state (each update is small);
         // keep serving rather than poisoning every later request.
@@ -215,6 +248,13 @@ impl Master {
         tasks.spawn(workers::health_watcher(self.clone(), stop_rx.clone()));
         tasks.spawn(namespace::upload_expiry(self.clone(), stop_rx.clone()));
         tasks.spawn(repair::repair_loop(self.clone(), stop_rx.clone()));
+        if let Some(window) = self.cfg.rebuild_window {
+            tasks.spawn(rebuild::rebuild_after(
+                self.clone(),
+                window,
+                stop_rx.clone(),
+            ));
+        }
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter

@@ -130,6 +130,7 @@ impl Master {
         self: &Arc<Self>,
         req: pb::StartUploadRequest,
     ) -> Result<pb::StartUploadResponse, MasterError> {
+        self.check_not_rebuilding()?;
         crate::names::validate(&req.name)?;
         let target = if req.replicas == 0 {
             self.cfg.default_replicas
@@ -513,6 +514,7 @@ impl Master {
 
     /// Removes `name` from the namespace; its chunks become garbage.
     pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
+        self.check_not_rebuilding()?;
         crate::names::validate(name)?;
         let _guard = self.ns_lock.lock().await;
         let n = name.to_string();

@@ -207,6 +207,26 @@ impl WriteTxn for RedbWrite {
         t.insert("next_file_id", next + 1).map_err(backend)?;
         Ok(next)
     }
+
+    fn ensure_file_id_above(&mut self, v: u64) -> Result<(), StoreError> {
+        if self.counter()? <= v {
+            let mut t = self.txn.open_table(COUNTERS).map_err(backend)?;
+            t.insert("next_file_id", v + 1).map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+impl RedbWrite {
+    fn counter(&mut self) -> Result<u64, StoreError> {
+        let t = self.txn.open_table(COUNTERS).map_err(backend)?;
+        let v = t
+            .get("next_file_id")
+            .map_err(backend)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        Ok(v)
+    }
 }
 
 impl MetaStore for RedbStore {

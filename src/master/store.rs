@@ -138,6 +138,8 @@ pub trait WriteTxn: ReadTxn {
     fn put_worker(&mut self, worker: &WorkerRecord) -> Result<(), StoreError>;
     /// A new, never reused file id.
     fn next_file_id(&mut self) -> Result<u64, StoreError>;
+    /// Makes every later `next_file_id` larger than `v` (after a rebuild).
+    fn ensure_file_id_above(&mut self, v: u64) -> Result<(), StoreError>;
 }
 
 /// A transactional metadata store. Calls block (disk I/O and fsync): call them from

@@ -42,6 +42,17 @@ impl Master {
         req: pb::RegisterRequest,
     ) -> Result<pb::RegisterResponse, MasterError> {
         validate_address(&req.address)?;
+        if self.rebuilding.load(std::sync::atomic::Ordering::Relaxed) {
+            if !req.with_headers {
+                return Ok(pb::RegisterResponse {
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+                    want_headers: true,
+                });
+            }
+            self.lock()
+                .rebuild_reports
+                .insert(req.address.clone(), req.chunks.clone());
+        }
         let usage = req.usage.unwrap_or_default();
         let (known, orphans, garbage_fix, is_new) = {
             let mut inner = self.lock();
@@ -129,6 +140,7 @@ impl Master {
         );
         Ok(pb::RegisterResponse {
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            want_headers: false,
         })
     }
 

@@ -30,9 +30,26 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                     address: worker.address.clone(),
                     usage: Some(worker.usage()),
                     chunks: worker.store.report(),
+                    with_headers: false,
                 };
                 let n = req.chunks.len();
-                let resp = client.register(req).await?.into_inner();
+                let mut resp = client.register(req).await?.into_inner();
+                if resp.want_headers {
+                    tracing::info!("master is rebuilding its metadata; sending chunk headers");
+                    let store = worker.store.clone();
+                    let chunks = tokio::task::spawn_blocking(move || store.report_with_headers())
+                        .await
+                        .unwrap_or_default();
+                    resp = client
+                        .register(RegisterRequest {
+                            address: worker.address.clone(),
+                            usage: Some(worker.usage()),
+                            chunks,
+                            with_headers: true,
+                        })
+                        .await?
+                        .into_inner();
+                }
                 if resp.heartbeat_interval_ms > 0 {
                     interval = Duration::from_millis(resp.heartbeat_interval_ms)
                         .min(worker.heartbeat_interval.max(Duration::from_millis(50)));

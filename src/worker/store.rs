@@ -185,8 +185,28 @@ impl ChunkStore {
                 chunk_id: id.to_string(),
                 length: i.length,
                 crc32c: i.crc32c,
+                header: None,
             })
             .collect()
+    }
+
+    /// The full report with every chunk's header read back from disk (for a master that
+    /// rebuilds its metadata); unreadable headers are quarantined and left out. Blocking.
+    pub fn report_with_headers(&self) -> Vec<ChunkReport> {
+        let mut out = Vec::new();
+        for id in self.ids() {
+            let path = self.chunk_path(&id);
+            match read_header(&path, &id) {
+                Ok((header, _)) => out.push(ChunkReport {
+                    chunk_id: id.to_string(),
+                    length: header.length,
+                    crc32c: header.crc32c,
+                    header: Some(header),
+                }),
+                Err(reason) => self.quarantine(&id, &reason),
+            }
+        }
+        out
     }
 
     /// Takes the chunks quarantined since the last call.
