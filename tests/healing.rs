@@ -306,3 +306,73 @@ async fn fsck_reports_short_and_missing_chunks() {
         "{s:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_moves_on_when_a_worker_is_full() {
+    // Every worker gets 3 MiB; with 2 replicas over 3 workers the cluster holds ~4.5 MiB.
+    let mut cfg = small_chunks(3);
+    cfg.replicas = 2;
+    cfg.worker_capacity = Some(3 * MIB);
+    let t = TestCluster::start(cfg).await;
+    let mut stored = Vec::new();
+    let mut refused = None;
+    let mut short = 0;
+    for i in 0..12 {
+        let p = make_file(&t.scratch().join(format!("f{i}")), MIB / 2, i);
+        match t
+            .client
+            .upload(
+                &p,
+                dfs::client::UploadOptions {
+                    name: Some(format!("f{i}")),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(r) => {
+                // With one worker left with room, fewer copies are written, and said so.
+                assert!((1..=2).contains(&r.replicas_achieved), "f{i}");
+                if r.replicas_achieved < 2 {
+                    short += 1;
+                }
+                stored.push((format!("f{i}"), p));
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        // Let usage reach the master, as it would between real uploads.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    // Several files fit (placement moved on as workers filled), then a clean refusal.
+    assert!(stored.len() >= 6, "only {} stored", stored.len());
+    let e = refused.expect("the cluster never filled up");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    for i in 0..3 {
+        let used: u64 = chunk_files(t.cluster.worker_dir(i).unwrap())
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(
+            used <= 3 * MIB,
+            "worker {i} holds {used} bytes, over its capacity"
+        );
+    }
+    let names: Vec<String> = t
+        .client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(names.len(), stored.len(), "a refused upload became visible");
+    // Files written short are counted as such, never reported healthy.
+    let s = t.client.status().await.unwrap();
+    assert!(s.under_replicated_chunks >= short, "{s:?}");
+    for (n, p) in &stored {
+        t.must_download_equal(n, p).await;
+    }
+}
