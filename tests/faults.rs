@@ -245,3 +245,26 @@ fn metadata_is_rebuilt_from_the_workers_after_the_master_loses_its_data_dir() {
         m.stderr_text()
     );
 }
+
+#[test]
+fn fsck_exits_non_zero_when_a_chunk_has_no_live_replica() {
+    let mut b = Binaries::start(1);
+    b.wait_alive(1);
+    let p = make_file(&b.cwd().join("lonely.bin"), 1000, 9);
+    let o = b.cli(&["--cmd", "upload", p.to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = b.cli(&["--cmd", "fsck"]);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    b.workers[0].1.as_mut().unwrap().kill9();
+    wait_status(
+        &b,
+        "the worker declared dead",
+        Duration::from_secs(20),
+        |v| v["workers_dead"].as_u64() == Some(1),
+    );
+    let o = b.cli(&["--cmd", "fsck"]);
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("lonely.bin"), "{}", o.stdout);
+    assert!(o.stderr.contains("no live replica"), "{}", o.stderr);
+    assert_eq!(o.stderr.trim_end().lines().count(), 1);
+}
