@@ -201,3 +201,57 @@ fn cli_errors_are_one_line_and_non_zero() {
         .expect("worker exits on SIGTERM");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn bench_runs_every_phase_on_an_embedded_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cli(
+        "127.0.0.1:1",
+        dir.path(),
+        &[
+            "--local",
+            "3",
+            "--cmd",
+            "bench",
+            "--size",
+            "3MiB",
+            "--files",
+            "12",
+            "--concurrency",
+            "1,4",
+            "--limits",
+            "--warm",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    let large = v["large"].as_array().unwrap();
+    let phases: Vec<&str> = large.iter().map(|t| t["phase"].as_str().unwrap()).collect();
+    assert_eq!(
+        phases,
+        [
+            "upload, 1 replica(s)",
+            "download, 1 replica(s)",
+            "upload, 3 replica(s)",
+            "download, 3 replica(s)"
+        ]
+    );
+    assert!(
+        large
+            .iter()
+            .all(|t| t["bytes"] == 3 << 20 && t["of_limit"].is_number())
+    );
+    let small = v["small"].as_array().unwrap();
+    assert_eq!(small.len(), 8);
+    for s in small {
+        assert_eq!(
+            (s["ops"].as_u64(), s["failed"].as_u64()),
+            (Some(12), Some(0)),
+            "{s}"
+        );
+    }
+    assert!(v["limits"]["write_fsync_mib_s"].as_f64().unwrap() > 0.0);
+    // It cleans up after itself: nothing left in the cluster or the scratch dir.
+    assert!(!dir.path().join("dfs-bench").exists());
+}

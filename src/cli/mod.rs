@@ -3,6 +3,7 @@
 //! Each operation prints a short human summary, or with `--json` one JSON document on stdout.
 //! Failures print one line on stderr (and a JSON error object with `--json`) and exit non-zero.
 
+pub mod bench;
 mod output;
 
 use std::io::{IsTerminal, Write};
@@ -104,6 +105,28 @@ pub enum Op {
     Gc {
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Benchmark the cluster: large files at 1 and 3 replicas, 4 KiB files at each
+    /// concurrency, and with --limits this machine's own disk and loopback limits.
+    Bench {
+        /// Size of the large file.
+        #[arg(long, default_value = "1GiB")]
+        size: crate::config::ByteSize,
+        /// Number of 4 KiB files per concurrency level.
+        #[arg(long, default_value_t = 5000)]
+        files: usize,
+        /// Concurrent clients for the small-file phases (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Also measure raw write+fsync, sequential read and loopback TCP in the same run.
+        #[arg(long)]
+        limits: bool,
+        /// Do not drop the page cache before reads (by default it is dropped where permitted).
+        #[arg(long)]
+        warm: bool,
+        /// Scratch directory for local files (put it on the workers' file system).
+        #[arg(long, default_value = "dfs-bench")]
+        scratch_dir: PathBuf,
     },
 }
 
@@ -230,6 +253,34 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
                 )));
             }
             Ok(text)
+        }
+        Op::Bench {
+            size,
+            files,
+            concurrency,
+            limits,
+            warm,
+            scratch_dir,
+        } => {
+            let cfg = bench::BenchConfig {
+                size: size.0,
+                files,
+                concurrency,
+                limits,
+                warm,
+                scratch: scratch_dir.clone(),
+            };
+            let r = bench::run(&client, &cfg).await;
+            let _ = std::fs::remove_dir(&scratch_dir);
+            let r = r?;
+            if json {
+                Ok(format!(
+                    "{}\n",
+                    serde_json::to_string(&r).unwrap_or_default()
+                ))
+            } else {
+                Ok(bench::render(&r))
+            }
         }
         Op::Gc { dry_run } => {
             if !dry_run {
