@@ -86,7 +86,8 @@ fn drop_caches(warm: bool) -> String {
     }
 }
 
-fn write_pattern(path: &Path, size: u64, fsync: bool) -> std::io::Result<f64> {
+/// Writes `size` bytes of incompressible data to `path` (fsynced if asked); returns seconds.
+pub fn write_pattern(path: &Path, size: u64, fsync: bool) -> std::io::Result<f64> {
     let started = Instant::now();
     let mut f = std::fs::File::create(path)?;
     let mut buf = vec![0u8; 1 << 20];

@@ -127,7 +127,7 @@ impl Client {
                     .map_err(|e| local_err("write", &part_path, e))?;
                 let attempt_sha = sha.clone();
                 match self
-                    .read_replica(c, &r.worker, &mut out, attempt_sha, &progress)
+                    .read_replica(c, &r.worker, &mut out, &part_path, attempt_sha, &progress)
                     .await
                 {
                     Ok(s) => {
@@ -222,6 +222,7 @@ impl Client {
         c: &ChunkInfo,
         worker: &str,
         out: &mut std::fs::File,
+        out_path: &Path,
         mut sha: Sha256,
         progress: &Progress,
     ) -> Result<Sha256, Result<ReplicaError, ClientError>> {
@@ -308,7 +309,7 @@ impl Client {
                     if let Err(e) = out.write_all(&b) {
                         return Err(Err(ClientError::LocalIo {
                             op: "write",
-                            path: PathBuf::from("download destination"),
+                            path: out_path.to_path_buf(),
                             source: e,
                         }));
                     }

@@ -43,17 +43,19 @@ fn is_sha256_hex(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Adds `workers` to the garbage entry of `chunk_id` (creating it) inside `txn`.
-fn add_garbage(
+/// Adds `workers` to the garbage entry of `chunk_id` (creating it) inside `txn`. A new entry's
+/// grace period starts at `since_unix_ms`; an existing one keeps its own.
+pub(crate) fn add_garbage(
     txn: &mut dyn WriteTxn,
     chunk_id: &str,
     workers: &[String],
     reason: &str,
+    since_unix_ms: i64,
 ) -> Result<GarbageRecord, MasterError> {
     let mut rec = txn.get_garbage(chunk_id)?.unwrap_or_else(|| GarbageRecord {
         workers: Vec::new(),
         reason: reason.to_string(),
-        since_unix_ms: now_unix_ms(),
+        since_unix_ms,
     });
     for w in workers {
         if !rec.workers.contains(w) {
@@ -370,14 +372,26 @@ impl Master {
                         for a in &failed {
                             garbage.push((
                                 a.chunk_id.clone(),
-                                add_garbage(t, &a.chunk_id, &a.workers, "failed upload attempt")?,
+                                add_garbage(
+                                    t,
+                                    &a.chunk_id,
+                                    &a.workers,
+                                    "failed upload attempt",
+                                    now_unix_ms(),
+                                )?,
                             ));
                         }
                         for c in old.iter().flat_map(|o| o.chunks.iter()) {
                             let holders = old_holders.get(&c.chunk_id).cloned().unwrap_or_default();
                             garbage.push((
                                 c.chunk_id.clone(),
-                                add_garbage(t, &c.chunk_id, &holders, "replaced file")?,
+                                add_garbage(
+                                    t,
+                                    &c.chunk_id,
+                                    &holders,
+                                    "replaced file",
+                                    now_unix_ms(),
+                                )?,
                             ));
                         }
                         Ok((old, garbage))
@@ -442,7 +456,13 @@ impl Master {
                         for a in &upload.allocations {
                             garbage.push((
                                 a.chunk_id.clone(),
-                                add_garbage(t, &a.chunk_id, &a.workers, "aborted upload")?,
+                                add_garbage(
+                                    t,
+                                    &a.chunk_id,
+                                    &a.workers,
+                                    "aborted upload",
+                                    now_unix_ms(),
+                                )?,
                             ));
                         }
                         Ok((upload, garbage))
@@ -541,7 +561,7 @@ impl Master {
                             let h = holders.get(&c.chunk_id).cloned().unwrap_or_default();
                             garbage.push((
                                 c.chunk_id.clone(),
-                                add_garbage(t, &c.chunk_id, &h, "deleted file")?,
+                                add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
                             ));
                         }
                         Ok((file, garbage))

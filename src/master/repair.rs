@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::namespace::add_garbage;
 use super::registry::{Health, WorkerIdx};
-use super::store::{GarbageRecord, MetaStoreExt, WriteTxn};
+use super::store::{GarbageRecord, MetaStoreExt};
 use super::{Master, MasterError};
 use crate::chunk::ChunkId;
 use crate::events::Level;
@@ -311,7 +312,11 @@ impl Master {
                     let id = job.chunk.to_string();
                     let target = job.target.clone();
                     let _ = self
-                        .garbage_now(vec![(id, vec![target])], "deleted during repair")
+                        .garbage_now(
+                            vec![(id, vec![target])],
+                            "deleted during repair",
+                            now_unix_ms(),
+                        )
                         .await;
                 }
             }
@@ -326,6 +331,7 @@ impl Master {
         self: &Arc<Self>,
         entries: Vec<(String, Vec<String>)>,
         reason: &'static str,
+        since_unix_ms: i64,
     ) -> Result<(), MasterError> {
         let _g = self.ns_lock.lock().await;
         let written = self
@@ -334,7 +340,10 @@ impl Master {
                     .write_with(|t| -> Result<Vec<(String, GarbageRecord)>, MasterError> {
                         let mut out = Vec::new();
                         for (id, workers) in &entries {
-                            out.push((id.clone(), merge_garbage(t, id, workers, reason)?));
+                            out.push((
+                                id.clone(),
+                                add_garbage(t, id, workers, reason, since_unix_ms)?,
+                            ));
                         }
                         Ok(out)
                     })
@@ -356,7 +365,8 @@ impl Master {
             out
         };
         let n = entries.len();
-        self.garbage_now(entries, "surplus replica").await?;
+        self.garbage_now(entries, "surplus replica", now_unix_ms())
+            .await?;
         self.events.record(
             Level::Info,
             format!("trimmed {n} surplus replica(s) (chunks above their target)"),
@@ -418,43 +428,15 @@ impl Master {
             return Ok(());
         }
         let n = ready.len();
-        self.garbage_now(ready, "orphan chunk (belongs to no file)")
+        // Orphans already waited out the grace while being watched: their entries start
+        // ripe, so the deletion orders go out with the next heartbeats.
+        let ripe = now_unix_ms() - grace.as_millis() as i64;
+        self.garbage_now(ready, "orphan chunk (belongs to no file)", ripe)
             .await?;
-        // Orphans already waited out the grace: backdate so the orders go out now.
-        {
-            let back = now_unix_ms() - grace.as_millis() as i64;
-            let mut inner = self.lock();
-            for g in inner.garbage.values_mut() {
-                if g.reason.starts_with("orphan") && g.since_unix_ms > back {
-                    g.since_unix_ms = back;
-                }
-            }
-        }
         self.events.record(
             Level::Info,
             format!("collecting {n} orphan chunk(s) that belong to no file"),
         );
         Ok(())
     }
-}
-
-/// Adds `workers` to the garbage entry of `chunk_id` in `txn`, creating it if needed.
-pub(crate) fn merge_garbage(
-    txn: &mut dyn WriteTxn,
-    chunk_id: &str,
-    workers: &[String],
-    reason: &str,
-) -> Result<GarbageRecord, MasterError> {
-    let mut rec = txn.get_garbage(chunk_id)?.unwrap_or_else(|| GarbageRecord {
-        workers: Vec::new(),
-        reason: reason.to_string(),
-        since_unix_ms: now_unix_ms(),
-    });
-    for w in workers {
-        if !rec.workers.contains(w) {
-            rec.workers.push(w.clone());
-        }
-    }
-    txn.put_garbage(chunk_id, &rec)?;
-    Ok(rec)
 }

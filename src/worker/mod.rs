@@ -109,6 +109,52 @@ impl Worker {
         }
     }
 
+    /// Reads chunk `id`'s data from `file` (positioned after the header) in bounded pieces,
+    /// handing each to `sink`, and verifies it against `expected` CRC32C. A short read or a
+    /// mismatch quarantines the chunk and is returned as an error; the sink has then seen bad
+    /// bytes and must not treat them as a chunk. `Ok(None)` means the sink stopped early.
+    /// Blocking.
+    pub(crate) fn read_verified(
+        &self,
+        id: &crate::chunk::ChunkId,
+        file: &mut std::fs::File,
+        length: u64,
+        expected: u32,
+        mut sink: impl FnMut(bytes::Bytes) -> bool,
+    ) -> Result<Option<u32>, WorkerError> {
+        use std::io::Read;
+        let mut crc = 0u32;
+        let mut left = length;
+        while left > 0 {
+            let n = left.min(crate::rpc::MAX_DATA_MESSAGE as u64) as usize;
+            let mut buf = bytes::BytesMut::zeroed(n);
+            if let Err(e) = file.read_exact(&mut buf) {
+                let reason = format!("short read at data offset {}: {e}", length - left);
+                self.store.quarantine(id, &reason);
+                return Err(WorkerError::Corrupt {
+                    chunk: id.to_string(),
+                    reason,
+                });
+            }
+            crc = crate::chunk::crc32c_append(crc, &buf);
+            left -= n as u64;
+            self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            if !sink(buf.freeze()) {
+                return Ok(None);
+            }
+        }
+        if crc != expected {
+            let e = WorkerError::ChecksumMismatch {
+                chunk: id.to_string(),
+                expected,
+                actual: crc,
+            };
+            self.store.quarantine(id, &e.to_string());
+            return Err(e);
+        }
+        Ok(Some(crc))
+    }
+
     /// A client for a pipeline peer; channels are cached per address.
     pub(crate) fn worker_client(
         &self,

@@ -2,16 +2,12 @@
 //! holds to the target through the ordinary write path, so the target verifies the checksum
 //! before it acknowledges, exactly as for a client's write.
 
-use std::sync::atomic::Ordering;
-
-use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Worker;
 use super::error::WorkerError;
-use crate::chunk::{self, ChunkId};
-use crate::rpc::MAX_DATA_MESSAGE;
+use crate::chunk::ChunkId;
 use crate::rpc::pb::{WriteChunkRequest, WriteFinish, WriteStart, write_chunk_request};
 
 impl Worker {
@@ -43,49 +39,22 @@ impl Worker {
         // Reader: verify while sending; a bad copy is quarantined and never finished, so the
         // target discards what it got.
         let reader = tokio::task::spawn_blocking(move || -> Result<(), WorkerError> {
-            use std::io::Read;
             if tx.blocking_send(start).is_err() {
                 return Ok(());
             }
-            let mut crc = 0u32;
-            let mut left = length;
-            while left > 0 {
-                let n = left.min(MAX_DATA_MESSAGE as u64) as usize;
-                let mut buf = BytesMut::zeroed(n);
-                if let Err(e) = file.read_exact(&mut buf) {
-                    let reason = format!("short read: {e}");
-                    me.store.quarantine(&id, &reason);
-                    return Err(WorkerError::Corrupt {
-                        chunk: id.to_string(),
-                        reason,
-                    });
-                }
-                crc = chunk::crc32c_append(crc, &buf);
-                left -= n as u64;
-                me.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-                if tx
-                    .blocking_send(WriteChunkRequest {
-                        msg: Some(write_chunk_request::Msg::Data(buf.freeze())),
-                    })
-                    .is_err()
-                {
-                    return Ok(());
-                }
+            let sent = me.read_verified(&id, &mut file, length, expected, |b| {
+                tx.blocking_send(WriteChunkRequest {
+                    msg: Some(write_chunk_request::Msg::Data(b)),
+                })
+                .is_ok()
+            })?;
+            if let Some(crc) = sent {
+                let _ = tx.blocking_send(WriteChunkRequest {
+                    msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
+                        crc32c: crc,
+                    })),
+                });
             }
-            if crc != expected {
-                let e = WorkerError::ChecksumMismatch {
-                    chunk: id.to_string(),
-                    expected,
-                    actual: crc,
-                };
-                me.store.quarantine(&id, &e.to_string());
-                return Err(e);
-            }
-            let _ = tx.blocking_send(WriteChunkRequest {
-                msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
-                    crc32c: crc,
-                })),
-            });
             Ok(())
         });
         let mut client = self

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,12 +14,12 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::Worker;
 use super::error::WorkerError;
 use super::store::MAX_CHUNK_LEN;
-use crate::chunk::{self, ChunkId, HEADER_REGION};
+use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{
     self, ChunkHeader, ReadChunkResponse, WriteChunkRequest, WriteChunkResponse, WriteFinish,
     WriteStart, read_chunk_response, worker_server::WorkerServer, write_chunk_request,
 };
-use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, MAX_GRPC_MESSAGE};
+use crate::rpc::{FAILED_WORKER_KEY, MAX_GRPC_MESSAGE};
 
 /// Longest pipeline accepted (one hop per replica).
 const MAX_PIPELINE: usize = 16;
@@ -385,54 +385,20 @@ fn stream_chunk(
     header: ChunkHeader,
     tx: &mpsc::Sender<Result<ReadChunkResponse, Status>>,
 ) {
-    use std::io::Read;
-    let expected = header.crc32c;
-    let length = header.length;
-    if tx
-        .blocking_send(Ok(ReadChunkResponse {
-            msg: Some(read_chunk_response::Msg::Header(header)),
-        }))
-        .is_err()
-    {
+    let (length, expected) = (header.length, header.crc32c);
+    let first = ReadChunkResponse {
+        msg: Some(read_chunk_response::Msg::Header(header)),
+    };
+    if tx.blocking_send(Ok(first)).is_err() {
         return;
     }
-    let mut crc = 0u32;
-    let mut left = length;
-    while left > 0 {
-        let n = left.min(MAX_DATA_MESSAGE as u64) as usize;
-        let mut buf = BytesMut::zeroed(n);
-        if let Err(e) = file.read_exact(&mut buf) {
-            let reason = format!(
-                "short read at offset {}: {e}",
-                HEADER_REGION + length - left
-            );
-            worker.store.quarantine(&id, &reason);
-            let _ = tx.blocking_send(Err(WorkerError::Corrupt {
-                chunk: id.to_string(),
-                reason,
-            }
-            .into()));
-            return;
-        }
-        crc = chunk::crc32c_append(crc, &buf);
-        left -= n as u64;
-        worker.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-        if tx
-            .blocking_send(Ok(ReadChunkResponse {
-                msg: Some(read_chunk_response::Msg::Data(buf.freeze())),
-            }))
-            .is_err()
-        {
-            return;
-        }
-    }
-    if crc != expected {
-        let e = WorkerError::ChecksumMismatch {
-            chunk: id.to_string(),
-            expected,
-            actual: crc,
-        };
-        worker.store.quarantine(&id, &e.to_string());
+    let sent = worker.read_verified(&id, &mut file, length, expected, |b| {
+        tx.blocking_send(Ok(ReadChunkResponse {
+            msg: Some(read_chunk_response::Msg::Data(b)),
+        }))
+        .is_ok()
+    });
+    if let Err(e) = sent {
         let _ = tx.blocking_send(Err(e.into()));
     }
 }
