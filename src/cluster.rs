@@ -47,6 +47,8 @@ pub struct LocalClusterConfig {
     /// Garbage (and orphan chunks) are deleted only after this grace period.
     pub gc_grace: Duration,
     pub max_repairs_per_worker: usize,
+    /// Run the master's repair loop (see `MasterConfig::repair`).
+    pub repair: bool,
 }
 
 impl Default for LocalClusterConfig {
@@ -64,6 +66,7 @@ impl Default for LocalClusterConfig {
             scrub_interval: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(60),
             max_repairs_per_worker: 2,
+            repair: true,
         }
     }
 }
@@ -145,6 +148,7 @@ impl LocalCluster {
         mcfg.upload_lease = cfg.upload_lease;
         mcfg.gc_grace = cfg.gc_grace;
         mcfg.max_repairs_per_worker = cfg.max_repairs_per_worker;
+        mcfg.repair = cfg.repair;
         std::fs::create_dir_all(dir).map_err(|source| ClusterError::Bind {
             addr: dir.display().to_string(),
             source,

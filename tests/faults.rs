@@ -23,27 +23,6 @@ fn healed(v: &serde_json::Value) -> bool {
         && n("over_target_chunks") == 0
 }
 
-/// Polls `status` until `pred` holds; panics with the last status after `timeout`.
-fn wait_status(
-    b: &Binaries,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let v = status(b);
-        if pred(&v) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "timed out waiting for {what}: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn chunk_ids(b: &Binaries, name: &str) -> Vec<String> {
     let out = b.cli(&["--cmd", "stat", name, "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -101,13 +80,10 @@ fn kill9_a_worker_and_every_chunk_is_re_replicated() {
     for (n, p) in &files {
         download_equal(&b, n, p);
     }
-    let dead = wait_status(
-        &b,
-        "the worker declared dead",
-        Duration::from_secs(20),
-        |v| v["workers_dead"].as_u64() == Some(1),
-    );
-    wait_status(&b, "full replication", Duration::from_secs(60), |v| {
+    let dead = b.wait_status("the worker declared dead", Duration::from_secs(20), |v| {
+        v["workers_dead"].as_u64() == Some(1)
+    });
+    b.wait_status("full replication", Duration::from_secs(60), |v| {
         v["workers_dead"].as_u64() == Some(1) && healed(v)
     });
     eprintln!(
@@ -134,8 +110,7 @@ fn a_paused_worker_is_repaired_around_and_trimmed_on_return() {
     let victim = 1;
     // SIGSTOP: a hung node (as in a partition); it keeps its sockets but answers nothing.
     b.workers[victim].1.as_ref().unwrap().signal(libc::SIGSTOP);
-    wait_status(
-        &b,
+    b.wait_status(
         "repair around the hung worker",
         Duration::from_secs(60),
         |v| v["workers_dead"].as_u64() == Some(1) && healed(v),
@@ -256,12 +231,9 @@ fn fsck_exits_non_zero_when_a_chunk_has_no_live_replica() {
     let o = b.cli(&["--cmd", "fsck"]);
     assert_eq!(o.code, 0, "{}", o.stdout);
     b.workers[0].1.as_mut().unwrap().kill9();
-    wait_status(
-        &b,
-        "the worker declared dead",
-        Duration::from_secs(20),
-        |v| v["workers_dead"].as_u64() == Some(1),
-    );
+    b.wait_status("the worker declared dead", Duration::from_secs(20), |v| {
+        v["workers_dead"].as_u64() == Some(1)
+    });
     let o = b.cli(&["--cmd", "fsck"]);
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("lonely.bin"), "{}", o.stdout);

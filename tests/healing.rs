@@ -218,31 +218,14 @@ async fn orphan_chunks_are_listed_then_collected_after_the_grace() {
     let orphan = dfs::chunk::ChunkId::generate().to_string();
     let data = vec![9u8; 1000];
     let addr = t.cluster.worker_addrs()[0].clone();
-    let mut w = dfs::rpc::worker_client(dfs::rpc::data_channel(&addr).unwrap());
-    use pb::write_chunk_request::Msg;
-    let msgs = vec![
-        pb::WriteChunkRequest {
-            msg: Some(Msg::Start(pb::WriteStart {
-                header: Some(pb::ChunkHeader {
-                    format_version: 1,
-                    chunk_id: orphan.clone(),
-                    file_name: "nobody".into(),
-                    length: 1000,
-                    ..Default::default()
-                }),
-                downstream: vec![],
-            })),
-        },
-        pb::WriteChunkRequest {
-            msg: Some(Msg::Data(bytes::Bytes::from(data.clone()))),
-        },
-        pb::WriteChunkRequest {
-            msg: Some(Msg::Finish(pb::WriteFinish {
-                crc32c: crc32c::crc32c(&data),
-            })),
-        },
-    ];
-    w.write_chunk(tokio_stream::iter(msgs)).await.unwrap();
+    let placement = pb::ChunkPlacement {
+        index: 0,
+        chunk_id: orphan.clone(),
+        workers: vec![addr.clone()],
+    };
+    write_chunk_direct(&placement, "nobody", &data, None)
+        .await
+        .unwrap();
     t.cluster.restart_worker(0).await.unwrap();
     let master = t.cluster.master().clone();
     let seen = wait_until(Duration::from_secs(10), || {

@@ -50,6 +50,9 @@ pub struct MasterConfig {
     /// Rebuild the namespace from worker chunk headers, collecting reports this long first.
     /// Refused unless the metadata store is empty.
     pub rebuild_window: Option<Duration>,
+    /// Run the repair loop (re-replication, trim, orphan collection). Off only to hold a
+    /// degraded state still: maintenance, or tests that inspect it.
+    pub repair: bool,
 }
 
 impl MasterConfig {
@@ -64,6 +67,7 @@ impl MasterConfig {
             gc_grace: Duration::from_secs(60),
             max_repairs_per_worker: 2,
             rebuild_window: None,
+            repair: true,
         }
     }
 }
@@ -247,7 +251,9 @@ impl Master {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(workers::health_watcher(self.clone(), stop_rx.clone()));
         tasks.spawn(namespace::upload_expiry(self.clone(), stop_rx.clone()));
-        tasks.spawn(repair::repair_loop(self.clone(), stop_rx.clone()));
+        if self.cfg.repair {
+            tasks.spawn(repair::repair_loop(self.clone(), stop_rx.clone()));
+        }
         if let Some(window) = self.cfg.rebuild_window {
             tasks.spawn(rebuild::rebuild_after(
                 self.clone(),

@@ -166,6 +166,47 @@ pub fn chunk_path(worker_dir: &Path, id: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Streams `data` as chunk `placement` through its pipeline, with an optional wrong CRC.
+pub async fn write_chunk_direct(
+    placement: &dfs::rpc::pb::ChunkPlacement,
+    name: &str,
+    data: &[u8],
+    crc_override: Option<u32>,
+) -> Result<dfs::rpc::pb::WriteChunkResponse, tonic::Status> {
+    use dfs::rpc::pb;
+    use pb::write_chunk_request::Msg;
+    let crc = crc_override.unwrap_or_else(|| crc32c::crc32c(data));
+    let mut msgs = vec![pb::WriteChunkRequest {
+        msg: Some(Msg::Start(pb::WriteStart {
+            header: Some(pb::ChunkHeader {
+                format_version: 1,
+                chunk_id: placement.chunk_id.clone(),
+                file_id: 1,
+                file_name: name.into(),
+                chunk_index: placement.index,
+                file_version: 1,
+                length: data.len() as u64,
+                crc32c: 0,
+                created_unix_ms: 0,
+                ..Default::default()
+            }),
+            downstream: placement.workers[1..].to_vec(),
+        })),
+    }];
+    for part in data.chunks(256 * 1024) {
+        msgs.push(pb::WriteChunkRequest {
+            msg: Some(Msg::Data(bytes::Bytes::copy_from_slice(part))),
+        });
+    }
+    msgs.push(pb::WriteChunkRequest {
+        msg: Some(Msg::Finish(pb::WriteFinish { crc32c: crc })),
+    });
+    let mut w = dfs::rpc::worker_client(dfs::rpc::data_channel(&placement.workers[0]).unwrap());
+    w.write_chunk(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real binaries.
 // ---------------------------------------------------------------------------------------------
@@ -377,18 +418,33 @@ impl Binaries {
 
     /// Polls `status --json` until `alive` workers are alive (bounded).
     pub fn wait_alive(&self, alive: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_status(
+            &format!("{alive} alive workers"),
+            Duration::from_secs(30),
+            |v| v["workers_alive"].as_u64() == Some(alive),
+        );
+    }
+
+    /// Polls `status --json` until `pred` holds (a master that is down is polled again);
+    /// panics with the last answer and the master's log after `timeout`. Returns the wait.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
         loop {
             let out = self.cli(&["--cmd", "status", "--json"]);
             if out.code == 0 {
                 let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-                if v["workers_alive"].as_u64() == Some(alive) {
-                    return;
+                if pred(&v) {
+                    return started.elapsed();
                 }
             }
             assert!(
-                Instant::now() < deadline,
-                "cluster never reached {alive} alive workers: {} {}\nmaster.log tail:\n{}",
+                started.elapsed() < timeout,
+                "timed out waiting for {what}: {} {}\nmaster.log tail:\n{}",
                 out.stdout,
                 out.stderr,
                 self.log_tail("master.log", 40)
