@@ -341,7 +341,7 @@ async fn local_errors_are_clear_and_write_nothing() {
             &dest,
             DownloadOptions {
                 force: true,
-                progress: None,
+                ..Default::default()
             },
         )
         .await

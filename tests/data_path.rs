@@ -125,9 +125,10 @@ async fn a_corrupt_replica_is_skipped_reported_and_quarantined() {
     let path = make_file(&t.scratch().join("f"), 2 * MIB + 100, 9);
     t.must_upload(&path, "f").await;
     let st = t.client.stat("f").await.unwrap();
-    // Corrupt chunk 1 on whichever worker the reader will try first.
+    // Corrupt chunk 1 on whichever worker the reader will try first (reads start at the
+    // replica at the chunk's index, modulo the replica count, to spread load).
     let c = &st.chunks[1];
-    let first = &c.replicas[0].worker;
+    let first = &c.replicas[c.index as usize % c.replicas.len()].worker;
     let idx = t
         .cluster
         .worker_addrs()

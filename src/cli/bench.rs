@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::client::{Client, ClientError, DownloadOptions, UploadOptions};
+use crate::client::{Client, ClientError, UploadOptions};
 use crate::config::human_bytes;
 
 /// Bench settings (the `bench` operation's flags).
@@ -231,18 +231,14 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             cache: "-".into(),
         });
         let cache = drop_caches(cfg.warm);
-        let dest = cfg.scratch.join(format!("{name}.down"));
         progress(&format!("downloading {}…", human_bytes(cfg.size)));
         let t = Instant::now();
+        // Read and verified (CRC32C per chunk, SHA-256 of the file) into a sink, as `dd
+        // of=/dev/null` reads a mounted file system: this measures the cluster, not the
+        // client's disk.
+        let info = client.stat(&name).await?;
         client
-            .download(
-                &name,
-                &dest,
-                DownloadOptions {
-                    force: true,
-                    progress: None,
-                },
-            )
+            .read_file_to(&info, std::io::sink(), &Default::default())
             .await?;
         let secs = t.elapsed().as_secs_f64();
         let mbs = mib_s(cfg.size, secs);
@@ -254,7 +250,6 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             of_limit: report.limits.as_ref().map(|l| mbs / l.read_mib_s),
             cache,
         });
-        let _ = std::fs::remove_file(&dest);
         client.delete(&name).await?;
     }
     let _ = std::fs::remove_file(&big);
@@ -274,7 +269,6 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             for k in 0..c {
                 let client = client.clone();
                 let small = small.clone();
-                let scratch = cfg.scratch.clone();
                 let names: Vec<String> = (k..cfg.files)
                     .step_by(c)
                     .map(|i| format!("dfs-bench-small-{c}-{i}"))
@@ -282,7 +276,6 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                 tasks.spawn(async move {
                     let mut lat = Vec::with_capacity(names.len());
                     let mut failed = 0;
-                    let dest = scratch.join(format!("dfs-bench-read-{k}"));
                     for n in names {
                         let t = Instant::now();
                         let ok = match phase {
@@ -297,17 +290,7 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                                 )
                                 .await
                                 .is_ok(),
-                            "read" => client
-                                .download(
-                                    &n,
-                                    &dest,
-                                    DownloadOptions {
-                                        force: true,
-                                        progress: None,
-                                    },
-                                )
-                                .await
-                                .is_ok(),
+                            "read" => client.read(&n).await.is_ok_and(|b| b.len() == 4096),
                             "stat" => client.stat(&n).await.is_ok(),
                             _ => client.delete(&n).await.is_ok(),
                         };
@@ -316,7 +299,6 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                             failed += 1;
                         }
                     }
-                    let _ = std::fs::remove_file(dest);
                     (lat, failed)
                 });
             }

@@ -79,6 +79,9 @@ pub enum Op {
         /// Replace the destination if it exists.
         #[arg(long)]
         force: bool,
+        /// fsync the downloaded file and its directory before reporting success.
+        #[arg(long)]
+        fsync: bool,
     },
     /// Delete a file.
     Delete { name: String },
@@ -185,6 +188,7 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
             name,
             output: out,
             force,
+            fsync,
         } => {
             let dest = match out {
                 Some(p) if p.is_dir() => p.join(&name),
@@ -204,6 +208,7 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
                     &dest,
                     DownloadOptions {
                         force,
+                        fsync,
                         progress: Some(progress),
                     },
                 )

@@ -1,13 +1,16 @@
-//! Verified downloads: each chunk is read from the first replica that delivers it intact
-//! (CRC32C checked here, whatever the worker said), the whole file is checked against its
-//! SHA-256, and only then does it appear at the destination.
+//! Verified reads. Several chunks are fetched at once (each from the first replica that
+//! delivers it intact, starting at a different replica per chunk to spread load), each is
+//! CRC32C-checked whole before it is used, and the bytes are handed on in file order so the
+//! file's SHA-256 can be checked. A download appears at its destination only after that check.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -20,11 +23,26 @@ use crate::rpc::pb::{self, ChunkInfo, FileInfo, read_chunk_response};
 /// restart, before workers have re-registered).
 const NO_REPLICA_WAIT: Duration = Duration::from_secs(10);
 
+/// Bytes of chunks a read may hold at once (fetched, verified, not yet written). With 8 MiB
+/// chunks this is three chunks in flight, which keeps every worker busy on one disk while
+/// keeping the client well under the 64 MiB memory target.
+const IN_FLIGHT_BYTES: u64 = 24 << 20;
+/// At most this many chunks in flight, whatever their size.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Chunks fetched at once for a file of `chunk_size` chunks.
+fn in_flight(chunk_size: u64) -> usize {
+    ((IN_FLIGHT_BYTES / chunk_size.max(1)) as usize).clamp(1, MAX_IN_FLIGHT)
+}
+
 /// Options of one download.
 #[derive(Debug, Default, Clone)]
 pub struct DownloadOptions {
     /// Replace an existing destination file.
     pub force: bool,
+    /// fsync the file and its directory before returning (off by default, like `cp`: the
+    /// cluster still holds the durable copy).
+    pub fsync: bool,
     pub progress: Option<Arc<Progress>>,
 }
 
@@ -59,6 +77,12 @@ struct ReplicaError {
     message: String,
 }
 
+/// One chunk, fetched whole and CRC-checked.
+struct Fetched {
+    pieces: Vec<Bytes>,
+    failovers: u32,
+}
+
 impl Client {
     /// Downloads `name` to `dest`. Without `force`, an existing `dest` is an error and nothing
     /// is written. The destination appears only after every byte was verified.
@@ -78,11 +102,7 @@ impl Client {
                 dest.display()
             )));
         }
-        let mut file = self.stat_with_replicas(name).await?;
-        let progress = opts.progress.clone().unwrap_or_default();
-        progress.total.store(file.size, Ordering::Relaxed);
-        progress.done.store(0, Ordering::Relaxed);
-
+        let file = self.stat_with_replicas(name).await?;
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -101,7 +121,7 @@ impl Client {
                 path: path.to_path_buf(),
                 source,
             };
-        let mut out = std::fs::OpenOptions::new()
+        let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&part_path)
@@ -110,64 +130,18 @@ impl Client {
             path: part_path.clone(),
             keep: false,
         };
-
-        let mut sha = Sha256::new();
-        let mut failovers = 0;
-        let chunks = std::mem::take(&mut file.chunks);
-        let mut offset = 0u64;
-        for c in &chunks {
-            if progress.is_cancelled() {
-                return Err(ClientError::Cancelled);
-            }
-            let before = progress.done.load(Ordering::Relaxed);
-            let mut last = String::from("no replica is known");
-            let mut done = false;
-            for r in &c.replicas {
-                out.seek(SeekFrom::Start(offset))
-                    .map_err(|e| local_err("write", &part_path, e))?;
-                let attempt_sha = sha.clone();
-                match self
-                    .read_replica(c, &r.worker, &mut out, &part_path, attempt_sha, &progress)
-                    .await
-                {
-                    Ok(s) => {
-                        sha = s;
-                        done = true;
-                        break;
-                    }
-                    Err(Err(local)) => return Err(local),
-                    Err(Ok(e)) => {
-                        progress.done.store(before, Ordering::Relaxed);
-                        failovers += 1;
-                        tracing::warn!(chunk = %c.chunk_id, worker = %r.worker, error = %e.message, "replica failed; trying the next");
-                        if e.bad {
-                            self.report_bad_replica(&c.chunk_id, &r.worker, &e.message)
-                                .await;
-                        }
-                        last = format!("{}: {}", r.worker, e.message);
-                    }
-                }
-            }
-            if !done {
-                return Err(ClientError::ReadFailed {
-                    index: c.index,
-                    last,
-                });
-            }
-            offset += c.length;
+        let progress = opts.progress.clone().unwrap_or_default();
+        let (out, failovers) =
+            self.read_file_to(&file, out, &progress)
+                .await
+                .map_err(|e| match e {
+                    ClientError::LocalIo { op, source, .. } => local_err(op, &part_path, source),
+                    e => e,
+                })?;
+        if opts.fsync {
+            out.sync_all()
+                .map_err(|e| local_err("write", &part_path, e))?;
         }
-        let digest = hex::encode(sha.finalize());
-        // A file rebuilt from worker headers has no recorded digest; its chunks' CRCs were
-        // still checked one by one above.
-        if !file.sha256.is_empty() && digest != file.sha256 {
-            return Err(ClientError::Integrity(format!(
-                "file SHA-256 is {digest}, expected {}",
-                file.sha256
-            )));
-        }
-        out.set_len(offset)
-            .and_then(|()| out.sync_all())
-            .map_err(|e| local_err("write", &part_path, e))?;
         drop(out);
         if opts.force {
             std::fs::rename(&part_path, dest).map_err(|e| local_err("write", dest, e))?;
@@ -183,10 +157,11 @@ impl Client {
             let _ = std::fs::remove_file(&part_path);
         }
         guard.keep = true;
-        if let Ok(d) = std::fs::File::open(&dir) {
+        if opts.fsync
+            && let Ok(d) = std::fs::File::open(&dir)
+        {
             let _ = d.sync_all();
         }
-        file.chunks = chunks;
         tracing::info!(
             name,
             bytes = file.size,
@@ -202,8 +177,95 @@ impl Client {
         })
     }
 
+    /// Reads `name` whole into memory, verified. For small files (benchmarks, tools); large
+    /// files should stream with [`Client::download`] or [`Client::read_file_to`].
+    pub async fn read(&self, name: &str) -> Result<Vec<u8>, ClientError> {
+        let file = self.stat_with_replicas(name).await?;
+        let buf = Vec::with_capacity(file.size.min(64 << 20) as usize);
+        let (buf, _) = self.read_file_to(&file, buf, &Arc::default()).await?;
+        Ok(buf)
+    }
+
+    /// Streams `file`'s bytes in order into `out` (written off the async threads), fetching
+    /// several chunks at once; checks every chunk's CRC32C and the whole file's SHA-256.
+    /// Returns the writer and how many replicas failed over. On error `out` holds a prefix
+    /// of the file (or nothing) and must be discarded.
+    pub async fn read_file_to<W: Write + Send + 'static>(
+        &self,
+        file: &FileInfo,
+        out: W,
+        progress: &Arc<Progress>,
+    ) -> Result<(W, u32), ClientError> {
+        progress.total.store(file.size, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+        let mut fetches = futures::stream::iter(file.chunks.iter().cloned().map(|c| {
+            let client = self.clone();
+            let progress = progress.clone();
+            // Spawned so that fetches run in parallel with each other and with the writing.
+            let task = tokio::spawn(async move { client.fetch_chunk(c, progress).await });
+            async move {
+                let _abort = AbortOnDrop(task.abort_handle());
+                task.await
+                    .map_err(|e| ClientError::Integrity(format!("chunk fetch failed: {e}")))?
+            }
+        }))
+        .buffered(in_flight(file.chunk_size));
+        let mut state = Some((out, Sha256::new()));
+        let mut failovers = 0;
+        let mut written = 0u64;
+        while let Some(fetched) = fetches.next().await {
+            let fetched = fetched?;
+            failovers += fetched.failovers;
+            let (mut out, mut sha) = state.take().ok_or_else(|| {
+                ClientError::Integrity("download writer lost after an error".into())
+            })?;
+            let pieces = fetched.pieces;
+            let (out, sha, n) = tokio::task::spawn_blocking(move || {
+                let mut n = 0u64;
+                for p in &pieces {
+                    sha.update(p);
+                    out.write_all(p)?;
+                    n += p.len() as u64;
+                }
+                Ok::<_, std::io::Error>((out, sha, n))
+            })
+            .await
+            .map_err(|e| ClientError::Integrity(format!("download writer failed: {e}")))?
+            .map_err(|source| ClientError::LocalIo {
+                op: "write",
+                path: PathBuf::new(),
+                source,
+            })?;
+            written += n;
+            state = Some((out, sha));
+        }
+        let (mut out, sha) =
+            state.ok_or_else(|| ClientError::Integrity("download writer lost".into()))?;
+        if written != file.size {
+            return Err(ClientError::Integrity(format!(
+                "read {written} bytes, the file holds {}",
+                file.size
+            )));
+        }
+        let digest = hex::encode(sha.finalize());
+        // A file rebuilt from worker headers has no recorded digest; its chunks' CRCs were
+        // still checked one by one.
+        if !file.sha256.is_empty() && digest != file.sha256 {
+            return Err(ClientError::Integrity(format!(
+                "file SHA-256 is {digest}, expected {}",
+                file.sha256
+            )));
+        }
+        out.flush().map_err(|source| ClientError::LocalIo {
+            op: "write",
+            path: PathBuf::new(),
+            source,
+        })?;
+        Ok((out, failovers))
+    }
+
     /// `stat`, waiting a bounded time while some chunk has no known replica.
-    async fn stat_with_replicas(&self, name: &str) -> Result<FileInfo, ClientError> {
+    pub(crate) async fn stat_with_replicas(&self, name: &str) -> Result<FileInfo, ClientError> {
         let deadline = std::time::Instant::now() + NO_REPLICA_WAIT;
         loop {
             let file = self.stat(name).await?;
@@ -215,24 +277,59 @@ impl Client {
         }
     }
 
-    /// Reads chunk `c` from `worker` into `out` at its current position. The outer error is
-    /// local (fatal); the inner one is about this replica (try the next).
+    /// Fetches chunk `c` whole from the first replica that delivers it intact, starting at a
+    /// replica chosen by the chunk's index so parallel fetches spread over the workers.
+    async fn fetch_chunk(
+        &self,
+        c: ChunkInfo,
+        progress: Arc<Progress>,
+    ) -> Result<Fetched, ClientError> {
+        let n = c.replicas.len();
+        let mut last = String::from("no replica is known");
+        let mut failovers = 0;
+        for k in 0..n {
+            if progress.is_cancelled() {
+                return Err(ClientError::Cancelled);
+            }
+            let r = &c.replicas[(c.index as usize + k) % n];
+            let mut got = 0u64;
+            match self.read_replica(&c, &r.worker, &progress, &mut got).await {
+                Ok(pieces) => return Ok(Fetched { pieces, failovers }),
+                Err(Err(local)) => return Err(local),
+                Err(Ok(e)) => {
+                    progress.done.fetch_sub(got, Ordering::Relaxed);
+                    failovers += 1;
+                    tracing::warn!(chunk = %c.chunk_id, worker = %r.worker, error = %e.message, "replica failed; trying the next");
+                    if e.bad {
+                        self.report_bad_replica(&c.chunk_id, &r.worker, &e.message)
+                            .await;
+                    }
+                    last = format!("{}: {}", r.worker, e.message);
+                }
+            }
+        }
+        Err(ClientError::ReadFailed {
+            index: c.index,
+            last,
+        })
+    }
+
+    /// Reads chunk `c` whole from `worker`, counting received bytes in `got`. The outer error
+    /// is fatal (cancelled); the inner one is about this replica (try the next).
     async fn read_replica(
         &self,
         c: &ChunkInfo,
         worker: &str,
-        out: &mut std::fs::File,
-        out_path: &Path,
-        mut sha: Sha256,
         progress: &Progress,
-    ) -> Result<Sha256, Result<ReplicaError, ClientError>> {
+        got: &mut u64,
+    ) -> Result<Vec<Bytes>, Result<ReplicaError, ClientError>> {
         let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError { bad, message }));
         let mut client = match self.worker(worker) {
             Ok(c) => c,
             Err(e) => return replica_err(false, e.to_string()),
         };
         let limit = crate::rpc::transfer_limit(c.length);
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = mpsc::channel(4);
         let req = pb::ReadChunkRequest {
             chunk_id: c.chunk_id.clone(),
         };
@@ -260,11 +357,11 @@ impl Client {
                 }
             }
         });
-        let _abort = AbortTask(reader);
+        let _abort = AbortOnDrop(reader.abort_handle());
         let deadline = tokio::time::Instant::now() + limit;
         let mut crc = 0u32;
-        let mut got = 0u64;
         let mut saw_header = false;
+        let mut pieces = Vec::new();
         loop {
             let msg = match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => {
@@ -297,31 +394,24 @@ impl Client {
                     if !saw_header {
                         return replica_err(false, "data before header".into());
                     }
-                    got += b.len() as u64;
-                    if got > c.length {
+                    *got += b.len() as u64;
+                    if *got > c.length {
                         return replica_err(
                             true,
                             "replica sent more bytes than the chunk holds".into(),
                         );
                     }
                     crc = chunk::crc32c_append(crc, &b);
-                    sha.update(&b);
-                    if let Err(e) = out.write_all(&b) {
-                        return Err(Err(ClientError::LocalIo {
-                            op: "write",
-                            path: out_path.to_path_buf(),
-                            source: e,
-                        }));
-                    }
                     progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    pieces.push(b);
                 }
                 None => {}
             }
         }
-        if got != c.length {
+        if *got != c.length {
             return replica_err(
                 false,
-                format!("stream ended after {got} of {} bytes", c.length),
+                format!("stream ended after {} of {} bytes", *got, c.length),
             );
         }
         if crc != c.crc32c {
@@ -333,13 +423,14 @@ impl Client {
                 ),
             );
         }
-        Ok(sha)
+        Ok(pieces)
     }
 }
 
-struct AbortTask(tokio::task::JoinHandle<()>);
+/// Aborts a spawned task when dropped (an abandoned read stops fetching).
+struct AbortOnDrop(tokio::task::AbortHandle);
 
-impl Drop for AbortTask {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::chunk::ChunkId;
 use crate::events::EventLog;
@@ -277,7 +276,7 @@ impl Master {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(svc.into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
                 let _ = stop_for_server.send(true);
             })

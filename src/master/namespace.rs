@@ -1,7 +1,9 @@
 //! Namespace operations: uploads (start, allocate, renew, commit, abort), lookups and deletes.
 //!
-//! Every mutation is one store transaction, committed before the answer, followed by the
-//! matching in-memory update; both happen under `ns_lock` so memory follows the store's order.
+//! Every mutation is one store transaction followed by the matching in-memory update; both
+//! happen under `ns_lock` so memory follows the store's order. The fsync comes after the lock
+//! is released and is shared by concurrent mutations (group commit); an answer that
+//! acknowledges a change (commit, delete) waits for it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +11,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::store::{
-    Allocation, ChunkRef, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord, WriteTxn,
+    Allocation, Announced, ChunkRef, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord,
+    WriteTxn,
 };
 use super::{Inner, MAX_REPLICAS, Master, MasterError};
 use crate::chunk::{ChunkId, random_u128};
@@ -191,10 +194,13 @@ impl Master {
             })
             .collect();
         let uid = upload_id.clone();
-        let record = self
+        // Not synced: nothing is acknowledged yet. If the master dies before a later sync
+        // persists it, the upload's chunks are orphans on the workers and are collected after
+        // the grace period, and the client's commit fails (UploadNotFound) rather than lying.
+        let (record, _seq) = self
             .blocking(move |m| {
                 m.store
-                    .write_with(|t| -> Result<UploadRecord, MasterError> {
+                    .write_deferred_with(|t| -> Result<UploadRecord, MasterError> {
                         let version = t.next_file_id()?;
                         let file_id = match t.get_file(&name)? {
                             Some(old) => old.file_id,
@@ -273,8 +279,9 @@ impl Master {
         let upload_id = req.upload_id.clone();
         self.lock().upload_chunks.insert(placement.chunk_id.clone());
         let _guard = self.ns_lock.lock().await;
+        // Deferred like `start_upload`: an allocation lost in a crash leaves an orphan chunk.
         self.blocking(move |m| {
-            m.store.write_with(|t| -> Result<(), MasterError> {
+            m.store.write_deferred_with(|t| -> Result<(), MasterError> {
                 let mut rec = t
                     .get_upload(&upload_id)?
                     .ok_or_else(|| MasterError::UploadNotFound(upload_id.clone()))?;
@@ -284,6 +291,7 @@ impl Master {
             })
         })
         .await?;
+        drop(_guard);
         Ok(pb::AllocateChunkResponse {
             chunk: Some(placement),
         })
@@ -313,63 +321,38 @@ impl Master {
                 "sha256 must be 64 lowercase hex digits".into(),
             ));
         }
-        let _guard = self.ns_lock.lock().await;
-        let upload_id = req.upload_id.clone();
-        let upload = self
+        let announced = Announced::new(&*self.store);
+        let guard = self.ns_lock.lock().await;
+        // One blocking step under the namespace lock: read, validate and write in one
+        // transaction, then mirror it in memory. The fsync comes after the lock is released.
+        let (file, old, info, seq) = self
             .blocking(move |m| {
-                m.store
-                    .read_with(|t| t.get_upload(&upload_id))
-                    .map_err(Into::into)
-            })
-            .await?
-            .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
-        let file = validate_commit(&upload, &req)?;
-        // Holders of the chunks the commit makes garbage, read before the transaction; no other
-        // namespace mutation can run meanwhile (ns_lock).
-        let committed: std::collections::HashSet<&str> =
-            file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
-        let failed: Vec<Allocation> = upload
-            .allocations
-            .iter()
-            .filter(|a| !committed.contains(a.chunk_id.as_str()))
-            .cloned()
-            .collect();
-        let name = upload.name.clone();
-        let old = self
-            .blocking(move |m| m.store.read_with(|t| t.get_file(&name)).map_err(Into::into))
-            .await?;
-        let old_holders: std::collections::HashMap<String, Vec<String>> = {
-            let inner = self.lock();
-            old.iter()
-                .flat_map(|f| f.chunks.iter())
-                .map(|c| (c.chunk_id.clone(), inner.holders(&c.chunk_id)))
-                .collect()
-        };
-        let f2 = file.clone();
-        let version = upload.version;
-        let upload_allocs: Vec<String> = upload
-            .allocations
-            .iter()
-            .map(|a| a.chunk_id.clone())
-            .collect();
-        let (old, garbage) = self
-            .blocking(move |m| {
-                m.store
-                    .write_with(|t| -> Result<(Option<FileRecord>, Garbage), MasterError> {
-                        t.remove_upload(&upload.upload_id)?
-                            .ok_or_else(|| MasterError::UploadNotFound(upload.upload_id.clone()))?;
-                        let old = t.get_file(&f2.name)?;
+                let ((file, old, garbage, allocs), seq) = m.store.write_deferred_with(
+                    |t| -> Result<
+                        (FileRecord, Option<FileRecord>, Garbage, Vec<String>),
+                        MasterError,
+                    > {
+                        let upload = t
+                            .remove_upload(&req.upload_id)?
+                            .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
+                        let file = validate_commit(&upload, &req)?;
+                        let old = t.get_file(&file.name)?;
                         if let Some(o) = &old
-                            && o.version > version
+                            && o.version > upload.version
                         {
                             return Err(MasterError::Conflict(format!(
                                 "a newer upload of {:?} was committed first; this one is discarded",
-                                f2.name
+                                file.name
                             )));
                         }
-                        t.put_file(&f2)?;
+                        t.put_file(&file)?;
+                        let committed: std::collections::HashSet<&str> =
+                            file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
                         let mut garbage = Vec::new();
-                        for a in &failed {
+                        for a in &upload.allocations {
+                            if committed.contains(a.chunk_id.as_str()) {
+                                continue;
+                            }
                             garbage.push((
                                 a.chunk_id.clone(),
                                 add_garbage(
@@ -382,7 +365,7 @@ impl Master {
                             ));
                         }
                         for c in old.iter().flat_map(|o| o.chunks.iter()) {
-                            let holders = old_holders.get(&c.chunk_id).cloned().unwrap_or_default();
+                            let holders = m.lock().holders(&c.chunk_id);
                             garbage.push((
                                 c.chunk_id.clone(),
                                 add_garbage(
@@ -394,31 +377,41 @@ impl Master {
                                 )?,
                             ));
                         }
-                        Ok((old, garbage))
-                    })
+                        let allocs = upload
+                            .allocations
+                            .iter()
+                            .map(|a| a.chunk_id.clone())
+                            .collect();
+                        Ok((file, old, garbage, allocs))
+                    },
+                )?;
+                let mut inner = m.lock();
+                inner.uploads.remove(&req.upload_id);
+                for a in &allocs {
+                    inner.upload_chunks.remove(a);
+                }
+                if let Some(o) = &old {
+                    inner.forget_file(o);
+                }
+                for c in &req.chunks {
+                    if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
+                        let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
+                        inner.chunks.insert(id, file.replicas, c.length, replicas);
+                        inner.orphans.remove(&c.chunk_id);
+                    }
+                }
+                inner.files += 1;
+                inner.logical_bytes += file.size;
+                inner.garbage.extend(garbage);
+                let info = m.file_info(&inner, &file, false);
+                Ok((file, old, info, seq))
             })
             .await?;
-        let info = {
-            let mut inner = self.lock();
-            inner.uploads.remove(&req.upload_id);
-            for a in &upload_allocs {
-                inner.upload_chunks.remove(a);
-            }
-            if let Some(o) = &old {
-                inner.forget_file(o);
-            }
-            for c in &req.chunks {
-                if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
-                    let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
-                    inner.chunks.insert(id, file.replicas, c.length, replicas);
-                    inner.orphans.remove(&c.chunk_id);
-                }
-            }
-            inner.files += 1;
-            inner.logical_bytes += file.size;
-            inner.garbage.extend(garbage);
-            self.file_info(&inner, &file, false)
-        };
+        // The fsync happens outside the namespace lock, shared with concurrent commits.
+        drop(guard);
+        drop(announced);
+        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
+            .await?;
         self.events.record(
             Level::Info,
             format!(
@@ -445,10 +438,11 @@ impl Master {
     pub async fn abort_upload(self: &Arc<Self>, upload_id: &str) -> Result<(), MasterError> {
         let _guard = self.ns_lock.lock().await;
         let id = upload_id.to_string();
-        let (upload, garbage) = self
+        // Deferred: if the abort is lost in a crash, the upload's lease expires instead.
+        let ((upload, garbage), _seq) = self
             .blocking(move |m| {
                 m.store
-                    .write_with(|t| -> Result<(UploadRecord, Garbage), MasterError> {
+                    .write_deferred_with(|t| -> Result<(UploadRecord, Garbage), MasterError> {
                         let upload = t
                             .remove_upload(&id)?
                             .ok_or_else(|| MasterError::UploadNotFound(id.clone()))?;
@@ -536,45 +530,38 @@ impl Master {
     pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
         self.check_not_rebuilding()?;
         crate::names::validate(name)?;
-        let _guard = self.ns_lock.lock().await;
+        let announced = Announced::new(&*self.store);
+        let guard = self.ns_lock.lock().await;
         let n = name.to_string();
-        let file = self
-            .blocking(move |m| m.store.read_with(|t| t.get_file(&n)).map_err(Into::into))
-            .await?;
-        let holders: std::collections::HashMap<String, Vec<String>> = {
-            let inner = self.lock();
-            file.iter()
-                .flat_map(|f| f.chunks.iter())
-                .map(|c| (c.chunk_id.clone(), inner.holders(&c.chunk_id)))
-                .collect()
-        };
-        let n = name.to_string();
-        let (file, garbage) = self
+        let (file, info, seq) = self
             .blocking(move |m| {
-                m.store
-                    .write_with(|t| -> Result<(FileRecord, Garbage), MasterError> {
+                let ((file, garbage), seq) = m.store.write_deferred_with(
+                    |t| -> Result<(FileRecord, Garbage), MasterError> {
                         let file = t
                             .remove_file(&n)?
                             .ok_or_else(|| MasterError::FileNotFound(n.clone()))?;
                         let mut garbage = Vec::new();
                         for c in &file.chunks {
-                            let h = holders.get(&c.chunk_id).cloned().unwrap_or_default();
+                            let h = m.lock().holders(&c.chunk_id);
                             garbage.push((
                                 c.chunk_id.clone(),
                                 add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
                             ));
                         }
                         Ok((file, garbage))
-                    })
+                    },
+                )?;
+                let mut inner = m.lock();
+                let info = m.file_info(&inner, &file, false);
+                inner.forget_file(&file);
+                inner.garbage.extend(garbage);
+                Ok((file, info, seq))
             })
             .await?;
-        let info = {
-            let mut inner = self.lock();
-            let info = self.file_info(&inner, &file, false);
-            inner.forget_file(&file);
-            inner.garbage.extend(garbage);
-            info
-        };
+        drop(guard);
+        drop(announced);
+        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
+            .await?;
         self.events.record(
             Level::Info,
             format!("deleted {:?} ({})", file.name, human_bytes(file.size)),

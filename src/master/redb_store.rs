@@ -1,13 +1,16 @@
-//! The embedded [`MetaStore`] backend: one redb file, every write transaction fsynced before
-//! the master answers.
+//! The embedded [`MetaStore`] backend: one redb file. Transactions commit without fsync and
+//! become durable through a shared empty durable commit (group commit), which the master
+//! waits for before it answers.
 
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::store::{
-    FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, UploadRecord, WorkerRecord, WriteTxn,
+    CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, UploadRecord,
+    WorkerRecord, WriteTxn,
 };
 
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
@@ -30,7 +33,25 @@ fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError
 /// The redb-backed store.
 pub struct RedbStore {
     db: Database,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
 }
+
+/// Group commit bookkeeping: transactions are committed without fsync and numbered; one
+/// durable (empty) commit then persists every one before it, for all waiters at once.
+#[derive(Default)]
+struct SyncState {
+    committed: CommitSeq,
+    durable: CommitSeq,
+    syncing: bool,
+    /// Mutations announced (see [`MetaStore::announce`]) and not yet committed.
+    announced: usize,
+}
+
+/// How long a sync waits for announced mutations to join it. A durable commit holds redb's
+/// writer lock while it fsyncs, so syncing the moment the first commit lands would let one
+/// commit through per fsync; waiting for the ones already queued batches them.
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl RedbStore {
     /// Opens (or creates) `<dir>/meta.redb`. Fails if another master holds it open.
@@ -49,7 +70,11 @@ impl RedbStore {
             txn.open_table(COUNTERS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        Ok(RedbStore { db })
+        Ok(RedbStore {
+            db,
+            sync: Mutex::new(SyncState::default()),
+            synced: Condvar::new(),
+        })
     }
 }
 
@@ -240,20 +265,86 @@ impl MetaStore for RedbStore {
         body(&txn)
     }
 
-    fn write(
+    fn write_deferred(
         &self,
         body: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<CommitSeq, StoreError> {
         let mut txn = RedbWrite {
             txn: self.db.begin_write().map_err(backend)?,
         };
+        txn.txn.set_durability(Durability::None).map_err(backend)?;
         match body(&mut txn) {
-            Ok(()) => txn.txn.commit().map_err(backend),
+            Ok(()) => {
+                txn.txn.commit().map_err(backend)?;
+                // Numbered after the commit: a sync that starts later covers it.
+                let mut st = self.sync_state();
+                st.committed += 1;
+                Ok(st.committed)
+            }
             Err(e) => {
                 let _ = txn.txn.abort();
                 Err(e)
             }
         }
+    }
+
+    fn announce(&self, coming: bool) {
+        let mut st = self.sync_state();
+        if coming {
+            st.announced += 1;
+        } else {
+            st.announced = st.announced.saturating_sub(1);
+            self.synced.notify_all();
+        }
+    }
+
+    fn sync(&self, seq: CommitSeq) -> Result<(), StoreError> {
+        let mut st = self.sync_state();
+        loop {
+            if st.durable >= seq {
+                return Ok(());
+            }
+            if !st.syncing {
+                st.syncing = true;
+                let deadline = std::time::Instant::now() + JOIN_WAIT;
+                while st.announced > 0 {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    st = self
+                        .synced
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                let target = st.committed;
+                drop(st);
+                // An empty durable commit persists every non-durable commit before it.
+                let r = self.db.begin_write().map_err(backend).and_then(|mut t| {
+                    t.set_durability(Durability::Immediate).map_err(backend)?;
+                    t.commit().map_err(backend)
+                });
+                st = self.sync_state();
+                st.syncing = false;
+                if r.is_ok() {
+                    st.durable = st.durable.max(target);
+                }
+                self.synced.notify_all();
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "metadata sync failed");
+                    return Err(e);
+                }
+                continue;
+            }
+            st = self.synced.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl RedbStore {
+    fn sync_state(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -303,5 +394,44 @@ mod tests {
         let after_a = store.read_with(|t| t.list_files("a", 10)).unwrap();
         assert_eq!(after_a.len(), 1);
         assert_eq!(store.write_with(|t| t.next_file_id()).unwrap(), 3);
+    }
+
+    #[test]
+    fn concurrent_deferred_writes_share_syncs_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = std::sync::Arc::new(RedbStore::open(dir.path()).unwrap());
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..25 {
+                            let _a = super::super::store::Announced::new(&*store);
+                            let ((), seq) = store
+                                .write_deferred_with(|tx| -> Result<(), StoreError> {
+                                    tx.put_file(&file(&format!("t{t}-{i}")))
+                                })
+                                .unwrap();
+                            // Visible before it is durable.
+                            let name = format!("t{t}-{i}");
+                            assert!(store.read_with(|r| r.get_file(&name)).unwrap().is_some());
+                            drop(_a);
+                            store.sync(seq).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let st = store.sync_state();
+            assert_eq!(st.committed, 200);
+            assert_eq!(st.durable, 200);
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.read_with(|t| t.list_files("", 1000)).unwrap().len(),
+            200
+        );
     }
 }

@@ -142,20 +142,60 @@ pub trait WriteTxn: ReadTxn {
     fn ensure_file_id_above(&mut self, v: u64) -> Result<(), StoreError>;
 }
 
+/// Position of a committed transaction in the store's commit order; [`MetaStore::sync`]
+/// makes every transaction up to it durable.
+pub type CommitSeq = u64;
+
 /// A transactional metadata store. Calls block (disk I/O and fsync): call them from
 /// `spawn_blocking`, never from an async task directly.
+///
+/// Commits come in two steps so that fsyncs can be shared (group commit, as HDFS syncs its
+/// edit log outside the namespace lock): [`MetaStore::write_deferred`] applies a transaction
+/// and makes it visible to later reads and writes at once, and [`MetaStore::sync`] waits until
+/// it is on disk, sharing one fsync among every caller waiting at the same time. Nothing may
+/// be acknowledged to a client before its transaction is synced.
 pub trait MetaStore: Send + Sync + 'static {
     /// Runs `body` on a consistent snapshot.
     fn read(
         &self,
         body: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
-    /// Runs `body` in a write transaction and commits it durably if `body` returns `Ok`;
-    /// any error rolls everything back.
+    /// Runs `body` in a write transaction and commits it (visible, not yet durable) if `body`
+    /// returns `Ok`; any error rolls everything back.
+    fn write_deferred(
+        &self,
+        body: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
+    ) -> Result<CommitSeq, StoreError>;
+    /// Returns once every transaction up to `seq` is durable.
+    fn sync(&self, seq: CommitSeq) -> Result<(), StoreError>;
+    /// A mutation is on its way (`true`) or has committed or given up (`false`); a sync
+    /// waits briefly for announced mutations so that one fsync covers them all. Use
+    /// [`Announced`] rather than calling this directly.
+    fn announce(&self, _coming: bool) {}
+    /// A write that is durable when it returns.
     fn write(
         &self,
         body: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let seq = self.write_deferred(body)?;
+        self.sync(seq)
+    }
+}
+
+/// An announced mutation (see [`MetaStore::announce`]); withdrawn when dropped.
+pub struct Announced<'a>(&'a dyn MetaStore);
+
+impl<'a> Announced<'a> {
+    pub fn new(store: &'a dyn MetaStore) -> Self {
+        store.announce(true);
+        Announced(store)
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        self.0.announce(false);
+    }
 }
 
 /// Typed helpers over the object-safe core.
@@ -175,14 +215,26 @@ pub trait MetaStoreExt: MetaStore {
         out.ok_or(StoreError::Aborted)
     }
 
-    /// A write returning a value; a domain error `E` from `f` rolls back and is returned as is.
+    /// A write returning a value, durable when it returns; a domain error `E` from `f` rolls
+    /// back and is returned as is.
     fn write_with<T, E: From<StoreError>>(
         &self,
         f: impl FnOnce(&mut dyn WriteTxn) -> Result<T, E>,
     ) -> Result<T, E> {
+        let (v, seq) = self.write_deferred_with(f)?;
+        self.sync(seq)?;
+        Ok(v)
+    }
+
+    /// A write returning a value and its commit position, visible but not yet durable: the
+    /// caller must [`MetaStore::sync`] before acknowledging it.
+    fn write_deferred_with<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut dyn WriteTxn) -> Result<T, E>,
+    ) -> Result<(T, CommitSeq), E> {
         let mut f = Some(f);
         let mut out: Option<Result<T, E>> = None;
-        let res = self.write(&mut |txn| {
+        let res = self.write_deferred(&mut |txn| {
             let f = f.take().ok_or(StoreError::Aborted)?;
             match f(txn) {
                 Ok(v) => {
@@ -196,10 +248,10 @@ pub trait MetaStoreExt: MetaStore {
             }
         });
         match (res, out) {
-            (Ok(()), Some(v)) => v,
+            (Ok(seq), Some(Ok(v))) => Ok((v, seq)),
             (Err(StoreError::Aborted), Some(Err(e))) => Err(e),
             (Err(e), _) => Err(e.into()),
-            (Ok(()), None) => Err(StoreError::Aborted.into()),
+            (Ok(_), _) => Err(StoreError::Aborted.into()),
         }
     }
 }

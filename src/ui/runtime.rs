@@ -310,6 +310,7 @@ fn execute_effect(
                         DownloadOptions {
                             force,
                             progress: Some(progress),
+                            ..Default::default()
                         },
                     )
                     .await

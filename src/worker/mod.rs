@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 
 pub use error::WorkerError;
@@ -205,7 +204,7 @@ impl Worker {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service::WorkerService::new(self.clone()).into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
                 let _ = stop.send(true);
             })
