@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".dfs.v1.ClusterStatusResponse", SERDE)
         .type_attribute(".dfs.v1.WorkerStatus", SERDE)
         .type_attribute(".dfs.v1.WorkerUsage", SERDE)
+        .type_attribute(".dfs.v1.ProcessStats", SERDE)
         .type_attribute(".dfs.v1.LogEvent", SERDE)
         .type_attribute(".dfs.v1.MatrixCell", SERDE)
         .type_attribute(".dfs.v1.DrainPlanResponse", SERDE)

@@ -22,6 +22,7 @@ pub mod events;
 pub mod logging;
 pub mod master;
 pub mod names;
+pub mod procstat;
 pub mod rpc;
 pub mod server;
 pub mod ui;

@@ -221,6 +221,8 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
             "1,4",
             "--limits",
             "--warm",
+            "--meta-files",
+            "25000",
             "--json",
         ],
     );
@@ -252,6 +254,19 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
         );
     }
     assert!(v["limits"]["write_fsync_mib_s"].as_f64().unwrap() > 0.0);
+    // Metadata scale: 25,000 names in three batches, measured, then deleted.
+    let meta = &v["meta"];
+    assert_eq!(meta["files"], 25_000);
+    assert!(meta["create_per_s"].as_f64().unwrap() > 0.0);
+    assert!(meta["stat_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(meta["master_rss_after"].as_u64().unwrap() > 0);
+    // Every phase has its resource row; with --local it is the one embedded process.
+    let res = v["resources"].as_array().unwrap();
+    assert_eq!(res.len(), 4 + 8 + 1, "{res:?}");
+    assert!(
+        res.iter()
+            .all(|r| r["process"] == "embedded" && r["peak_bytes"].as_u64() > Some(0))
+    );
     // It cleans up after itself: nothing left in the cluster or the scratch dir.
     assert!(!dir.path().join("dfs-bench").exists());
 }

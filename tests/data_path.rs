@@ -396,3 +396,72 @@ async fn a_full_worker_gets_no_chunks_and_the_upload_fails_cleanly() {
     assert!(only_a, "chunks of the failed upload remain");
     t.must_download_equal("a", &a).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_create_and_delete_are_all_or_nothing() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let names: Vec<String> = (0..500).map(|i| format!("empty-{i:04}")).collect();
+    assert_eq!(t.client.create_empty(names.clone()).await.unwrap(), 500);
+    let st = t.client.stat("empty-0042").await.unwrap();
+    assert_eq!(st.size, 0);
+    assert!(st.chunks.is_empty());
+    // An empty file downloads as zero bytes with the empty digest verified.
+    assert!(t.client.read("empty-0042").await.unwrap().is_empty());
+
+    // One existing name (or a duplicate in the batch) fails the whole batch: nothing created.
+    let e = t
+        .client
+        .create_empty(vec!["fresh-a".into(), "empty-0001".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    let e = t
+        .client
+        .create_empty(vec!["fresh-b".into(), "fresh-b".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    for n in ["fresh-a", "fresh-b"] {
+        assert_eq!(
+            t.client.stat(n).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+    let e = t
+        .client
+        .create_empty(vec!["ok".into(), "../escape".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("x{i}")).collect();
+    let e = t.client.create_empty(too_many).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert_eq!(t.client.status().await.unwrap().files, 500);
+
+    // Batch delete skips missing names and counts the rest.
+    let mut del: Vec<String> = names[..100].to_vec();
+    del.push("never-existed".into());
+    assert_eq!(t.client.delete_many(del).await.unwrap(), 100);
+    assert_eq!(t.client.list().await.unwrap().len(), 400);
+
+    assert_eq!(t.client.list().await.unwrap()[0].name, "empty-0100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_process_memory_and_cpu() {
+    let t = TestCluster::start(small_chunks(2)).await;
+    let ok = wait_until(Duration::from_secs(10), || {
+        let st = t.cluster.master().cluster_status();
+        st.workers.len() == 2 && st.workers.iter().all(|w| w.process.is_some())
+    })
+    .await;
+    assert!(ok, "workers never reported their process figures");
+    let st = t.client.status().await.unwrap();
+    let m = st.master_process.unwrap();
+    assert!(m.rss_bytes > 0 && m.peak_rss_bytes >= m.rss_bytes, "{m:?}");
+    assert_eq!(m.pid, std::process::id());
+    for w in &st.workers {
+        let p = w.process.unwrap();
+        assert!(p.rss_bytes > 0, "{w:?}");
+    }
+}

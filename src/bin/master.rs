@@ -39,6 +39,10 @@ struct Args {
     /// Re-replication copies that may run at once per worker (as source or target).
     #[arg(long, env = "DFS_MAX_REPAIRS_PER_WORKER", default_value_t = 2)]
     max_repairs_per_worker: usize,
+    /// Memory for the metadata store's page cache; the master's resident size is about this
+    /// plus a few dozen bytes per chunk, whatever the number of files.
+    #[arg(long, env = "DFS_METADATA_CACHE", default_value = "64MiB")]
+    metadata_cache: ByteSize,
     /// Rebuild lost metadata from the chunk headers the workers hold (needs an empty data dir).
     #[arg(long)]
     rebuild_from_workers: bool,
@@ -66,6 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cfg.heartbeat_timeout = args.heartbeat_timeout.0;
     cfg.upload_lease = args.upload_lease.0;
     cfg.gc_grace = args.gc_grace.0;
+    cfg.metadata_cache = args.metadata_cache.0;
     cfg.max_repairs_per_worker = args.max_repairs_per_worker;
     if args.rebuild_from_workers {
         cfg.rebuild_window = Some(args.rebuild_window.0);

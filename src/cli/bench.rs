@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::client::{Client, ClientError, UploadOptions};
 use crate::config::human_bytes;
+use crate::rpc::pb::ProcessStats;
 
 /// Bench settings (the `bench` operation's flags).
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub struct BenchConfig {
     pub warm: bool,
     /// Directory for local scratch files (and the disk limit measurements).
     pub scratch: PathBuf,
+    /// Empty files for the metadata-scale phase (0 = skip).
+    pub meta_files: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -55,12 +58,108 @@ pub struct Limits {
     pub loopback_tcp_mib_s: f64,
 }
 
+/// The metadata-scale phase.
+#[derive(Debug, Default, Serialize)]
+pub struct MetaStats {
+    pub files: usize,
+    pub create_per_s: f64,
+    /// Listing one page of 1,000 names at a random point.
+    pub ls_page_p50_ms: f64,
+    pub ls_page_p99_ms: f64,
+    pub stat_p50_ms: f64,
+    pub stat_p99_ms: f64,
+    pub delete_per_s: f64,
+    pub master_rss_before: u64,
+    pub master_rss_after: u64,
+    /// Growth of the master's resident memory divided by the files created.
+    pub master_bytes_per_file: f64,
+}
+
+/// CPU and memory of one process during one phase.
+#[derive(Debug, Default, Serialize)]
+pub struct ResourceUse {
+    pub phase: String,
+    /// "client", "master", "worker ADDR", or "embedded" (master, workers and client in this
+    /// one process with --local).
+    pub process: String,
+    pub cpu_s: f64,
+    pub rss_end_bytes: u64,
+    /// Peak during the phase for this process; for remote daemons, the peak since they
+    /// started (as of their last heartbeat, up to a second old).
+    pub peak_bytes: u64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
     pub master: String,
     pub limits: Option<Limits>,
     pub large: Vec<Throughput>,
     pub small: Vec<OpStats>,
+    pub meta: Option<MetaStats>,
+    pub resources: Vec<ResourceUse>,
+}
+
+/// Process figures of the client, master and workers at one moment.
+struct Snapshot {
+    client: ProcessStats,
+    master: Option<ProcessStats>,
+    workers: Vec<(String, ProcessStats)>,
+}
+
+impl Snapshot {
+    async fn take(client: &Client) -> Snapshot {
+        let me = crate::procstat::current();
+        let status = client.status().await.ok();
+        let master = status.as_ref().and_then(|s| s.master_process);
+        let workers = status
+            .map(|s| {
+                s.workers
+                    .into_iter()
+                    .filter_map(|w| w.process.map(|p| (w.address, p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Snapshot {
+            client: me,
+            master,
+            workers,
+        }
+    }
+}
+
+/// Starts a phase's resource accounting (resets this process's peak).
+async fn phase_start(client: &Client) -> Snapshot {
+    crate::procstat::reset_peak();
+    Snapshot::take(client).await
+}
+
+/// Ends a phase: CPU used and memory per process since `before`.
+async fn phase_end(client: &Client, phase: &str, before: Snapshot, out: &mut Vec<ResourceUse>) {
+    let after = Snapshot::take(client).await;
+    let row = |process: String, b: &ProcessStats, a: &ProcessStats| ResourceUse {
+        phase: phase.to_string(),
+        process,
+        cpu_s: a.cpu_ms.saturating_sub(b.cpu_ms) as f64 / 1000.0,
+        rss_end_bytes: a.rss_bytes,
+        peak_bytes: a.peak_rss_bytes,
+    };
+    let embedded = after.master.is_some_and(|m| m.pid == after.client.pid);
+    out.push(row(
+        if embedded { "embedded" } else { "client" }.to_string(),
+        &before.client,
+        &after.client,
+    ));
+    if embedded {
+        return;
+    }
+    if let (Some(b), Some(a)) = (&before.master, &after.master) {
+        out.push(row("master".into(), b, a));
+    }
+    for (addr, a) in &after.workers {
+        if let Some((_, b)) = before.workers.iter().find(|(w, _)| w == addr) {
+            out.push(row(format!("worker {addr}"), b, a));
+        }
+    }
 }
 
 fn progress(msg: &str) {
@@ -199,7 +298,9 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
     }
 
     // Large files at replication 1 and 3.
-    for replicas in [1u32, 3] {
+    let large_runs: &[u32] = if cfg.size == 0 { &[] } else { &[1, 3] };
+    for &replicas in large_runs {
+        let res = phase_start(client).await;
         let name = format!("dfs-bench-large-r{replicas}");
         progress(&format!(
             "uploading {} at {replicas} replica(s)…",
@@ -230,7 +331,15 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             of_limit: write_limit.map(|l| mbs / l),
             cache: "-".into(),
         });
+        phase_end(
+            client,
+            &format!("upload, {replicas} replica(s)"),
+            res,
+            &mut report.resources,
+        )
+        .await;
         let cache = drop_caches(cfg.warm);
+        let res = phase_start(client).await;
         progress(&format!("downloading {}…", human_bytes(cfg.size)));
         let t = Instant::now();
         // Read and verified (CRC32C per chunk, SHA-256 of the file) into a sink, as `dd
@@ -250,6 +359,13 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             of_limit: report.limits.as_ref().map(|l| mbs / l.read_mib_s),
             cache,
         });
+        phase_end(
+            client,
+            &format!("download, {replicas} replica(s)"),
+            res,
+            &mut report.resources,
+        )
+        .await;
         client.delete(&name).await?;
     }
     let _ = std::fs::remove_file(&big);
@@ -257,9 +373,15 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
     // Small files: 4 KiB at replication 3, create / read / stat / delete.
     let small = cfg.scratch.join("dfs-bench-4k.bin");
     std::fs::write(&small, vec![42u8; 4096]).map_err(|e| local("write", &small, e))?;
-    for &c in &cfg.concurrency {
+    let concurrency: &[usize] = if cfg.files == 0 {
+        &[]
+    } else {
+        &cfg.concurrency
+    };
+    for &c in concurrency {
         let c = c.max(1);
         for phase in ["create", "read", "stat", "delete"] {
+            let res = phase_start(client).await;
             progress(&format!(
                 "{phase}: {} files of 4 KiB, concurrency {c}…",
                 cfg.files
@@ -321,11 +443,93 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                 p50_ms: percentile(&lat, 0.5),
                 p99_ms: percentile(&lat, 0.99),
             });
+            phase_end(
+                client,
+                &format!("4 KiB {phase}, c={c}"),
+                res,
+                &mut report.resources,
+            )
+            .await;
         }
     }
     let _ = std::fs::remove_file(&small);
+    if cfg.meta_files > 0 {
+        let res = phase_start(client).await;
+        report.meta = Some(meta_phase(client, cfg.meta_files).await?);
+        phase_end(client, "metadata scale", res, &mut report.resources).await;
+    }
     progress("");
     Ok(report)
+}
+
+/// Names of the metadata phase, in batches the master accepts in one call.
+fn meta_names(n: usize) -> impl Iterator<Item = Vec<String>> {
+    const BATCH: usize = 10_000;
+    (0..n).step_by(BATCH).map(move |start| {
+        (start..(start + BATCH).min(n))
+            .map(|i| format!("dfs-bench-meta-{i:09}"))
+            .collect()
+    })
+}
+
+/// Creates `n` empty files through the batch fast path, measures listing and stat at that
+/// scale and the master's memory growth, then deletes them.
+async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError> {
+    let rss = |s: &Snapshot| s.master.map(|m| m.rss_bytes).unwrap_or(0);
+    let before = Snapshot::take(client).await;
+    let started = Instant::now();
+    let mut done = 0usize;
+    for batch in meta_names(n) {
+        done += batch.len();
+        client.create_empty(batch).await?;
+        progress(&format!("metadata: {done} of {n} names created…"));
+    }
+    let create_secs = started.elapsed().as_secs_f64();
+    // Let a heartbeat-independent master figure settle: status reads it live.
+    let after = Snapshot::take(client).await;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut ls = Vec::new();
+    for _ in 0..200 {
+        let after_name = format!("dfs-bench-meta-{:09}", next() % n as u64);
+        let t = Instant::now();
+        client.list_page(&after_name, 1000).await?;
+        ls.push(t.elapsed());
+    }
+    let mut stat = Vec::new();
+    for _ in 0..2000 {
+        let name = format!("dfs-bench-meta-{:09}", next() % n as u64);
+        let t = Instant::now();
+        client.stat(&name).await?;
+        stat.push(t.elapsed());
+    }
+    ls.sort();
+    stat.sort();
+    let started = Instant::now();
+    let mut deleted = 0usize;
+    for batch in meta_names(n) {
+        deleted += batch.len();
+        client.delete_many(batch).await?;
+        progress(&format!("metadata: {deleted} of {n} names deleted…"));
+    }
+    let delete_secs = started.elapsed().as_secs_f64();
+    Ok(MetaStats {
+        files: n,
+        create_per_s: n as f64 / create_secs.max(1e-9),
+        ls_page_p50_ms: percentile(&ls, 0.5),
+        ls_page_p99_ms: percentile(&ls, 0.99),
+        stat_p50_ms: percentile(&stat, 0.5),
+        stat_p99_ms: percentile(&stat, 0.99),
+        delete_per_s: n as f64 / delete_secs.max(1e-9),
+        master_rss_before: rss(&before),
+        master_rss_after: rss(&after),
+        master_bytes_per_file: rss(&after).saturating_sub(rss(&before)) as f64 / n as f64,
+    })
 }
 
 /// The report as a table.
@@ -339,36 +543,77 @@ pub fn render(r: &BenchReport) -> String {
             l.write_fsync_mib_s, l.read_mib_s, l.read_cache, l.loopback_tcp_mib_s
         );
     }
-    let _ = writeln!(
-        s,
-        "\n{:<26} {:>10} {:>9} {:>10} {:>9}  cache",
-        "large file", "size", "seconds", "MiB/s", "of limit"
-    );
-    for t in &r.large {
+    if !r.large.is_empty() {
         let _ = writeln!(
             s,
-            "{:<26} {:>10} {:>9.2} {:>10.1} {:>9}  {}",
-            t.phase,
-            human_bytes(t.bytes),
-            t.seconds,
-            t.mib_per_s,
-            t.of_limit
-                .map(|f| format!("{:.0}%", f * 100.0))
-                .unwrap_or_else(|| "-".into()),
-            t.cache
+            "\n{:<26} {:>10} {:>9} {:>10} {:>9}  cache",
+            "large file", "size", "seconds", "MiB/s", "of limit"
+        );
+        for t in &r.large {
+            let _ = writeln!(
+                s,
+                "{:<26} {:>10} {:>9.2} {:>10.1} {:>9}  {}",
+                t.phase,
+                human_bytes(t.bytes),
+                t.seconds,
+                t.mib_per_s,
+                t.of_limit
+                    .map(|f| format!("{:.0}%", f * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                t.cache
+            );
+        }
+    }
+    if !r.small.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{:<10} {:>11} {:>7} {:>7} {:>10} {:>9} {:>9}",
+            "4 KiB files", "concurrency", "ops", "failed", "ops/s", "p50 ms", "p99 ms"
+        );
+        for o in &r.small {
+            let _ = writeln!(
+                s,
+                "{:<10} {:>11} {:>7} {:>7} {:>10.0} {:>9.2} {:>9.2}",
+                o.phase, o.concurrency, o.ops, o.failed, o.ops_per_s, o.p50_ms, o.p99_ms
+            );
+        }
+    }
+    if let Some(m) = &r.meta {
+        let _ = writeln!(
+            s,
+            "\nmetadata scale: {} empty files created at {:.0}/s (batches of 10,000), deleted at {:.0}/s",
+            m.files, m.create_per_s, m.delete_per_s
+        );
+        let _ = writeln!(
+            s,
+            "  ls page of 1,000: p50 {:.2} ms, p99 {:.2} ms; stat: p50 {:.2} ms, p99 {:.2} ms",
+            m.ls_page_p50_ms, m.ls_page_p99_ms, m.stat_p50_ms, m.stat_p99_ms
+        );
+        let _ = writeln!(
+            s,
+            "  master resident memory {} -> {}: {:.0} bytes per file",
+            human_bytes(m.master_rss_before),
+            human_bytes(m.master_rss_after),
+            m.master_bytes_per_file
         );
     }
-    let _ = writeln!(
-        s,
-        "\n{:<10} {:>11} {:>7} {:>7} {:>10} {:>9} {:>9}",
-        "4 KiB files", "concurrency", "ops", "failed", "ops/s", "p50 ms", "p99 ms"
-    );
-    for o in &r.small {
+    if !r.resources.is_empty() {
         let _ = writeln!(
             s,
-            "{:<10} {:>11} {:>7} {:>7} {:>10.0} {:>9.2} {:>9.2}",
-            o.phase, o.concurrency, o.ops, o.failed, o.ops_per_s, o.p50_ms, o.p99_ms
+            "\n{:<26} {:<24} {:>8} {:>12} {:>12}",
+            "resources", "process", "cpu s", "rss end", "peak"
         );
+        for u in &r.resources {
+            let _ = writeln!(
+                s,
+                "{:<26} {:<24} {:>8.2} {:>12} {:>12}",
+                u.phase,
+                u.process,
+                u.cpu_s,
+                human_bytes(u.rss_end_bytes),
+                human_bytes(u.peak_bytes)
+            );
+        }
     }
     s
 }

@@ -130,6 +130,16 @@ pub enum Op {
         /// Scratch directory for local files (put it on the workers' file system).
         #[arg(long, default_value = "dfs-bench")]
         scratch_dir: PathBuf,
+        /// Metadata scale: create this many empty files through the batch fast path, then
+        /// measure ls/stat latency and the master's memory per file (0 = skip).
+        #[arg(long, default_value_t = 0)]
+        meta_files: usize,
+        /// Skip the large-file phases (e.g. to run only --meta-files).
+        #[arg(long)]
+        no_large: bool,
+        /// Skip the small-file phases.
+        #[arg(long)]
+        no_small: bool,
     },
 }
 
@@ -266,14 +276,18 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
             limits,
             warm,
             scratch_dir,
+            meta_files,
+            no_large,
+            no_small,
         } => {
             let cfg = bench::BenchConfig {
-                size: size.0,
-                files,
+                size: if no_large { 0 } else { size.0 },
+                files: if no_small { 0 } else { files },
                 concurrency,
                 limits,
                 warm,
                 scratch: scratch_dir.clone(),
+                meta_files,
             };
             let r = bench::run(&client, &cfg).await;
             let _ = std::fs::remove_dir(&scratch_dir);

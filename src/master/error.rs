@@ -26,6 +26,8 @@ pub enum MasterError {
     NoSpace { needed: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("file {0:?} already exists")]
+    AlreadyExists(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -42,6 +44,7 @@ impl From<MasterError> for Status {
             MasterError::NoLiveWorkers | MasterError::Rebuilding => Code::Unavailable,
             MasterError::NoSpace { .. } => Code::ResourceExhausted,
             MasterError::Conflict(_) => Code::Aborted,
+            MasterError::AlreadyExists(_) => Code::AlreadyExists,
             MasterError::Store(_) | MasterError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

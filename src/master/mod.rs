@@ -49,6 +49,8 @@ pub struct MasterConfig {
     /// Rebuild the namespace from worker chunk headers, collecting reports this long first.
     /// Refused unless the metadata store is empty.
     pub rebuild_window: Option<Duration>,
+    /// Bytes of the metadata store's page cache.
+    pub metadata_cache: u64,
     /// Run the repair loop (re-replication, trim, orphan collection). Off only to hold a
     /// degraded state still: maintenance, or tests that inspect it.
     pub repair: bool,
@@ -67,6 +69,7 @@ impl MasterConfig {
             max_repairs_per_worker: 2,
             rebuild_window: None,
             repair: true,
+            metadata_cache: 64 << 20,
         }
     }
 }
@@ -125,7 +128,10 @@ impl Master {
                 cfg.default_replicas
             )));
         }
-        let store: Arc<dyn MetaStore> = Arc::new(redb_store::RedbStore::open(&cfg.data_dir)?);
+        let store: Arc<dyn MetaStore> = Arc::new(redb_store::RedbStore::open_with_cache(
+            &cfg.data_dir,
+            cfg.metadata_cache as usize,
+        )?);
         let master = Master {
             policy: HealthPolicy::from_timeout(cfg.heartbeat_timeout),
             cfg,

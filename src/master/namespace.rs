@@ -26,7 +26,9 @@ type Garbage = Vec<(String, GarbageRecord)>;
 
 /// Placements returned with `StartUpload`; later chunks are allocated one by one.
 const FIRST_PLACEMENTS: u64 = 64;
-/// Largest listing page.
+/// SHA-256 of no bytes.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// Largest listing page (and batch of names).
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
 
@@ -528,45 +530,141 @@ impl Master {
 
     /// Removes `name` from the namespace; its chunks become garbage.
     pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
-        self.check_not_rebuilding()?;
         crate::names::validate(name)?;
+        let mut deleted = self.delete_names(vec![name.to_string()], true).await?;
+        let (file, info) = deleted
+            .pop()
+            .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
+        self.events.record(
+            Level::Info,
+            format!("deleted {:?} ({})", file.name, human_bytes(file.size)),
+        );
+        Ok(info)
+    }
+
+    /// Deletes every existing file of `names` in one transaction (missing names are skipped);
+    /// returns how many were deleted.
+    pub async fn delete_many(self: &Arc<Self>, names: Vec<String>) -> Result<u64, MasterError> {
+        if names.len() > MAX_PAGE {
+            return Err(MasterError::InvalidArgument(format!(
+                "at most {MAX_PAGE} names per call, not {}",
+                names.len()
+            )));
+        }
+        for n in &names {
+            crate::names::validate(n)?;
+        }
+        let deleted = self.delete_names(names, false).await?;
+        if !deleted.is_empty() {
+            self.events
+                .record(Level::Info, format!("deleted {} file(s)", deleted.len()));
+        }
+        Ok(deleted.len() as u64)
+    }
+
+    /// Removes `names` from the namespace in one transaction; their chunks become garbage.
+    /// With `must_exist`, a missing name fails the whole call.
+    async fn delete_names(
+        self: &Arc<Self>,
+        names: Vec<String>,
+        must_exist: bool,
+    ) -> Result<Vec<(FileRecord, FileInfo)>, MasterError> {
+        self.check_not_rebuilding()?;
         let announced = Announced::new(&*self.store);
         let guard = self.ns_lock.lock().await;
-        let n = name.to_string();
-        let (file, info, seq) = self
+        let (deleted, seq) = self
             .blocking(move |m| {
-                let ((file, garbage), seq) = m.store.write_deferred_with(
-                    |t| -> Result<(FileRecord, Garbage), MasterError> {
-                        let file = t
-                            .remove_file(&n)?
-                            .ok_or_else(|| MasterError::FileNotFound(n.clone()))?;
+                let ((files, garbage), seq) = m.store.write_deferred_with(
+                    |t| -> Result<(Vec<FileRecord>, Garbage), MasterError> {
+                        let mut files = Vec::new();
                         let mut garbage = Vec::new();
-                        for c in &file.chunks {
-                            let h = m.lock().holders(&c.chunk_id);
-                            garbage.push((
-                                c.chunk_id.clone(),
-                                add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
-                            ));
+                        for n in &names {
+                            let Some(file) = t.remove_file(n)? else {
+                                if must_exist {
+                                    return Err(MasterError::FileNotFound(n.clone()));
+                                }
+                                continue;
+                            };
+                            for c in &file.chunks {
+                                let h = m.lock().holders(&c.chunk_id);
+                                garbage.push((
+                                    c.chunk_id.clone(),
+                                    add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
+                                ));
+                            }
+                            files.push(file);
                         }
-                        Ok((file, garbage))
+                        Ok((files, garbage))
                     },
                 )?;
                 let mut inner = m.lock();
-                let info = m.file_info(&inner, &file, false);
-                inner.forget_file(&file);
+                let mut deleted = Vec::with_capacity(files.len());
+                for file in files {
+                    let info = m.file_info(&inner, &file, false);
+                    inner.forget_file(&file);
+                    deleted.push((file, info));
+                }
                 inner.garbage.extend(garbage);
-                Ok((file, info, seq))
+                Ok((deleted, seq))
             })
             .await?;
         drop(guard);
         drop(announced);
         self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
             .await?;
-        self.events.record(
-            Level::Info,
-            format!("deleted {:?} ({})", file.name, human_bytes(file.size)),
-        );
-        Ok(info)
+        Ok(deleted)
+    }
+
+    /// Creates empty files in one transaction (all or none): the metadata fast path. An empty
+    /// file has no chunks, so only the store changes; memory grows by nothing per file.
+    pub async fn create_empty(self: &Arc<Self>, names: Vec<String>) -> Result<u64, MasterError> {
+        self.check_not_rebuilding()?;
+        if names.len() > MAX_PAGE {
+            return Err(MasterError::InvalidArgument(format!(
+                "at most {MAX_PAGE} names per call, not {}",
+                names.len()
+            )));
+        }
+        for n in &names {
+            crate::names::validate(n)?;
+        }
+        let count = names.len() as u64;
+        let announced = Announced::new(&*self.store);
+        let guard = self.ns_lock.lock().await;
+        let seq = self
+            .blocking(move |m| {
+                let ((), seq) = m
+                    .store
+                    .write_deferred_with(|t| -> Result<(), MasterError> {
+                        let now = now_unix_ms();
+                        for name in &names {
+                            if t.get_file(name)?.is_some() {
+                                return Err(MasterError::AlreadyExists(name.clone()));
+                            }
+                            let id = t.next_file_id()?;
+                            t.put_file(&FileRecord {
+                                name: name.clone(),
+                                file_id: id,
+                                version: id,
+                                size: 0,
+                                chunk_size: m.cfg.chunk_size,
+                                replicas: m.cfg.default_replicas,
+                                modified_unix_ms: now,
+                                sha256: EMPTY_SHA256.to_string(),
+                                chunks: Vec::new(),
+                            })?;
+                        }
+                        Ok(())
+                    })?;
+                m.lock().files += names.len() as u64;
+                Ok(seq)
+            })
+            .await?;
+        drop(guard);
+        drop(announced);
+        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
+            .await?;
+        Ok(count)
     }
 
     /// Builds the wire view of a file; replicas are ordered alive first.

@@ -56,10 +56,18 @@ const JOIN_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 impl RedbStore {
     /// Opens (or creates) `<dir>/meta.redb`. Fails if another master holds it open.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_with_cache(dir, 64 << 20)
+    }
+
+    /// Opens the store with a page cache of `cache_bytes` (redb's default is 1 GiB, which
+    /// would let the master grow with the namespace).
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("meta.redb");
-        let db = Database::create(&path)
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         {

@@ -42,6 +42,8 @@ pub struct WorkerEntry {
     pub last_health: Health,
     /// Draining: no new chunks; its replicas do not count toward targets.
     pub draining: bool,
+    /// The worker process's memory and CPU as of its last heartbeat.
+    pub process: Option<crate::rpc::pb::ProcessStats>,
 }
 
 /// Timeouts that turn heartbeat age into health.
@@ -83,6 +85,7 @@ impl Registry {
             pending_bytes: 0,
             last_health: Health::Dead,
             draining: false,
+            process: None,
         });
         self.by_address.insert(address.to_string(), i);
         i

@@ -196,6 +196,36 @@ impl pb::master_server::Master for MasterService {
         finish("delete_file", &p, &r.name, t, res)
     }
 
+    async fn create_empty(
+        &self,
+        req: Request<pb::CreateEmptyRequest>,
+    ) -> Result<Response<pb::CreateEmptyResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let what = format!("{} name(s)", r.names.len());
+        let res = self
+            .master
+            .create_empty(r.names)
+            .await
+            .map(|created| pb::CreateEmptyResponse { created });
+        finish("create_empty", &p, &what, t, res)
+    }
+
+    async fn delete_many(
+        &self,
+        req: Request<pb::DeleteManyRequest>,
+    ) -> Result<Response<pb::DeleteManyResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let what = format!("{} name(s)", r.names.len());
+        let res = self
+            .master
+            .delete_many(r.names)
+            .await
+            .map(|deleted| pb::DeleteManyResponse { deleted });
+        finish("delete_many", &p, &what, t, res)
+    }
+
     async fn report_bad_replica(
         &self,
         req: Request<pb::ReportBadReplicaRequest>,

@@ -35,6 +35,7 @@ impl Master {
         }
         let mut out = ClusterStatusResponse {
             master_address: self.address.lock().map(|a| a.clone()).unwrap_or_default(),
+            master_process: Some(crate::procstat::current()),
             files: inner.files,
             logical_bytes: inner.logical_bytes,
             chunks: counts.chunks,
@@ -92,6 +93,7 @@ impl Master {
                     .map(|t| now.saturating_duration_since(t).as_millis() as i64)
                     .unwrap_or(-1),
                 chunks_mapped: per_worker.get(&i).copied().unwrap_or(0),
+                process: w.process,
             });
         }
         out.workers.sort_by(|a, b| a.address.cmp(&b.address));

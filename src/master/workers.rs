@@ -171,6 +171,7 @@ impl Master {
                 });
             }
             w.usage = req.usage.unwrap_or_default();
+            w.process = req.process;
             w.last_heartbeat = Some(Instant::now());
             w.pending_bytes = 0;
             let mut acked = Vec::new();

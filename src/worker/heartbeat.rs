@@ -65,6 +65,7 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                     usage: Some(worker.usage()),
                     deleted_chunks: acks.clone(),
                     corrupt_chunks: corrupt.clone(),
+                    process: Some(crate::procstat::current()),
                 })
                 .await
             {
