@@ -29,6 +29,11 @@ pub struct WorkerService {
     worker: Arc<Worker>,
 }
 
+/// Data messages (1 MiB each) queued toward the disk and toward the next worker. Deep enough
+/// that neither side waits on the other, shallow enough that a worker stays well under
+/// 64 MiB while a 4 GiB file streams through it (with the HTTP/2 window on top).
+const PIPELINE_DEPTH: usize = 4;
+
 impl WorkerService {
     pub fn new(worker: Arc<Worker>) -> Self {
         WorkerService { worker }
@@ -133,7 +138,7 @@ impl WorkerService {
         let reservation = w.store.reserve(length)?;
 
         // Disk writer: a blocking task fed through a bounded channel.
-        let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(8);
+        let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
         let store = w.store.clone();
         let h2 = header.clone();
         let disk = tokio::task::spawn_blocking(move || {
@@ -148,7 +153,7 @@ impl WorkerService {
         let next = start.downstream.first().cloned();
         let (down_tx, down_task) = match &next {
             Some(next) => {
-                let (tx, rx) = mpsc::channel::<WriteChunkRequest>(8);
+                let (tx, rx) = mpsc::channel::<WriteChunkRequest>(PIPELINE_DEPTH);
                 let first = WriteChunkRequest {
                     msg: Some(write_chunk_request::Msg::Start(WriteStart {
                         header: Some(header.clone()),
