@@ -485,7 +485,7 @@ async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError>
         progress(&format!("metadata: {done} of {n} names created…"));
     }
     let create_secs = started.elapsed().as_secs_f64();
-    // Let a heartbeat-independent master figure settle: status reads it live.
+    // The master's figure is read live by `status` (not from a heartbeat).
     let after = Snapshot::take(client).await;
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {

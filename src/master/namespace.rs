@@ -11,8 +11,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::store::{
-    Allocation, Announced, ChunkRef, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord,
-    WriteTxn,
+    Allocation, Announced, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt,
+    UploadRecord, WriteTxn,
 };
 use super::{Inner, MAX_REPLICAS, Master, MasterError};
 use crate::chunk::{ChunkId, random_u128};
@@ -323,12 +323,9 @@ impl Master {
                 "sha256 must be 64 lowercase hex digits".into(),
             ));
         }
-        let announced = Announced::new(&*self.store);
-        let guard = self.ns_lock.lock().await;
-        // One blocking step under the namespace lock: read, validate and write in one
-        // transaction, then mirror it in memory. The fsync comes after the lock is released.
-        let (file, old, info, seq) = self
-            .blocking(move |m| {
+        // Read, validate and write in one transaction, then mirror it in memory.
+        let (file, old, info) = self
+            .mutate_durably(move |m| {
                 let ((file, old, garbage, allocs), seq) = m.store.write_deferred_with(
                     |t| -> Result<
                         (FileRecord, Option<FileRecord>, Garbage, Vec<String>),
@@ -406,13 +403,8 @@ impl Master {
                 inner.logical_bytes += file.size;
                 inner.garbage.extend(garbage);
                 let info = m.file_info(&inner, &file, false);
-                Ok((file, old, info, seq))
+                Ok(((file, old, info), seq))
             })
-            .await?;
-        // The fsync happens outside the namespace lock, shared with concurrent commits.
-        drop(guard);
-        drop(announced);
-        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
             .await?;
         self.events.record(
             Level::Info,
@@ -434,6 +426,24 @@ impl Master {
             file: Some(info),
             replaced: old.is_some(),
         })
+    }
+
+    /// Runs `apply` (one deferred store transaction and its in-memory mirror) in one blocking
+    /// step under the namespace lock, so memory follows the store's order; then waits, outside
+    /// the lock, for the fsync it shares with concurrent mutations. Every change a client is
+    /// told about goes through here.
+    async fn mutate_durably<T: Send + 'static>(
+        self: &Arc<Self>,
+        apply: impl FnOnce(&Master) -> Result<(T, CommitSeq), MasterError> + Send + 'static,
+    ) -> Result<T, MasterError> {
+        let announced = Announced::new(&*self.store);
+        let guard = self.ns_lock.lock().await;
+        let (value, seq) = self.blocking(apply).await?;
+        drop(guard);
+        drop(announced);
+        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
+            .await?;
+        Ok(value)
     }
 
     /// Drops an open upload; every chunk allocated to it becomes garbage.
@@ -545,15 +555,7 @@ impl Master {
     /// Deletes every existing file of `names` in one transaction (missing names are skipped);
     /// returns how many were deleted.
     pub async fn delete_many(self: &Arc<Self>, names: Vec<String>) -> Result<u64, MasterError> {
-        if names.len() > MAX_PAGE {
-            return Err(MasterError::InvalidArgument(format!(
-                "at most {MAX_PAGE} names per call, not {}",
-                names.len()
-            )));
-        }
-        for n in &names {
-            crate::names::validate(n)?;
-        }
+        validate_batch(&names)?;
         let deleted = self.delete_names(names, false).await?;
         if !deleted.is_empty() {
             self.events
@@ -570,101 +572,76 @@ impl Master {
         must_exist: bool,
     ) -> Result<Vec<(FileRecord, FileInfo)>, MasterError> {
         self.check_not_rebuilding()?;
-        let announced = Announced::new(&*self.store);
-        let guard = self.ns_lock.lock().await;
-        let (deleted, seq) = self
-            .blocking(move |m| {
-                let ((files, garbage), seq) = m.store.write_deferred_with(
-                    |t| -> Result<(Vec<FileRecord>, Garbage), MasterError> {
-                        let mut files = Vec::new();
-                        let mut garbage = Vec::new();
-                        for n in &names {
-                            let Some(file) = t.remove_file(n)? else {
-                                if must_exist {
-                                    return Err(MasterError::FileNotFound(n.clone()));
-                                }
-                                continue;
-                            };
-                            for c in &file.chunks {
-                                let h = m.lock().holders(&c.chunk_id);
-                                garbage.push((
-                                    c.chunk_id.clone(),
-                                    add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
-                                ));
+        self.mutate_durably(move |m| {
+            let ((files, garbage), seq) = m.store.write_deferred_with(
+                |t| -> Result<(Vec<FileRecord>, Garbage), MasterError> {
+                    let mut files = Vec::new();
+                    let mut garbage = Vec::new();
+                    for n in &names {
+                        let Some(file) = t.remove_file(n)? else {
+                            if must_exist {
+                                return Err(MasterError::FileNotFound(n.clone()));
                             }
-                            files.push(file);
+                            continue;
+                        };
+                        for c in &file.chunks {
+                            let h = m.lock().holders(&c.chunk_id);
+                            garbage.push((
+                                c.chunk_id.clone(),
+                                add_garbage(t, &c.chunk_id, &h, "deleted file", now_unix_ms())?,
+                            ));
                         }
-                        Ok((files, garbage))
-                    },
-                )?;
-                let mut inner = m.lock();
-                let mut deleted = Vec::with_capacity(files.len());
-                for file in files {
-                    let info = m.file_info(&inner, &file, false);
-                    inner.forget_file(&file);
-                    deleted.push((file, info));
-                }
-                inner.garbage.extend(garbage);
-                Ok((deleted, seq))
-            })
-            .await?;
-        drop(guard);
-        drop(announced);
-        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
-            .await?;
-        Ok(deleted)
+                        files.push(file);
+                    }
+                    Ok((files, garbage))
+                },
+            )?;
+            let mut inner = m.lock();
+            let mut deleted = Vec::with_capacity(files.len());
+            for file in files {
+                let info = m.file_info(&inner, &file, false);
+                inner.forget_file(&file);
+                deleted.push((file, info));
+            }
+            inner.garbage.extend(garbage);
+            Ok((deleted, seq))
+        })
+        .await
     }
 
     /// Creates empty files in one transaction (all or none): the metadata fast path. An empty
     /// file has no chunks, so only the store changes; memory grows by nothing per file.
     pub async fn create_empty(self: &Arc<Self>, names: Vec<String>) -> Result<u64, MasterError> {
         self.check_not_rebuilding()?;
-        if names.len() > MAX_PAGE {
-            return Err(MasterError::InvalidArgument(format!(
-                "at most {MAX_PAGE} names per call, not {}",
-                names.len()
-            )));
-        }
-        for n in &names {
-            crate::names::validate(n)?;
-        }
-        let count = names.len() as u64;
-        let announced = Announced::new(&*self.store);
-        let guard = self.ns_lock.lock().await;
-        let seq = self
-            .blocking(move |m| {
-                let ((), seq) = m
-                    .store
-                    .write_deferred_with(|t| -> Result<(), MasterError> {
-                        let now = now_unix_ms();
-                        for name in &names {
-                            if t.get_file(name)?.is_some() {
-                                return Err(MasterError::AlreadyExists(name.clone()));
-                            }
-                            let id = t.next_file_id()?;
-                            t.put_file(&FileRecord {
-                                name: name.clone(),
-                                file_id: id,
-                                version: id,
-                                size: 0,
-                                chunk_size: m.cfg.chunk_size,
-                                replicas: m.cfg.default_replicas,
-                                modified_unix_ms: now,
-                                sha256: EMPTY_SHA256.to_string(),
-                                chunks: Vec::new(),
-                            })?;
+        validate_batch(&names)?;
+        self.mutate_durably(move |m| {
+            let ((), seq) = m
+                .store
+                .write_deferred_with(|t| -> Result<(), MasterError> {
+                    let now = now_unix_ms();
+                    for name in &names {
+                        if t.get_file(name)?.is_some() {
+                            return Err(MasterError::AlreadyExists(name.clone()));
                         }
-                        Ok(())
-                    })?;
-                m.lock().files += names.len() as u64;
-                Ok(seq)
-            })
-            .await?;
-        drop(guard);
-        drop(announced);
-        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
-            .await?;
-        Ok(count)
+                        let id = t.next_file_id()?;
+                        t.put_file(&FileRecord {
+                            name: name.clone(),
+                            file_id: id,
+                            version: id,
+                            size: 0,
+                            chunk_size: m.cfg.chunk_size,
+                            replicas: m.cfg.default_replicas,
+                            modified_unix_ms: now,
+                            sha256: EMPTY_SHA256.to_string(),
+                            chunks: Vec::new(),
+                        })?;
+                    }
+                    Ok(())
+                })?;
+            m.lock().files += names.len() as u64;
+            Ok((names.len() as u64, seq))
+        })
+        .await
     }
 
     /// Builds the wire view of a file; replicas are ordered alive first.
@@ -734,6 +711,20 @@ impl Master {
 }
 
 /// Checks a commit against its upload and builds the file record it would install.
+/// Checks a batch call's names: at most a listing page of them, each a valid name.
+fn validate_batch(names: &[String]) -> Result<(), MasterError> {
+    if names.len() > MAX_PAGE {
+        return Err(MasterError::InvalidArgument(format!(
+            "at most {MAX_PAGE} names per call, not {}",
+            names.len()
+        )));
+    }
+    for n in names {
+        crate::names::validate(n)?;
+    }
+    Ok(())
+}
+
 fn validate_commit(
     upload: &UploadRecord,
     req: &pb::CommitUploadRequest,
