@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".dfs.v1")
         .type_attribute(".dfs.v1.FileInfo", SERDE)
         .type_attribute(".dfs.v1.ChunkInfo", SERDE)
+        // A capability is a credential: never printed in `--json` output.
+        .field_attribute(".dfs.v1.ChunkInfo.token", "#[serde(skip)]")
         .type_attribute(".dfs.v1.ReplicaInfo", SERDE)
         .type_attribute(".dfs.v1.ClusterStatusResponse", SERDE)
         .type_attribute(".dfs.v1.WorkerStatus", SERDE)

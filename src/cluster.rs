@@ -49,6 +49,12 @@ pub struct LocalClusterConfig {
     pub max_repairs_per_worker: usize,
     /// Run the master's repair loop (see `MasterConfig::repair`).
     pub repair: bool,
+    /// Shared by the master and every worker: turns on tokens and chunk capabilities.
+    pub cluster_secret: Option<crate::security::ClusterSecret>,
+    /// TLS material every node uses (one certificate for all, as `gen-certs` makes for tests).
+    pub tls: Option<crate::security::tls::TlsMaterial>,
+    pub worker_limits: crate::worker::WorkerLimits,
+    pub master_limits: crate::master::MasterLimits,
 }
 
 impl Default for LocalClusterConfig {
@@ -67,6 +73,10 @@ impl Default for LocalClusterConfig {
             gc_grace: Duration::from_secs(60),
             max_repairs_per_worker: 2,
             repair: true,
+            cluster_secret: None,
+            tls: None,
+            worker_limits: Default::default(),
+            master_limits: Default::default(),
         }
     }
 }
@@ -149,6 +159,9 @@ impl LocalCluster {
         mcfg.gc_grace = cfg.gc_grace;
         mcfg.max_repairs_per_worker = cfg.max_repairs_per_worker;
         mcfg.repair = cfg.repair;
+        mcfg.cluster_secret = cfg.cluster_secret.clone();
+        mcfg.tls = cfg.tls.clone();
+        mcfg.limits = cfg.master_limits;
         std::fs::create_dir_all(dir).map_err(|source| ClusterError::Bind {
             addr: dir.display().to_string(),
             source,
@@ -238,6 +251,9 @@ impl LocalCluster {
                 rate: self.cfg.scrub_rate,
                 interval: self.cfg.scrub_interval,
             },
+            cluster_secret: self.cfg.cluster_secret.clone(),
+            tls: self.cfg.tls.clone(),
+            limits: self.cfg.worker_limits,
         };
         let worker = Worker::open(&wcfg, &listener)?;
         let addr = worker.address().to_string();

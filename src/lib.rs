@@ -24,6 +24,7 @@ pub mod master;
 pub mod names;
 pub mod procstat;
 pub mod rpc;
+pub mod security;
 pub mod server;
 pub mod ui;
 pub mod worker;

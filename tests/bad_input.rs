@@ -190,6 +190,7 @@ fn start_msg(chunk_id: &str, len: u64, downstream: Vec<String>) -> pb::WriteChun
                 ..Default::default()
             }),
             downstream,
+            token: Default::default(),
         })),
     }
 }
@@ -265,12 +266,16 @@ async fn workers_keep_nothing_from_a_bad_chunk_stream() {
     let e = w
         .read_chunk(pb::ReadChunkRequest {
             chunk_id: "../x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = w
-        .read_chunk(pb::ReadChunkRequest { chunk_id: id() })
+        .read_chunk(pb::ReadChunkRequest {
+            chunk_id: id(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

@@ -289,6 +289,7 @@ fn file_detail() {
                 chunk_id: format!("9f86d081884c7d659a2feaa0c55ad0{i:02x}"),
                 length: if i < 2 { 8 << 20 } else { 4 << 20 },
                 crc32c: 0x1234_5678 + i,
+                token: Default::default(),
                 replicas: vec![
                     ReplicaInfo {
                         worker: "10.0.0.1:50051".into(),

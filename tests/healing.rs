@@ -142,6 +142,7 @@ async fn the_scrubber_finds_flipped_bytes_and_the_copy_is_repaired() {
         let mut stream = w
             .read_chunk(pb::ReadChunkRequest {
                 chunk_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -222,6 +223,7 @@ async fn orphan_chunks_are_listed_then_collected_after_the_grace() {
         index: 0,
         chunk_id: orphan.clone(),
         workers: vec![addr.clone()],
+        ..Default::default()
     };
     write_chunk_direct(&placement, "nobody", &data, None)
         .await

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use dfs::cli::Op;
 use dfs::cluster::{LocalCluster, LocalClusterConfig};
+use dfs::rpc::Transport;
+use dfs::security::tls::TlsMaterial;
 
 /// The dfs console: a live dashboard of workers, files, transfers and logs.
 /// `dfs-tui --cmd OP ARGS…` runs one operation and exits (scriptable).
@@ -32,6 +34,8 @@ struct Args {
     /// Directory for the log file (dfs-tui.log).
     #[arg(long, env = "DFS_LOG_DIR", default_value = "logs", global = true)]
     log_dir: PathBuf,
+    #[command(flatten)]
+    access: dfs::cli::access::AccessArgs,
     /// Run one operation (given as `--cmd OP ARGS…`).
     #[command(subcommand)]
     op: Option<Op>,
@@ -73,6 +77,11 @@ fn main() {
         eprintln!("error: --local takes 1 to 64 workers");
         std::process::exit(2);
     }
+    if let Some(op) = &args.op
+        && op.is_offline()
+    {
+        std::process::exit(dfs::cli::run_offline(op, &args.access, args.json));
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -86,8 +95,8 @@ fn main() {
             let guard = dfs::logging::init(&args.log_dir, "dfs-tui.log", Some("off"));
             let code = rt.block_on(async {
                 match start_local(&args).await {
-                    Ok((addr, cluster)) => {
-                        let code = dfs::cli::run(&addr, op, args.json).await;
+                    Ok((addr, transport, cluster)) => {
+                        let code = dfs::cli::run(&addr, transport, op, args.json).await;
                         if let Some(c) = cluster {
                             c.shutdown().await;
                         }
@@ -111,8 +120,8 @@ fn main() {
             }
             let guard = dfs::ui::runtime::init_logging(&args.log_dir);
             let r = rt.block_on(async {
-                let (addr, cluster) = start_local(&args).await?;
-                let r = dfs::ui::runtime::run(addr, cluster.is_some()).await;
+                let (addr, transport, cluster) = start_local(&args).await?;
+                let r = dfs::ui::runtime::run(addr, transport, cluster.is_some()).await;
                 if let Some(c) = cluster {
                     c.shutdown().await;
                 }
@@ -133,14 +142,32 @@ fn main() {
     std::process::exit(code);
 }
 
-/// With `--local N`, starts the embedded cluster; returns the master address to use.
-async fn start_local(args: &Args) -> anyhow::Result<(String, Option<LocalCluster>)> {
+/// With `--local N`, starts the embedded cluster; returns the master address to use and how
+/// to reach it.
+async fn start_local(args: &Args) -> anyhow::Result<(String, Transport, Option<LocalCluster>)> {
     let Some(n) = args.local else {
-        return Ok((args.master.clone(), None));
+        return Ok((args.master.clone(), args.access.client_transport()?, None));
     };
+    let secret = args.access.secret()?;
+    let tls = TlsMaterial::for_daemon(&args.access.tls_files())?;
+    // The console of an embedded cluster is its owner: without a token of its own, it signs
+    // one with the cluster's secret.
+    let token = match (args.access.token()?, &secret) {
+        (Some(t), _) => Some(t),
+        (None, Some(s)) => Some(dfs::cli::access::mint_token(
+            s,
+            false,
+            "local-console",
+            None,
+        )?),
+        (None, None) => None,
+    };
+    let transport = Transport::new(tls.as_ref(), token.as_deref())?;
     let cfg = LocalClusterConfig {
         workers: n,
         sticky_ports: true,
+        cluster_secret: secret,
+        tls,
         ..Default::default()
     };
     let cluster = LocalCluster::start(&args.data_dir, cfg)
@@ -151,5 +178,5 @@ async fn start_local(args: &Args) -> anyhow::Result<(String, Option<LocalCluster
                 args.data_dir.display()
             )
         })?;
-    Ok((cluster.master_addr().to_string(), Some(cluster)))
+    Ok((cluster.master_addr().to_string(), transport, Some(cluster)))
 }

@@ -49,6 +49,25 @@ struct Args {
     /// With --rebuild-from-workers: how long to collect worker reports before rebuilding.
     #[arg(long, env = "DFS_REBUILD_WINDOW", default_value = "15s")]
     rebuild_window: HumanDuration,
+    #[command(flatten)]
+    access: dfs::cli::access::DaemonAccessArgs,
+    /// How long a chunk capability handed to a client stays valid.
+    #[arg(long, env = "DFS_CHUNK_TOKEN_TTL", default_value = "1h")]
+    chunk_token_ttl: HumanDuration,
+    /// Largest request accepted (worker chunk reports are the largest); larger ones get
+    /// ResourceExhausted.
+    #[arg(long, env = "DFS_MAX_MESSAGE_SIZE", default_value = "64MiB")]
+    max_message_size: ByteSize,
+    /// Concurrent HTTP/2 streams one connection may open.
+    #[arg(long, env = "DFS_MAX_STREAMS_PER_CONN", default_value_t = 256)]
+    max_streams_per_conn: u32,
+    /// Deadline for one request; slower ones get DeadlineExceeded.
+    #[arg(long, env = "DFS_REQUEST_TIMEOUT", default_value = "60s")]
+    request_timeout: HumanDuration,
+    /// Open uploads one client (token subject, or IP address without tokens) may hold;
+    /// more get ResourceExhausted.
+    #[arg(long, env = "DFS_MAX_OPEN_UPLOADS_PER_CLIENT", default_value_t = 256)]
+    max_open_uploads_per_client: usize,
 }
 
 fn main() {
@@ -75,6 +94,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.rebuild_from_workers {
         cfg.rebuild_window = Some(args.rebuild_window.0);
     }
+    let (secret, tls) = args.access.load()?;
+    dfs::cli::access::log_exposure("master", &args.listen, secret.is_some(), tls.is_some());
+    cfg.cluster_secret = secret;
+    cfg.tls = tls;
+    cfg.chunk_token_ttl = args.chunk_token_ttl.0;
+    anyhow::ensure!(
+        args.max_message_size.0 >= 1 << 20 && args.max_message_size.0 <= 1 << 30,
+        "--max-message-size must be between 1MiB and 1GiB"
+    );
+    anyhow::ensure!(
+        args.max_open_uploads_per_client > 0 && args.max_streams_per_conn > 0,
+        "--max-open-uploads-per-client and --max-streams-per-conn must be at least 1"
+    );
+    cfg.limits = dfs::master::MasterLimits {
+        max_message: args.max_message_size.0 as usize,
+        max_streams_per_conn: args.max_streams_per_conn,
+        request_timeout: args.request_timeout.0,
+        max_open_uploads_per_client: args.max_open_uploads_per_client,
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -38,6 +38,21 @@ struct Args {
     /// Pause between two scrub passes over all chunks.
     #[arg(long, env = "DFS_SCRUB_INTERVAL", default_value = "1h")]
     scrub_interval: HumanDuration,
+    #[command(flatten)]
+    access: dfs::cli::access::DaemonAccessArgs,
+    /// Largest message accepted (data messages carry at most 1 MiB).
+    #[arg(long, env = "DFS_MAX_MESSAGE_SIZE", default_value = "4MiB")]
+    max_message_size: ByteSize,
+    /// Concurrent HTTP/2 streams one connection may open.
+    #[arg(long, env = "DFS_MAX_STREAMS_PER_CONN", default_value_t = 256)]
+    max_streams_per_conn: u32,
+    /// Chunk reads, writes and copies served at once; more get ResourceExhausted.
+    #[arg(long, env = "DFS_MAX_TRANSFERS", default_value_t = 256)]
+    max_transfers: usize,
+    /// A chunk stream that neither sends nor takes data for this long is cut off
+    /// (DeadlineExceeded) and its resources freed.
+    #[arg(long, env = "DFS_IDLE_TIMEOUT", default_value = "30s")]
+    idle_timeout: HumanDuration,
 }
 
 fn main() {
@@ -57,6 +72,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let (secret, tls) = args.access.load()?;
+    dfs::cli::access::log_exposure("worker", &listen, secret.is_some(), tls.is_some());
+    anyhow::ensure!(
+        args.max_message_size.0 >= 2 << 20 && args.max_message_size.0 <= 1 << 30,
+        "--max-message-size must be between 2MiB and 1GiB (data messages carry 1 MiB)"
+    );
+    anyhow::ensure!(
+        args.max_transfers > 0 && args.max_streams_per_conn > 0,
+        "--max-transfers and --max-streams-per-conn must be at least 1"
+    );
+    anyhow::ensure!(
+        args.idle_timeout.0 >= std::time::Duration::from_millis(100),
+        "--idle-timeout must be at least 100ms"
+    );
     let cfg = WorkerConfig {
         data_dir: args
             .data_dir
@@ -69,6 +98,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         scrub: dfs::worker::scrub::ScrubConfig {
             rate: args.scrub_rate.0,
             interval: args.scrub_interval.0,
+        },
+        cluster_secret: secret,
+        tls,
+        limits: dfs::worker::WorkerLimits {
+            max_message: args.max_message_size.0 as usize,
+            max_streams_per_conn: args.max_streams_per_conn,
+            max_transfers: args.max_transfers,
+            idle_timeout: args.idle_timeout.0,
         },
     };
     let worker = Worker::open(&cfg, &listener)?;

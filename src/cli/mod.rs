@@ -3,6 +3,7 @@
 //! Each operation prints a short human summary, or with `--json` one JSON document on stdout.
 //! Failures print one line on stderr (and a JSON error object with `--json`) and exit non-zero.
 
+pub mod access;
 pub mod bench;
 mod output;
 
@@ -141,11 +142,101 @@ pub enum Op {
         #[arg(long)]
         no_small: bool,
     },
+    /// Write a development CA and certificates for master, workers and clients into DIR
+    /// (offline; nothing is overwritten).
+    GenCerts {
+        dir: PathBuf,
+        /// Extra host name or IP address the certificates are valid for (repeatable);
+        /// localhost, 127.0.0.1 and ::1 are always included.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Write a new random cluster secret to FILE, readable by its owner only (offline).
+    GenSecret { file: PathBuf },
+    /// Print an access token signed with --cluster-secret-file (offline).
+    Token {
+        /// A token that may list, stat, download and watch, but not change anything.
+        #[arg(long)]
+        read_only: bool,
+        /// Who holds it: shown in the master's logs and keys per-client limits.
+        #[arg(long, default_value = "client")]
+        subject: String,
+        /// Lifetime (e.g. 30d); default: no expiry (revoke by changing the secret).
+        #[arg(long)]
+        ttl: Option<crate::config::HumanDuration>,
+    },
+}
+
+impl Op {
+    /// True for the operations that make security material and need no cluster.
+    pub fn is_offline(&self) -> bool {
+        matches!(
+            self,
+            Op::GenCerts { .. } | Op::GenSecret { .. } | Op::Token { .. }
+        )
+    }
+}
+
+/// Runs an offline operation; returns the exit code.
+pub fn run_offline(op: &Op, access: &access::AccessArgs, json: bool) -> i32 {
+    let r: Result<String, crate::security::SecurityError> = match op {
+        Op::GenCerts { dir, hosts, days } => {
+            crate::security::certs::generate(dir, hosts, *days).map(|files| {
+                if json {
+                    format!("{}\n", serde_json::json!({ "files": files }))
+                } else {
+                    format!(
+                        "wrote {} files to {}:\n  {}\nstart nodes with --tls-cert {d}/<role>.pem --tls-key {d}/<role>.key --tls-ca {d}/ca.pem\n",
+                        files.len(),
+                        dir.display(),
+                        files.join("\n  "),
+                        d = dir.display()
+                    )
+                }
+            })
+        }
+        Op::GenSecret { file } => crate::security::secret::write_new_secret(file).map(|()| {
+            format!(
+                "wrote a new cluster secret to {} (mode 0600); give it to the master and every worker with --cluster-secret-file\n",
+                file.display()
+            )
+        }),
+        Op::Token {
+            read_only,
+            subject,
+            ttl,
+        } => match access.secret() {
+            Ok(Some(secret)) => {
+                access::mint_token(&secret, *read_only, subject, ttl.map(|t| t.0))
+                    .map(|t| format!("{t}\n"))
+            }
+            Ok(None) => Err(crate::security::SecurityError::Invalid(
+                "--cmd token needs --cluster-secret-file".into(),
+            )),
+            Err(e) => Err(e),
+        },
+        _ => Err(crate::security::SecurityError::Invalid(
+            "not an offline operation".into(),
+        )),
+    };
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 /// Runs one operation against the master at `master`; returns the process exit code.
-pub async fn run(master: &str, op: Op, json: bool) -> i32 {
-    match execute(master, op, json).await {
+pub async fn run(master: &str, transport: crate::rpc::Transport, op: Op, json: bool) -> i32 {
+    match execute(master, transport, op, json).await {
         Ok(text) => {
             print!("{text}");
             0
@@ -164,8 +255,13 @@ pub async fn run(master: &str, op: Op, json: bool) -> i32 {
     }
 }
 
-async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError> {
-    let client = Client::connect(master).await?;
+async fn execute(
+    master: &str,
+    transport: crate::rpc::Transport,
+    op: Op,
+    json: bool,
+) -> Result<String, ClientError> {
+    let client = Client::connect_with(master, transport).await?;
     match op {
         Op::Upload {
             file,
@@ -301,6 +397,9 @@ async fn execute(master: &str, op: Op, json: bool) -> Result<String, ClientError
                 Ok(bench::render(&r))
             }
         }
+        Op::GenCerts { .. } | Op::GenSecret { .. } | Op::Token { .. } => Err(
+            ClientError::InvalidInput("this operation runs offline".into()),
+        ),
         Op::Gc { dry_run } => {
             if !dry_run {
                 return Err(ClientError::InvalidInput(

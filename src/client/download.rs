@@ -332,6 +332,7 @@ impl Client {
         let (tx, mut rx) = mpsc::channel(4);
         let req = pb::ReadChunkRequest {
             chunk_id: c.chunk_id.clone(),
+            token: c.token.clone(),
         };
         // The stream is read in a task so that a stalled worker is cut off by the deadline.
         let reader = tokio::spawn(async move {

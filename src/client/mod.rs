@@ -17,9 +17,9 @@ pub use error::ClientError;
 pub use upload::{UploadOptions, UploadReport};
 
 use crate::rpc::pb::{
-    self, ClusterStatusResponse, FileInfo, LogEvent, master_client::MasterClient,
-    worker_client::WorkerClient,
+    self, ClusterStatusResponse, FileInfo, LogEvent, worker_client::WorkerClient,
 };
+use crate::rpc::{MasterRpc, Transport};
 
 /// Bytes done and total of a transfer, updated as it runs (for progress bars), and a flag
 /// that cancels it: the transfer stops at the next message and cleans up after itself.
@@ -52,36 +52,46 @@ impl Progress {
 #[derive(Clone)]
 pub struct Client {
     addr: String,
-    master: MasterClient<Channel>,
+    master: MasterRpc,
     workers: Arc<Mutex<HashMap<String, Channel>>>,
+    transport: Transport,
 }
 
 impl Client {
-    /// Connects to the master at `addr` ("host:port"), failing within the connect timeout.
+    /// Connects to the master at `addr` ("host:port") in plaintext with no token, failing
+    /// within the connect timeout.
     pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        Self::connect_with(addr, Transport::plain()).await
+    }
+
+    /// Connects with `transport`'s TLS settings and token.
+    pub async fn connect_with(addr: &str, transport: Transport) -> Result<Client, ClientError> {
         let connect_err = |reason: String| ClientError::Connect {
             addr: addr.to_string(),
             reason,
         };
-        let endpoint = crate::rpc::endpoint(addr)
+        let endpoint = transport
+            .endpoint(addr)
             .map_err(|e| connect_err(format!("invalid address: {e}")))?
             .timeout(crate::rpc::CONTROL_TIMEOUT);
         let channel = tokio::time::timeout(crate::rpc::CONNECT_TIMEOUT, endpoint.connect())
             .await
             .map_err(|_| connect_err("connection timed out".into()))?
             .map_err(|e| {
-                let mut reason = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    reason = s.to_string();
-                    src = s.source();
-                }
-                connect_err(reason)
+                // The outer errors say "transport error"; the causes say what went wrong
+                // (refused, a TLS alert, a bad certificate).
+                let reason = error_chain(&e);
+                connect_err(explain_connect_failure(
+                    &reason,
+                    transport.is_tls(),
+                    transport.has_identity(),
+                ))
             })?;
         Ok(Client {
             addr: addr.to_string(),
-            master: crate::rpc::master_client(channel),
+            master: transport.master(channel),
             workers: Arc::new(Mutex::new(HashMap::new())),
+            transport,
         })
     }
 
@@ -91,10 +101,32 @@ impl Client {
     }
 
     fn err(&self, s: tonic::Status) -> ClientError {
+        // A connection that breaks under the first call (TLS refused after the handshake,
+        // plaintext against TLS) surfaces here: say so, with the likely fix.
+        let transport_failure = match s.code() {
+            tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown => {
+                std::error::Error::source(&s).is_some()
+            }
+            tonic::Code::Internal => s.message().starts_with("h2 protocol error"),
+            _ => false,
+        };
+        if transport_failure {
+            let reason = std::error::Error::source(&s)
+                .map(error_chain)
+                .unwrap_or_else(|| s.message().to_string());
+            return ClientError::Connect {
+                addr: self.addr.clone(),
+                reason: explain_connect_failure(
+                    &reason,
+                    self.transport.is_tls(),
+                    self.transport.has_identity(),
+                ),
+            };
+        }
         ClientError::master(&self.addr, s)
     }
 
-    pub(crate) fn master(&self) -> MasterClient<Channel> {
+    pub(crate) fn master(&self) -> MasterRpc {
         self.master.clone()
     }
 
@@ -104,7 +136,7 @@ impl Client {
         let ch = match w.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = crate::rpc::data_channel(addr).map_err(|e| {
+                let c = self.transport.data_channel(addr).map_err(|e| {
                     ClientError::InvalidInput(format!("bad worker address {addr:?}: {e}"))
                 })?;
                 w.insert(addr.to_string(), c.clone());
@@ -250,11 +282,15 @@ impl Client {
         backlog: u32,
     ) -> Result<tonic::Streaming<LogEvent>, ClientError> {
         // A log stream is long-lived: use a channel without the per-call deadline.
-        let ch = crate::rpc::data_channel(&self.addr).map_err(|e| ClientError::Connect {
-            addr: self.addr.clone(),
-            reason: e.to_string(),
-        })?;
-        crate::rpc::master_client(ch)
+        let ch = self
+            .transport
+            .data_channel(&self.addr)
+            .map_err(|e| ClientError::Connect {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?;
+        self.transport
+            .master(ch)
             .stream_logs(pb::StreamLogsRequest { backlog })
             .await
             .map(|r| r.into_inner())
@@ -274,4 +310,49 @@ impl Client {
             tracing::warn!(chunk = chunk_id, worker, error = %e.message(), "could not report a bad replica");
         }
     }
+}
+
+/// Turns the transport's terse connect errors into advice when TLS is the likely cause.
+fn explain_connect_failure(reason: &str, tls: bool, identity: bool) -> String {
+    let r = reason.to_ascii_lowercase();
+    let abrupt = [
+        "closed",
+        "broken pipe",
+        "reset",
+        "h2 protocol",
+        "http2 error",
+        "canceled",
+    ]
+    .iter()
+    .any(|p| r.contains(p));
+    let hint = if r.contains("certificaterequired") || (tls && !identity && abrupt) {
+        "the cluster may require a client certificate: pass --tls-cert and --tls-key"
+    } else if r.contains("unknownissuer") || r.contains("certificate") {
+        "the certificates are not signed by the CA the other side trusts (--tls-ca)"
+    } else if tls && (r.contains("corrupt message") || r.contains("invalidcontenttype")) {
+        "the server does not speak TLS: drop --tls-ca, or turn TLS on there"
+    } else if !tls && abrupt {
+        "the server closed the connection: if the cluster uses TLS, pass --tls-ca"
+    } else {
+        return reason.to_string();
+    };
+    format!("{reason} ({hint})")
+}
+
+/// An error and its causes, joined, without repeats.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts
+        .into_iter()
+        .filter(|p| p != "transport error")
+        .collect::<Vec<_>>()
+        .join(": ")
 }

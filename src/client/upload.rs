@@ -315,6 +315,7 @@ impl Client {
             msg: Some(write_chunk_request::Msg::Start(WriteStart {
                 header: Some(header),
                 downstream: placement.workers[1..].to_vec(),
+                token: placement.token.clone(),
             })),
         };
         let progress = progress.clone();

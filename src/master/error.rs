@@ -28,6 +28,8 @@ pub enum MasterError {
     Conflict(String),
     #[error("file {0:?} already exists")]
     AlreadyExists(String),
+    #[error("{0}")]
+    LimitReached(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -42,7 +44,7 @@ impl From<MasterError> for Status {
             | MasterError::UploadNotFound(_)
             | MasterError::WorkerNotFound(_) => Code::NotFound,
             MasterError::NoLiveWorkers | MasterError::Rebuilding => Code::Unavailable,
-            MasterError::NoSpace { .. } => Code::ResourceExhausted,
+            MasterError::NoSpace { .. } | MasterError::LimitReached(_) => Code::ResourceExhausted,
             MasterError::Conflict(_) => Code::Aborted,
             MasterError::AlreadyExists(_) => Code::AlreadyExists,
             MasterError::Store(_) | MasterError::Internal(_) => Code::Internal,

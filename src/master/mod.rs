@@ -54,6 +54,38 @@ pub struct MasterConfig {
     /// Run the repair loop (re-replication, trim, orphan collection). Off only to hold a
     /// degraded state still: maintenance, or tests that inspect it.
     pub repair: bool,
+    /// Authentication: with a secret, every RPC needs a token and chunk access needs a
+    /// capability signed by this master. `None` = open cluster (the loopback quick start).
+    pub cluster_secret: Option<crate::security::ClusterSecret>,
+    /// TLS for the server and for the master's own calls to workers.
+    pub tls: Option<crate::security::tls::TlsMaterial>,
+    /// How long a chunk capability handed to a client stays valid.
+    pub chunk_token_ttl: Duration,
+    pub limits: MasterLimits,
+}
+
+/// Bounds that keep one client from exhausting the master.
+#[derive(Debug, Clone, Copy)]
+pub struct MasterLimits {
+    /// Largest gRPC message accepted (worker chunk reports are the big ones).
+    pub max_message: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_conn: u32,
+    /// Deadline for a unary request, after which the caller gets DeadlineExceeded.
+    pub request_timeout: Duration,
+    /// Open uploads one client (token subject, or IP address without tokens) may hold.
+    pub max_open_uploads_per_client: usize,
+}
+
+impl Default for MasterLimits {
+    fn default() -> Self {
+        MasterLimits {
+            max_message: crate::rpc::MAX_GRPC_MESSAGE,
+            max_streams_per_conn: 256,
+            request_timeout: Duration::from_secs(60),
+            max_open_uploads_per_client: 256,
+        }
+    }
 }
 
 impl MasterConfig {
@@ -70,6 +102,10 @@ impl MasterConfig {
             rebuild_window: None,
             repair: true,
             metadata_cache: 64 << 20,
+            cluster_secret: None,
+            tls: None,
+            chunk_token_ttl: Duration::from_secs(3600),
+            limits: MasterLimits::default(),
         }
     }
 }
@@ -84,6 +120,8 @@ pub(crate) struct Inner {
     pub chunks: ChunkMap,
     /// Open uploads and when they last showed a sign of life.
     pub uploads: HashMap<String, Instant>,
+    /// Who opened each upload (since this master started), for the per-client cap.
+    pub upload_owner: HashMap<String, String>,
     /// Mirror of the store's garbage table.
     pub garbage: HashMap<String, GarbageRecord>,
     pub files: u64,
@@ -111,6 +149,8 @@ pub struct Master {
     pub(crate) rebuilding: std::sync::atomic::AtomicBool,
     /// Channels to workers for repair orders.
     pub(crate) worker_channels: Mutex<HashMap<String, tonic::transport::Channel>>,
+    /// How the master dials workers (TLS or not).
+    pub(crate) transport: crate::rpc::Transport,
 }
 
 impl Master {
@@ -132,7 +172,10 @@ impl Master {
             &cfg.data_dir,
             cfg.metadata_cache as usize,
         )?);
+        let transport = crate::rpc::Transport::new(cfg.tls.as_ref(), None)
+            .map_err(|e| MasterError::InvalidArgument(e.to_string()))?;
         let master = Master {
+            transport,
             policy: HealthPolicy::from_timeout(cfg.heartbeat_timeout),
             cfg,
             store,
@@ -230,6 +273,24 @@ impl Master {
         &self.cfg
     }
 
+    /// A chunk capability for `chunk` allowing `ops`, valid for the configured lifetime;
+    /// empty when the cluster runs without a secret (workers then check nothing).
+    pub(crate) fn chunk_token(&self, chunk: &str, ops: crate::security::ChunkOps) -> Vec<u8> {
+        let (Some(secret), Ok(id)) = (&self.cfg.cluster_secret, chunk.parse::<ChunkId>()) else {
+            return Vec::new();
+        };
+        let expires =
+            crate::rpc::now_unix_ms().max(0) as u64 + self.cfg.chunk_token_ttl.as_millis() as u64;
+        crate::security::capability::mint(
+            secret,
+            &crate::security::capability::ChunkGrant {
+                chunk: id,
+                ops,
+                expires_unix_ms: expires,
+            },
+        )
+    }
+
     /// Runs a blocking store operation off the async threads.
     pub(crate) async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
@@ -278,10 +339,25 @@ impl Master {
             format!("master listening on {addr}"),
         );
         let stop_for_server = stop_tx.clone();
-        let result = crate::server::builder()
+        let mut builder = crate::server::builder()
+            .max_concurrent_streams(Some(self.cfg.limits.max_streams_per_conn))
+            .timeout(self.cfg.limits.request_timeout);
+        if let Some(tls) = &self.cfg.tls {
+            let cfg = tls
+                .server_config()
+                .map_err(|e| MasterError::InvalidArgument(e.to_string()))?;
+            builder = builder
+                .tls_config(cfg)
+                .map_err(|e| MasterError::InvalidArgument(format!("TLS configuration: {e}")))?;
+        }
+        let guarded = crate::security::guard::AuthGuard::new(
+            svc.into_server(self.cfg.limits.max_message),
+            self.cfg.cluster_secret.clone(),
+        );
+        let result = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(svc.into_server())
+            .add_service(guarded)
             .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
                 let _ = stop_for_server.send(true);

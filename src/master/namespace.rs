@@ -121,9 +121,13 @@ impl Master {
                 needed: human_bytes(bytes),
             });
         }
+        let chunk_id = chunk_id.to_string();
         Ok(ChunkPlacement {
             index: index as u32,
-            chunk_id: chunk_id.to_string(),
+            token: self
+                .chunk_token(&chunk_id, crate::security::ChunkOps::WRITE)
+                .into(),
+            chunk_id,
             workers: chosen
                 .iter()
                 .map(|&w| inner.registry.address(w).to_string())
@@ -136,9 +140,22 @@ impl Master {
     pub async fn start_upload(
         self: &Arc<Self>,
         req: pb::StartUploadRequest,
+        caller: &str,
     ) -> Result<pb::StartUploadResponse, MasterError> {
         self.check_not_rebuilding()?;
         crate::names::validate(&req.name)?;
+        let cap = self.cfg.limits.max_open_uploads_per_client;
+        let open = self
+            .lock()
+            .upload_owner
+            .values()
+            .filter(|o| o.as_str() == caller)
+            .count();
+        if open >= cap {
+            return Err(MasterError::LimitReached(format!(
+                "{caller} already has {open} open uploads (the limit is {cap}); finish or abort some first"
+            )));
+        }
         let target = if req.replicas == 0 {
             self.cfg.default_replicas
         } else {
@@ -224,9 +241,13 @@ impl Master {
                     })
             })
             .await?;
-        self.lock()
-            .uploads
-            .insert(upload_id.clone(), Instant::now());
+        {
+            let mut inner = self.lock();
+            inner.uploads.insert(upload_id.clone(), Instant::now());
+            inner
+                .upload_owner
+                .insert(upload_id.clone(), caller.to_string());
+        }
         tracing::info!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
         Ok(pb::StartUploadResponse {
             upload_id,
@@ -386,6 +407,7 @@ impl Master {
                 )?;
                 let mut inner = m.lock();
                 inner.uploads.remove(&req.upload_id);
+                inner.upload_owner.remove(&req.upload_id);
                 for a in &allocs {
                     inner.upload_chunks.remove(a);
                 }
@@ -478,6 +500,7 @@ impl Master {
         {
             let mut inner = self.lock();
             inner.uploads.remove(upload_id);
+            inner.upload_owner.remove(upload_id);
             for a in &upload.allocations {
                 inner.upload_chunks.remove(&a.chunk_id);
             }
@@ -677,6 +700,9 @@ impl Master {
             if with_chunks {
                 chunks.push(ChunkInfo {
                     index: i as u32,
+                    token: self
+                        .chunk_token(&c.chunk_id, crate::security::ChunkOps::READ)
+                        .into(),
                     chunk_id: c.chunk_id.clone(),
                     length: c.length,
                     crc32c: c.crc32c,

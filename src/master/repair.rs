@@ -243,7 +243,9 @@ impl Master {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = crate::rpc::data_channel(addr)
+        let c = self
+            .transport
+            .data_channel(addr)
             .map_err(|e| MasterError::Internal(format!("bad worker address {addr}: {e}")))?;
         map.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -255,8 +257,12 @@ impl Master {
         let result = async {
             let mut client = crate::rpc::worker_client(self.worker_channel(&job.source)?);
             let limit = crate::rpc::transfer_limit(job.length);
+            let chunk_id = job.chunk.to_string();
             let call = client.replicate_chunk(pb::ReplicateChunkRequest {
-                chunk_id: job.chunk.to_string(),
+                token: self
+                    .chunk_token(&chunk_id, crate::security::ChunkOps::READ_WRITE)
+                    .into(),
+                chunk_id,
                 target: job.target.clone(),
             });
             match tokio::time::timeout(limit, call).await {

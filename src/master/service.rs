@@ -24,9 +24,10 @@ impl MasterService {
         MasterService { master, stop }
     }
 
-    pub fn into_server(self) -> MasterServer<MasterService> {
+    /// The tonic server, accepting requests of at most `max_message` bytes.
+    pub fn into_server(self, max_message: usize) -> MasterServer<MasterService> {
         MasterServer::new(self)
-            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_decoding_message_size(max_message)
             .max_encoding_message_size(MAX_GRPC_MESSAGE)
     }
 }
@@ -35,6 +36,20 @@ fn peer<T>(req: &Request<T>) -> String {
     req.remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "?".into())
+}
+
+/// A worker token names its worker: it may register and heartbeat for that address only, so
+/// a token taken from one worker cannot impersonate another.
+fn own_address<T>(req: &Request<T>, address: &str) -> Result<(), Status> {
+    let caller = crate::security::guard::Caller::of(req);
+    if caller.kind == Some(crate::security::TokenKind::Worker) && caller.subject != address {
+        tracing::warn!(peer = %peer(req), token_for = %caller.subject, claimed = %address, "worker token used for another address");
+        return Err(Status::permission_denied(format!(
+            "this worker token is for {}, not {address}",
+            caller.subject
+        )));
+    }
+    Ok(())
 }
 
 /// Logs the outcome of a request with its duration and converts the error.
@@ -73,6 +88,7 @@ impl pb::master_server::Master for MasterService {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let (t, p) = (Instant::now(), peer(&req));
+        own_address(&req, &req.get_ref().address)?;
         let r = req.into_inner();
         let addr = r.address.clone();
         finish("register", &p, &addr, t, self.master.register(r).await)
@@ -83,6 +99,7 @@ impl pb::master_server::Master for MasterService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let (t, p) = (Instant::now(), peer(&req));
+        own_address(&req, &req.get_ref().address)?;
         let r = req.into_inner();
         let addr = r.address.clone();
         finish("heartbeat", &p, &addr, t, self.master.heartbeat(r).await)
@@ -93,9 +110,10 @@ impl pb::master_server::Master for MasterService {
         req: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::StartUploadResponse>, Status> {
         let (t, p) = (Instant::now(), peer(&req));
+        let caller = crate::security::guard::Caller::of(&req);
         let r = req.into_inner();
         let name = r.name.clone();
-        let res = self.master.start_upload(r).await;
+        let res = self.master.start_upload(r, &caller.subject).await;
         finish("start_upload", &p, &name, t, res)
     }
 

@@ -6,7 +6,13 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::security::SecurityError;
+use crate::security::tls::TlsMaterial;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -36,30 +42,132 @@ pub fn transfer_limit(bytes: u64) -> Duration {
 /// Status metadata key naming the pipeline member that failed a chunk write.
 pub const FAILED_WORKER_KEY: &str = "x-dfs-failed-worker";
 
-/// An endpoint for `addr` ("host:port" or a full URL) with the shared transport settings.
+/// Adds this node's access token to every master call (`authorization: Bearer ...`).
+#[derive(Clone, Default)]
+pub struct Credentials(Option<AsciiMetadataValue>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut()
+                .insert(crate::security::AUTHORIZATION, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A master client that carries credentials.
+pub type MasterRpc = pb::master_client::MasterClient<InterceptedService<Channel, Credentials>>;
+
+/// How this node dials others: plaintext or TLS, and which access token it presents to the
+/// master. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Transport {
+    tls: Option<ClientTlsConfig>,
+    identity: bool,
+    creds: Credentials,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.creds.0.is_some())
+            .finish()
+    }
+}
+
+impl Transport {
+    /// Plaintext, no token: the loopback quick start.
+    pub fn plain() -> Transport {
+        Transport::default()
+    }
+
+    /// A transport with optional TLS material and an optional access token.
+    pub fn new(tls: Option<&TlsMaterial>, token: Option<&str>) -> Result<Transport, SecurityError> {
+        let creds = match token {
+            None => Credentials(None),
+            Some(t) => {
+                let v: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| {
+                        SecurityError::Invalid("token has characters a header cannot carry".into())
+                    })?;
+                Credentials(Some(v))
+            }
+        };
+        Ok(Transport {
+            tls: tls.map(TlsMaterial::client_config),
+            identity: tls.is_some_and(TlsMaterial::has_identity),
+            creds,
+        })
+    }
+
+    /// True when connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// True when this side presents a client certificate.
+    pub fn has_identity(&self) -> bool {
+        self.identity
+    }
+
+    /// An endpoint for `addr` ("host:port" or a full URL) with the shared settings.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else if self.tls.is_some() {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = tuned(Endpoint::from_shared(url)?);
+        match &self.tls {
+            Some(cfg) => ep.tls_config(cfg.clone()),
+            None => Ok(ep),
+        }
+    }
+
+    /// A lazily connected channel for control RPCs (each call bounded by [`CONTROL_TIMEOUT`]).
+    pub fn control_channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(self.endpoint(addr)?.timeout(CONTROL_TIMEOUT).connect_lazy())
+    }
+
+    /// A lazily connected channel for bulk streams (no overall deadline).
+    pub fn data_channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(self.endpoint(addr)?.connect_lazy())
+    }
+
+    /// A master client on `channel` that presents this transport's token.
+    pub fn master(&self, channel: Channel) -> MasterRpc {
+        pb::master_client::MasterClient::with_interceptor(channel, self.creds.clone())
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE)
+    }
+}
+
+/// A plaintext endpoint for `addr` (see [`Transport::endpoint`]).
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(CONNECT_TIMEOUT)
+    Transport::plain().endpoint(addr)
+}
+
+fn tuned(ep: Endpoint) -> Endpoint {
+    ep.connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20)))
+        .initial_connection_window_size(Some(16 << 20))
 }
 
-/// A lazily connected channel for control RPCs (each call bounded by [`CONTROL_TIMEOUT`]).
+/// A plaintext control channel (see [`Transport::control_channel`]).
 pub fn control_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.timeout(CONTROL_TIMEOUT).connect_lazy())
+    Transport::plain().control_channel(addr)
 }
 
-/// A lazily connected channel for bulk streams (no overall deadline: a stream may be long).
+/// A plaintext data channel (see [`Transport::data_channel`]).
 pub fn data_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_lazy())
+    Transport::plain().data_channel(addr)
 }
 
 /// A master client with message limits raised for large reports and listings.

@@ -24,7 +24,11 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 const FILES_EVERY: Duration = Duration::from_secs(3);
 
 /// Runs the console against the master at `master` until the user quits.
-pub async fn run(master: String, local: bool) -> anyhow::Result<()> {
+pub async fn run(
+    master: String,
+    transport: crate::rpc::Transport,
+    local: bool,
+) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("cannot initialise the terminal")?;
     // ratatui's hook restores the screen on panic; also release the mouse.
     let hook = std::panic::take_hook();
@@ -33,7 +37,7 @@ pub async fn run(master: String, local: bool) -> anyhow::Result<()> {
         hook(info);
     }));
     let _ = execute!(stdout(), EnableMouseCapture);
-    let result = event_loop(&mut terminal, master, local).await;
+    let result = event_loop(&mut terminal, master, transport, local).await;
     let _ = execute!(stdout(), DisableMouseCapture);
     ratatui::restore();
     result
@@ -42,6 +46,7 @@ pub async fn run(master: String, local: bool) -> anyhow::Result<()> {
 async fn event_loop(
     terminal: &mut ratatui::DefaultTerminal,
     master: String,
+    transport: crate::rpc::Transport,
     local: bool,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
@@ -64,6 +69,7 @@ async fn event_loop(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(poll_status(
         master.clone(),
+        transport,
         client.clone(),
         tx.clone(),
         refresh.clone(),
@@ -152,6 +158,7 @@ fn current(client: &Shared) -> Option<Client> {
 /// Connects (and reconnects) to the master and reports its status every second.
 async fn poll_status(
     master: String,
+    transport: crate::rpc::Transport,
     client: Shared,
     tx: mpsc::UnboundedSender<Msg>,
     refresh: Arc<Notify>,
@@ -159,7 +166,7 @@ async fn poll_status(
     loop {
         let c = match current(&client) {
             Some(c) => Some(c),
-            None => match Client::connect(&master).await {
+            None => match Client::connect_with(&master, transport.clone()).await {
                 Ok(c) => {
                     *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                     refresh.notify_waiters();

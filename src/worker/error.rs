@@ -36,6 +36,12 @@ pub enum WorkerError {
     },
     #[error("{0}")]
     Startup(String),
+    #[error(transparent)]
+    Denied(#[from] crate::security::ChunkTokenError),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Idle(String),
 }
 
 impl WorkerError {
@@ -60,6 +66,10 @@ impl From<WorkerError> for Status {
                 Code::ResourceExhausted
             }
             WorkerError::Io { .. } | WorkerError::Startup(_) => Code::Internal,
+            WorkerError::Denied(d) if d.is_unauthenticated() => Code::Unauthenticated,
+            WorkerError::Denied(_) => Code::PermissionDenied,
+            WorkerError::Busy(_) => Code::ResourceExhausted,
+            WorkerError::Idle(_) => Code::DeadlineExceeded,
         };
         let mut status = Status::new(code, e.to_string());
         if let WorkerError::Downstream { worker, .. } = &e

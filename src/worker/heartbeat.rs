@@ -12,8 +12,8 @@ use crate::rpc::pb::{HeartbeatRequest, RegisterRequest};
 /// Registers (with a full chunk report) and then heartbeats until `stop`; re-registers when
 /// the master asks (it restarted) and keeps retrying, quietly, while it is unreachable.
 pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
-    let mut client = match crate::rpc::control_channel(&worker.master) {
-        Ok(ch) => crate::rpc::master_client(ch),
+    let mut client = match worker.transport.control_channel(&worker.master) {
+        Ok(ch) => worker.transport.master(ch),
         Err(e) => {
             tracing::error!(master = %worker.master, error = %e, "invalid master address; not registering");
             return;

@@ -35,6 +35,54 @@ pub struct WorkerConfig {
     pub capacity: Option<u64>,
     pub heartbeat_interval: Duration,
     pub scrub: scrub::ScrubConfig,
+    /// With a secret, the worker authenticates to the master and serves only requests that
+    /// carry a chunk capability signed by the master.
+    pub cluster_secret: Option<crate::security::ClusterSecret>,
+    /// TLS for the server and for calls to the master and to other workers.
+    pub tls: Option<crate::security::tls::TlsMaterial>,
+    pub limits: WorkerLimits,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker storing in `data_dir` and reporting to `master`.
+    pub fn new(data_dir: impl Into<PathBuf>, master: impl Into<String>) -> Self {
+        WorkerConfig {
+            data_dir: data_dir.into(),
+            master: master.into(),
+            host: "127.0.0.1".into(),
+            capacity: None,
+            heartbeat_interval: Duration::from_secs(1),
+            scrub: scrub::ScrubConfig::default(),
+            cluster_secret: None,
+            tls: None,
+            limits: WorkerLimits::default(),
+        }
+    }
+}
+
+/// Bounds that keep a client from pinning a worker's memory, threads or disk.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// Largest gRPC message accepted (data messages are at most 1 MiB).
+    pub max_message: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_conn: u32,
+    /// Chunk reads, writes and copies running at once; more get ResourceExhausted.
+    pub max_transfers: usize,
+    /// A stream that neither sends nor accepts a message for this long is cut off with
+    /// DeadlineExceeded and its resources released.
+    pub idle_timeout: Duration,
+}
+
+impl Default for WorkerLimits {
+    fn default() -> Self {
+        WorkerLimits {
+            max_message: 4 << 20,
+            max_streams_per_conn: 256,
+            max_transfers: 256,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Sets a stop flag when dropped.
@@ -59,6 +107,12 @@ pub struct Worker {
     pub(crate) scrub_cfg: scrub::ScrubConfig,
     pub scrub_stats: Arc<scrub::ScrubStats>,
     peers: Mutex<HashMap<String, Channel>>,
+    pub(crate) secret: Option<crate::security::ClusterSecret>,
+    /// How this worker dials the master (with its worker token) and its peers.
+    pub(crate) transport: crate::rpc::Transport,
+    pub(crate) tls: Option<crate::security::tls::TlsMaterial>,
+    pub(crate) limits: WorkerLimits,
+    pub(crate) transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Worker {
@@ -70,8 +124,29 @@ impl Worker {
             .map_err(|e| WorkerError::Startup(format!("listener has no address: {e}")))?
             .port();
         let store = ChunkStore::open(&cfg.data_dir, cfg.capacity)?;
+        let address = format!("{}:{port}", cfg.host);
+        let token = match &cfg.cluster_secret {
+            Some(secret) => Some(
+                crate::security::AccessToken::mint(
+                    secret,
+                    crate::security::TokenKind::Worker,
+                    &address,
+                    0,
+                )
+                .map_err(|e| WorkerError::Startup(format!("worker token for {address}: {e}")))?
+                .to_string(),
+            ),
+            None => None,
+        };
+        let transport = crate::rpc::Transport::new(cfg.tls.as_ref(), token.as_deref())
+            .map_err(|e| WorkerError::Startup(e.to_string()))?;
         Ok(Arc::new(Worker {
-            address: format!("{}:{port}", cfg.host),
+            secret: cfg.cluster_secret.clone(),
+            transport,
+            tls: cfg.tls.clone(),
+            limits: cfg.limits,
+            transfers: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_transfers.max(1))),
+            address,
             store: Arc::new(store),
             master: cfg.master.clone(),
             heartbeat_interval: cfg.heartbeat_interval,
@@ -163,12 +238,38 @@ impl Worker {
         let ch = match peers.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = crate::rpc::data_channel(addr)?;
+                let c = self.transport.data_channel(addr)?;
                 peers.insert(addr.to_string(), c.clone());
                 c
             }
         };
         Ok(crate::rpc::worker_client(ch))
+    }
+
+    /// Checks a chunk capability; everything passes when the cluster has no secret.
+    pub(crate) fn authorize(
+        &self,
+        token: &[u8],
+        chunk: &crate::chunk::ChunkId,
+        op: crate::security::ChunkOps,
+    ) -> Result<(), WorkerError> {
+        let Some(secret) = &self.secret else {
+            return Ok(());
+        };
+        let now = crate::rpc::now_unix_ms().max(0) as u64;
+        crate::security::capability::verify(secret, token, chunk, op, now)
+            .map(|_| ())
+            .map_err(WorkerError::Denied)
+    }
+
+    /// A slot for one transfer, or ResourceExhausted when the worker is at its limit.
+    pub(crate) fn transfer_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, WorkerError> {
+        self.transfers.clone().try_acquire_owned().map_err(|_| {
+            WorkerError::Busy(format!(
+                "worker {} is at its limit of {} concurrent transfers; retry shortly",
+                self.address, self.limits.max_transfers
+            ))
+        })
     }
 
     /// Serves chunks on `listener` and heartbeats to the master until `shutdown` resolves.
@@ -200,10 +301,22 @@ impl Worker {
             crate::server::reflection().map_err(|e| WorkerError::Startup(e.to_string()))?;
         tracing::info!(address = %self.address, data_dir = %self.store.root().display(), chunks = self.store.chunk_count(), "worker serving");
         let stop = stop_tx.clone();
-        let result = crate::server::builder()
+        let mut builder =
+            crate::server::builder().max_concurrent_streams(Some(self.limits.max_streams_per_conn));
+        if let Some(tls) = &self.tls {
+            let cfg = tls
+                .server_config()
+                .map_err(|e| WorkerError::Startup(e.to_string()))?;
+            builder = builder
+                .tls_config(cfg)
+                .map_err(|e| WorkerError::Startup(format!("TLS configuration: {e}")))?;
+        }
+        let result = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service::WorkerService::new(self.clone()).into_server())
+            .add_service(
+                service::WorkerService::new(self.clone()).into_server(self.limits.max_message),
+            )
             .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
                 let _ = stop.send(true);

@@ -16,6 +16,7 @@ impl Worker {
         self: &std::sync::Arc<Self>,
         id: ChunkId,
         target: &str,
+        token: &[u8],
     ) -> Result<u64, WorkerError> {
         if target == self.address {
             return Err(WorkerError::InvalidArgument(
@@ -33,6 +34,7 @@ impl Worker {
             msg: Some(write_chunk_request::Msg::Start(WriteStart {
                 header: Some(header),
                 downstream: Vec::new(),
+                token: bytes::Bytes::copy_from_slice(token),
             })),
         };
         let me = self.clone();

@@ -19,6 +19,15 @@ pub struct ScrubConfig {
     pub interval: Duration,
 }
 
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        ScrubConfig {
+            rate: 32 << 20,
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Totals of the scrubber, for logs and status.
 #[derive(Debug, Default)]
 pub struct ScrubStats {

@@ -39,10 +39,28 @@ impl WorkerService {
         WorkerService { worker }
     }
 
-    pub fn into_server(self) -> WorkerServer<WorkerService> {
+    /// The tonic server, accepting messages of at most `max_message` bytes.
+    pub fn into_server(self, max_message: usize) -> WorkerServer<WorkerService> {
         WorkerServer::new(self)
-            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_decoding_message_size(max_message)
             .max_encoding_message_size(MAX_GRPC_MESSAGE)
+    }
+}
+
+/// The next message of a write stream, or DeadlineExceeded if the sender goes quiet for
+/// longer than `idle`: a client that opens a write and stops must not pin the worker.
+async fn next_message(
+    stream: &mut Streaming<WriteChunkRequest>,
+    idle: std::time::Duration,
+) -> Result<Option<WriteChunkRequest>, WorkerError> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Err(_) => Err(WorkerError::Idle(format!(
+            "no message for {} s; write abandoned",
+            idle.as_secs_f64()
+        ))),
+        Ok(r) => {
+            r.map_err(|s| WorkerError::InvalidArgument(format!("upstream failed: {}", s.message())))
+        }
     }
 }
 
@@ -122,10 +140,10 @@ impl WorkerService {
         mut stream: Streaming<WriteChunkRequest>,
     ) -> Result<(WriteChunkResponse, String, u64), WorkerError> {
         let w = &self.worker;
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| WorkerError::InvalidArgument(format!("stream failed: {}", s.message())))?
+        let _slot = w.transfer_slot()?;
+        let idle = w.limits.idle_timeout;
+        let first = next_message(&mut stream, idle)
+            .await?
             .ok_or_else(|| WorkerError::InvalidArgument("empty write stream".into()))?;
         let Some(write_chunk_request::Msg::Start(start)) = first.msg else {
             return Err(WorkerError::InvalidArgument(
@@ -133,6 +151,11 @@ impl WorkerService {
             ));
         };
         let header = validate_start(&start, &w.address)?;
+        let id: ChunkId = header
+            .chunk_id
+            .parse()
+            .map_err(|e: chunk::BadChunkId| WorkerError::InvalidArgument(e.to_string()))?;
+        w.authorize(&start.token, &id, crate::security::ChunkOps::WRITE)?;
         let chunk_id = header.chunk_id.clone();
         let length = header.length;
         let reservation = w.store.reserve(length)?;
@@ -158,6 +181,7 @@ impl WorkerService {
                     msg: Some(write_chunk_request::Msg::Start(WriteStart {
                         header: Some(header.clone()),
                         downstream: start.downstream[1..].to_vec(),
+                        token: start.token.clone(),
                     })),
                 };
                 let _ = tx.send(first).await;
@@ -180,9 +204,7 @@ impl WorkerService {
         let result: Result<u32, WorkerError> = async {
             let mut received = 0u64;
             loop {
-                let msg = stream.message().await.map_err(|s| {
-                    WorkerError::InvalidArgument(format!("upstream failed: {}", s.message()))
-                })?;
+                let msg = next_message(&mut stream, idle).await?;
                 match msg.and_then(|m| m.msg) {
                     Some(write_chunk_request::Msg::Data(b)) => {
                         received += b.len() as u64;
@@ -249,6 +271,11 @@ impl WorkerService {
                         code: s.code(),
                         message: s.message().to_string(),
                     });
+                }
+                // The local writer's own failure (the chunk exists, the disk is full) is the
+                // cause of a "local write failed".
+                if let Ok(Err(disk_err)) = local {
+                    return Err(disk_err);
                 }
                 return Err(e);
             }
@@ -340,8 +367,15 @@ impl pb::worker_server::Worker for WorkerService {
             .chunk_id
             .parse()
             .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
+        self.worker
+            .authorize(&r.token, &id, crate::security::ChunkOps::READ)
+            .map_err(|e| {
+                tracing::warn!(op = "replicate", chunk = %id, error = %e, outcome = "refused");
+                Status::from(e)
+            })?;
+        let _slot = self.worker.transfer_slot()?;
         let _g = Gauge::enter(&self.worker.active_reads);
-        match self.worker.replicate_to(id, &r.target).await {
+        match self.worker.replicate_to(id, &r.target, &r.token).await {
             Ok(bytes) => Ok(Response::new(pb::ReplicateChunkResponse { bytes })),
             Err(e) => {
                 tracing::warn!(op = "replicate", chunk = %id, target = %r.target, error = %e, outcome = "error");
@@ -362,6 +396,13 @@ impl pb::worker_server::Worker for WorkerService {
             .parse()
             .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        self.worker
+            .authorize(&req.get_ref().token, &id, crate::security::ChunkOps::READ)
+            .map_err(|e| {
+                tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "refused", error = %e);
+                Status::from(e)
+            })?;
+        let slot = self.worker.transfer_slot()?;
         let worker = self.worker.clone();
         let store = worker.store.clone();
         let (file, header) = tokio::task::spawn_blocking(move || store.open_read(&id))
@@ -373,9 +414,23 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
         tracing::info!(op = "read_chunk", chunk = %id, bytes = header.length, %peer, outcome = "started");
         let (tx, rx) = mpsc::channel(4);
+        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let _g = Gauge::enter(&worker.active_reads);
-            stream_chunk(&worker, id, file, header, &tx);
+            let idle = worker.limits.idle_timeout;
+            // A reader that stops taking data is cut off after `idle`, freeing the thread.
+            let send = |m: Result<ReadChunkResponse, Status>| match handle
+                .block_on(tokio::time::timeout(idle, tx.send(m)))
+            {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    tracing::warn!(op = "read_chunk", chunk = %id, "reader stopped taking data; stream dropped");
+                    false
+                }
+            };
+            stream_chunk(&worker, id, file, header, send);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -388,22 +443,21 @@ fn stream_chunk(
     id: ChunkId,
     mut file: std::fs::File,
     header: ChunkHeader,
-    tx: &mpsc::Sender<Result<ReadChunkResponse, Status>>,
+    send: impl Fn(Result<ReadChunkResponse, Status>) -> bool,
 ) {
     let (length, expected) = (header.length, header.crc32c);
     let first = ReadChunkResponse {
         msg: Some(read_chunk_response::Msg::Header(header)),
     };
-    if tx.blocking_send(Ok(first)).is_err() {
+    if !send(Ok(first)) {
         return;
     }
     let sent = worker.read_verified(&id, &mut file, length, expected, |b| {
-        tx.blocking_send(Ok(ReadChunkResponse {
+        send(Ok(ReadChunkResponse {
             msg: Some(read_chunk_response::Msg::Data(b)),
         }))
-        .is_ok()
     });
     if let Err(e) = sent {
-        let _ = tx.blocking_send(Err(e.into()));
+        let _ = send(Err(e.into()));
     }
 }

@@ -21,11 +21,19 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(cfg: LocalClusterConfig) -> TestCluster {
+        Self::start_with(cfg, dfs::rpc::Transport::plain()).await
+    }
+
+    /// A cluster whose client connects with `transport` (TLS, token).
+    pub async fn start_with(
+        cfg: LocalClusterConfig,
+        transport: dfs::rpc::Transport,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let cluster = LocalCluster::start(dir.path(), cfg)
             .await
             .expect("cluster starts");
-        let client = Client::connect(cluster.master_addr())
+        let client = Client::connect_with(cluster.master_addr(), transport)
             .await
             .expect("client connects");
         TestCluster {
@@ -191,6 +199,7 @@ pub async fn write_chunk_direct(
                 ..Default::default()
             }),
             downstream: placement.workers[1..].to_vec(),
+            token: placement.token.clone(),
         })),
     }];
     for part in data.chunks(256 * 1024) {
