@@ -38,3 +38,58 @@ pub fn reflection() -> Result<
 pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+/// Answers an over-limit request with ResourceExhausted, as the gRPC spec asks, instead of
+/// the OutOfRange that tonic's decoder uses; everything else passes untouched.
+#[derive(Clone)]
+pub struct LimitStatus<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for LimitStatus<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpResult = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
+
+fn remap_too_large(r: HttpResult) -> HttpResult {
+    r.map(|mut resp| {
+        let too_large = resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(b"11")
+            && resp.headers().get("grpc-message").is_some_and(|m| {
+                m.as_bytes()
+                    .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+            });
+        if too_large {
+            resp.headers_mut().insert(
+                "grpc-status",
+                http::HeaderValue::from_static("8"), // RESOURCE_EXHAUSTED
+            );
+        }
+        resp
+    })
+}
+
+impl<S> tower_service::Service<http::Request<tonic::body::Body>> for LimitStatus<S>
+where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Map<S::Future, fn(HttpResult) -> HttpResult>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        use futures::FutureExt;
+        self.0
+            .call(req)
+            .map(remap_too_large as fn(HttpResult) -> HttpResult)
+    }
+}

@@ -270,3 +270,120 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
     // It cleans up after itself: nothing left in the cluster or the scratch dir.
     assert!(!dir.path().join("dfs-bench").exists());
 }
+
+/// The security quick start exactly as the README gives it: `gen-certs`, `gen-secret` and
+/// `token` from the CLI, then daemons and clients with the TLS, secret and token flags.
+#[test]
+fn secure_cluster_from_the_command_line() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let run = |args: &[&str]| {
+        let out = cli("127.0.0.1:1", k, args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        out.stdout
+    };
+    run(&["--cmd", "gen-certs", "certs"]);
+    run(&["--cmd", "gen-secret", "cluster.secret"]);
+    let rw = run(&["--cmd", "token", "--cluster-secret-file", "cluster.secret"]);
+    let ro = run(&[
+        "--cmd",
+        "token",
+        "--cluster-secret-file",
+        "cluster.secret",
+        "--read-only",
+        "--subject",
+        "reader",
+    ]);
+    std::fs::write(k.join("rw.token"), rw.trim()).unwrap();
+    std::fs::write(k.join("ro.token"), ro.trim()).unwrap();
+    // Nothing is overwritten.
+    let again = cli("127.0.0.1:1", k, &["--cmd", "gen-secret", "cluster.secret"]);
+    assert_eq!(again.code, 1);
+
+    let p = |f: &str| k.join(f).display().to_string();
+    let daemon = |role: &str| {
+        vec![
+            "--tls-cert".to_string(),
+            p(&format!("certs/{role}.pem")),
+            "--tls-key".into(),
+            p(&format!("certs/{role}.key")),
+            "--tls-ca".into(),
+            p("certs/ca.pem"),
+            "--cluster-secret-file".into(),
+            p("cluster.secret"),
+        ]
+    };
+    let tls_client = [
+        "--tls-cert".to_string(),
+        p("certs/client.pem"),
+        "--tls-key".into(),
+        p("certs/client.key"),
+        "--tls-ca".into(),
+        p("certs/ca.pem"),
+    ];
+    let mut client = tls_client.to_vec();
+    client.extend(["--token-file".to_string(), p("rw.token")]);
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let b = Binaries::start_with_args(
+        3,
+        &refs(&daemon("master")),
+        &refs(&daemon("worker")),
+        &refs(&client),
+    );
+    b.wait_alive(3);
+    let src = make_file(&b.cwd().join("secret-plans.bin"), 3 * MIB + 17, 9);
+    upload(&b, &src);
+    download_and_compare(&b, "secret-plans.bin", &src);
+
+    let master = b.master_addr();
+    let ro_file = p("ro.token");
+    let as_reader = |args: &[&str]| {
+        let mut all = refs(&tls_client);
+        all.extend(["--token-file", ro_file.as_str()]);
+        all.extend_from_slice(args);
+        cli(&master, b.cwd(), &all)
+    };
+    // A read-only token reads, and is refused any change with a one-line error.
+    let dest = b.cwd().join("read-back");
+    let out = as_reader(&[
+        "--cmd",
+        "download",
+        "secret-plans.bin",
+        "-o",
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_files_equal(&dest, &src);
+    for args in [
+        &["--cmd", "delete", "secret-plans.bin"][..],
+        &["--cmd", "upload", src.to_str().unwrap(), "--name", "x"][..],
+        &["--cmd", "drain", "127.0.0.1:1"][..],
+    ] {
+        let out = as_reader(args);
+        assert_eq!(out.code, 1, "{args:?}");
+        assert!(
+            out.stderr.contains("read-only token may not"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(out.stderr.trim().lines().count(), 1);
+    }
+    // No token, and no TLS: refused with a message that says what to do.
+    let mut no_token = refs(&tls_client);
+    no_token.extend(["--cmd", "ls"]);
+    let out = cli(&master, b.cwd(), &no_token);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("requires a token"), "{}", out.stderr);
+    let out = cli(
+        &master,
+        b.cwd(),
+        &["--token-file", &p("rw.token"), "--cmd", "ls"],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("--tls-ca"), "{}", out.stderr);
+    // The file is intact and still listed.
+    let out = b.cli(&["--cmd", "ls"]);
+    assert!(out.stdout.contains("secret-plans.bin"), "{}", out.stdout);
+}

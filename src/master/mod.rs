@@ -351,7 +351,7 @@ impl Master {
                 .map_err(|e| MasterError::InvalidArgument(format!("TLS configuration: {e}")))?;
         }
         let guarded = crate::security::guard::AuthGuard::new(
-            svc.into_server(self.cfg.limits.max_message),
+            crate::server::LimitStatus(svc.into_server(self.cfg.limits.max_message)),
             self.cfg.cluster_secret.clone(),
         );
         let result = builder

@@ -247,7 +247,20 @@ impl Master {
         let reason: String = req.reason.chars().take(200).collect();
         let known = {
             let mut inner = self.lock();
-            match inner.registry.find(&req.worker) {
+            let w = inner.registry.find(&req.worker);
+            // A client's report is a claim, not proof (the worker quarantines a copy it finds
+            // bad itself). Never let one take the last listed copy out of service: readers
+            // verify every byte anyway, so keeping it costs nothing and a false report (or a
+            // hostile read-only client) cannot make a chunk unreadable.
+            let last = inner
+                .chunks
+                .get(&id)
+                .is_some_and(|e| w.is_some_and(|w| e.replicas.iter().all(|&r| r == w)));
+            match w {
+                Some(_) if last => {
+                    tracing::warn!(chunk = %id, worker = %req.worker, %reason, "bad replica report for the last listed copy; kept in service");
+                    return Ok(());
+                }
                 Some(w) => inner.chunks.mark_corrupt(&id, w),
                 None => false,
             }

@@ -159,14 +159,21 @@ impl FromStr for AccessToken {
         if !valid_subject(subject) {
             return Err(TokenError::Malformed("bad subject"));
         }
-        if expires.is_empty() || !expires.bytes().all(|b| b.is_ascii_digit()) {
+        // Canonical digits only (no sign, no leading zeros): one spelling per token.
+        if expires.is_empty()
+            || !expires.bytes().all(|b| b.is_ascii_digit())
+            || (expires.len() > 1 && expires.starts_with('0'))
+        {
             return Err(TokenError::Malformed("bad expiry"));
         }
         let expires: u64 = expires
             .parse()
             .map_err(|_| TokenError::Malformed("bad expiry"))?;
-        if mac.len() != 64 {
-            return Err(TokenError::Malformed("bad signature length"));
+        // One spelling per token: lowercase hex only.
+        if mac.len() != 64 || !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(TokenError::Malformed(
+                "signature must be 64 lowercase hex digits",
+            ));
         }
         let mac = hex::decode(mac).map_err(|_| TokenError::Malformed("signature is not hex"))?;
         Ok(AccessToken {
@@ -230,6 +237,11 @@ mod tests {
         assert_eq!(check(&k, &promoted, 0), Err(TokenError::BadSignature));
         let extended = text.replacen(".100.", ".999999999999.", 1);
         assert_eq!(check(&k, &extended, 0), Err(TokenError::BadSignature));
+        let zero_padded = text.replacen(".100.", ".0100.", 1);
+        assert!(matches!(
+            check(&k, &zero_padded, 0),
+            Err(TokenError::Malformed(_))
+        ));
         for bad in [
             "",
             "dfs1",

@@ -314,9 +314,9 @@ impl Worker {
         let result = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(
+            .add_service(crate::server::LimitStatus(
                 service::WorkerService::new(self.clone()).into_server(self.limits.max_message),
-            )
+            ))
             .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
                 let _ = stop.send(true);

@@ -58,9 +58,10 @@ async fn next_message(
             "no message for {} s; write abandoned",
             idle.as_secs_f64()
         ))),
-        Ok(r) => {
-            r.map_err(|s| WorkerError::InvalidArgument(format!("upstream failed: {}", s.message())))
-        }
+        Ok(r) => r.map_err(|s| match s.code() {
+            Code::OutOfRange => WorkerError::Busy(format!("message too large: {}", s.message())),
+            _ => WorkerError::InvalidArgument(format!("upstream failed: {}", s.message())),
+        }),
     }
 }
 

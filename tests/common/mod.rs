@@ -358,6 +358,9 @@ pub struct Binaries {
     pub master: Option<Daemon>,
     pub workers: Vec<(u16, Option<Daemon>)>,
     pub master_args: Vec<String>,
+    pub worker_args: Vec<String>,
+    /// Flags every `cli` call adds (TLS files, token).
+    pub client_args: Vec<String>,
 }
 
 impl Binaries {
@@ -379,18 +382,16 @@ impl Binaries {
     pub fn start_worker(&mut self, i: usize) {
         let port = self.workers[i].0.to_string();
         let master = self.master_addr();
-        let d = Daemon::spawn(
-            WORKER,
-            &[
-                "--port",
-                &port,
-                "--master",
-                &master,
-                "--heartbeat-interval",
-                "200ms",
-            ],
-            self.dir.path(),
-        );
+        let mut args: Vec<&str> = vec![
+            "--port",
+            &port,
+            "--master",
+            &master,
+            "--heartbeat-interval",
+            "200ms",
+        ];
+        args.extend(self.worker_args.iter().map(String::as_str));
+        let d = Daemon::spawn(WORKER, &args, self.dir.path());
         self.workers[i].1 = Some(d);
     }
 
@@ -400,12 +401,25 @@ impl Binaries {
 
     /// Starts with extra master flags (e.g. a short GC grace).
     pub fn start_with(workers: usize, master_args: &[&str]) -> Binaries {
+        Self::start_with_args(workers, master_args, &[], &[])
+    }
+
+    /// Starts with extra flags for the master, the workers and every `cli` call.
+    pub fn start_with_args(
+        workers: usize,
+        master_args: &[&str],
+        worker_args: &[&str],
+        client_args: &[&str],
+    ) -> Binaries {
+        let own = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let mut b = Binaries {
             dir: tempfile::tempdir().expect("temp dir"),
             master_port: free_port(),
             master: None,
             workers: (0..workers).map(|_| (free_port(), None)).collect(),
-            master_args: master_args.iter().map(|s| s.to_string()).collect(),
+            master_args: own(master_args),
+            worker_args: own(worker_args),
+            client_args: own(client_args),
         };
         b.start_master();
         for i in 0..workers {
@@ -422,7 +436,9 @@ impl Binaries {
     }
 
     pub fn cli(&self, args: &[&str]) -> CliOut {
-        cli(&self.master_addr(), self.cwd(), args)
+        let mut all: Vec<&str> = self.client_args.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        cli(&self.master_addr(), self.cwd(), &all)
     }
 
     /// Polls `status --json` until `alive` workers are alive (bounded).
