@@ -5,6 +5,21 @@
 
 use crate::rpc::pb::ProcessStats;
 
+/// Caps glibc's malloc at two arenas, unless `MALLOC_ARENA_MAX` is set. By default glibc
+/// gives each busy thread its own arena (up to 8 per core), and freed 1 MiB stream buffers
+/// linger in each. While 4 GiB streamed through a worker, its peak was 68–70 MiB with the
+/// default and 47–49 MiB with two arenas, at the same throughput (`README`, Performance).
+/// Call it first thing in `main`, before any thread starts.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator tuning; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 /// Current, peak and CPU figures of this process.
 pub fn current() -> ProcessStats {
     let (rss, peak) = std::fs::read_to_string("/proc/self/status")

@@ -57,6 +57,7 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() {
+    dfs::procstat::tune_allocator();
     let argv = normalize(std::env::args());
     let args = match Args::try_parse_from(argv) {
         Ok(a) => a,

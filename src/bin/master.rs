@@ -71,6 +71,7 @@ struct Args {
 }
 
 fn main() {
+    dfs::procstat::tune_allocator();
     let args = Args::parse();
     let _guard = dfs::logging::init(&args.log_dir, "master.log", None);
     if let Err(e) = run(args) {

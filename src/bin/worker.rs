@@ -56,6 +56,7 @@ struct Args {
 }
 
 fn main() {
+    dfs::procstat::tune_allocator();
     let args = Args::parse();
     let _guard = dfs::logging::init(&args.log_dir, &format!("worker-{}.log", args.port), None);
     if let Err(e) = run(args) {
