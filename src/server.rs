@@ -18,6 +18,21 @@ pub fn builder() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
+/// [`builder`] with a per-connection stream limit and, when `tls` is given, TLS that requires
+/// client certificates signed by its CA.
+pub fn builder_with(
+    tls: Option<&crate::security::tls::TlsMaterial>,
+    max_streams_per_conn: u32,
+) -> Result<Server, crate::security::SecurityError> {
+    let b = builder().max_concurrent_streams(Some(max_streams_per_conn));
+    match tls {
+        None => Ok(b),
+        Some(t) => b.tls_config(t.server_config()?).map_err(|e| {
+            crate::security::SecurityError::Invalid(format!("TLS configuration: {e}"))
+        }),
+    }
+}
+
 /// gRPC reflection over dfs.v1 and the health protocol, so `grpcurl` and friends work.
 pub fn reflection() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<

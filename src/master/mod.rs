@@ -339,17 +339,12 @@ impl Master {
             format!("master listening on {addr}"),
         );
         let stop_for_server = stop_tx.clone();
-        let mut builder = crate::server::builder()
-            .max_concurrent_streams(Some(self.cfg.limits.max_streams_per_conn))
-            .timeout(self.cfg.limits.request_timeout);
-        if let Some(tls) = &self.cfg.tls {
-            let cfg = tls
-                .server_config()
-                .map_err(|e| MasterError::InvalidArgument(e.to_string()))?;
-            builder = builder
-                .tls_config(cfg)
-                .map_err(|e| MasterError::InvalidArgument(format!("TLS configuration: {e}")))?;
-        }
+        let mut builder = crate::server::builder_with(
+            self.cfg.tls.as_ref(),
+            self.cfg.limits.max_streams_per_conn,
+        )
+        .map_err(|e| MasterError::InvalidArgument(e.to_string()))?
+        .timeout(self.cfg.limits.request_timeout);
         let guarded = crate::security::guard::AuthGuard::new(
             crate::server::LimitStatus(svc.into_server(self.cfg.limits.max_message)),
             self.cfg.cluster_secret.clone(),

@@ -122,21 +122,8 @@ fn write_file(
     secret: bool,
     written: &mut Vec<String>,
 ) -> Result<(), SecurityError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
-    let werr = |source| SecurityError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&path)
-        .map_err(werr)?;
-    f.write_all(text.as_bytes()).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
+    super::write_new_file(&path, text, if secret { 0o600 } else { 0o644 })?;
     written.push(path.display().to_string());
     Ok(())
 }

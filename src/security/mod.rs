@@ -46,3 +46,26 @@ pub enum SecurityError {
 
 /// Metadata key that carries an access token (`authorization: Bearer <token>`).
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Writes `text` to a new file (never an existing one) with `mode`, and fsyncs it: the one way
+/// keys, certificates and secrets are written, so none is left half-written or world-readable.
+pub(crate) fn write_new_file(
+    path: &std::path::Path,
+    text: &str,
+    mode: u32,
+) -> Result<(), SecurityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let werr = |source| SecurityError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(werr)?;
+    f.write_all(text.as_bytes()).map_err(werr)?;
+    f.sync_all().map_err(werr)
+}

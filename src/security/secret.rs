@@ -93,21 +93,8 @@ fn derive(secret: &[u8], label: &[u8]) -> [u8; 32] {
 
 /// Writes a new random secret to `path`, readable by its owner only; refuses to overwrite.
 pub fn write_new_secret(path: &Path) -> Result<(), SecurityError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let text = ClusterSecret::generate_text()?;
-    let werr = |source| SecurityError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(werr)?;
-    f.write_all(format!("{text}\n").as_bytes()).map_err(werr)?;
-    f.sync_all().map_err(werr)
+    super::write_new_file(path, &format!("{text}\n"), 0o600)
 }
 
 #[cfg(test)]

@@ -302,15 +302,8 @@ impl Worker {
         tracing::info!(address = %self.address, data_dir = %self.store.root().display(), chunks = self.store.chunk_count(), "worker serving");
         let stop = stop_tx.clone();
         let mut builder =
-            crate::server::builder().max_concurrent_streams(Some(self.limits.max_streams_per_conn));
-        if let Some(tls) = &self.tls {
-            let cfg = tls
-                .server_config()
+            crate::server::builder_with(self.tls.as_ref(), self.limits.max_streams_per_conn)
                 .map_err(|e| WorkerError::Startup(e.to_string()))?;
-            builder = builder
-                .tls_config(cfg)
-                .map_err(|e| WorkerError::Startup(format!("TLS configuration: {e}")))?;
-        }
         let result = builder
             .add_service(health_service)
             .add_service(reflection)
