@@ -54,10 +54,21 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Answers an over-limit request with ResourceExhausted, as the gRPC spec asks, instead of
-/// the OutOfRange that tonic's decoder uses; everything else passes untouched.
+/// The status codes the limits promise: a request over the size limit gets ResourceExhausted
+/// (as the gRPC spec asks, where tonic's decoder says OutOfRange), and one that runs past
+/// `timeout` gets DeadlineExceeded (tonic's own server timeout answers Cancelled). Streams
+/// are not cut: the timeout covers the time to the response's headers.
 #[derive(Clone)]
-pub struct LimitStatus<S>(pub S);
+pub struct LimitStatus<S> {
+    inner: S,
+    timeout: Option<std::time::Duration>,
+}
+
+impl<S> LimitStatus<S> {
+    pub fn new(inner: S, timeout: Option<std::time::Duration>) -> Self {
+        LimitStatus { inner, timeout }
+    }
+}
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for LimitStatus<S> {
     const NAME: &'static str = S::NAME;
@@ -67,6 +78,7 @@ type HttpResult = Result<http::Response<tonic::body::Body>, std::convert::Infall
 
 fn remap_too_large(r: HttpResult) -> HttpResult {
     r.map(|mut resp| {
+        // tonic percent-encodes the message's spaces.
         let too_large = resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(b"11")
             && resp.headers().get("grpc-message").is_some_and(|m| {
                 m.as_bytes()
@@ -89,22 +101,37 @@ where
             Response = http::Response<tonic::body::Body>,
             Error = std::convert::Infallible,
         >,
+    S::Future: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
-    type Future = futures::future::Map<S::Future, fn(HttpResult) -> HttpResult>;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = HttpResult> + Send>>;
 
     fn poll_ready(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        use futures::FutureExt;
-        self.0
-            .call(req)
-            .map(remap_too_large as fn(HttpResult) -> HttpResult)
+        let fut = self.inner.call(req);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let r = match timeout {
+                None => fut.await,
+                Some(t) => match tokio::time::timeout(t, fut).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Ok(tonic::Status::deadline_exceeded(format!(
+                            "request took longer than the server's limit of {}",
+                            humantime::format_duration(t)
+                        ))
+                        .into_http());
+                    }
+                },
+            };
+            remap_too_large(r)
+        })
     }
 }

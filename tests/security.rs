@@ -1121,3 +1121,52 @@ async fn a_reader_cannot_take_a_chunk_out_of_service_with_bad_replica_reports() 
     assert_eq!(status.corrupt_replicas, 2, "the last copy stays in service");
     tc.must_download_equal("f", &src).await;
 }
+
+#[tokio::test]
+async fn a_slow_request_gets_deadline_exceeded() {
+    let mut cfg = small_chunks(1);
+    cfg.master_limits.request_timeout = Duration::from_millis(1);
+    let tc = start_secured(cfg).await;
+    let mut m = master_as(
+        tc.cluster.master_addr(),
+        Some(&token(TokenKind::ReadWrite, "slow")),
+    );
+    // Ten thousand names in one durable transaction take far longer than 1 ms.
+    let names: Vec<String> = (0..10_000).map(|i| format!("slow-{i:05}")).collect();
+    let e = m
+        .create_empty(pb::CreateEmptyRequest { names })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    // Requests that finish in time still work.
+    m.cluster_status(pb::ClusterStatusRequest {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let mut cfg = small_chunks(1);
+    cfg.master_limits.max_streams_per_conn = 1;
+    let tc = start_secured(cfg).await;
+    let t = Transport::new(None, Some(&token(TokenKind::ReadOnly, "watcher"))).unwrap();
+    // One connection (a tonic channel is one HTTP/2 connection).
+    let mut m = t.master(t.data_channel(tc.cluster.master_addr()).unwrap());
+    let logs = m
+        .stream_logs(pb::StreamLogsRequest { backlog: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    // The only stream is taken: a second call on the same connection waits.
+    let blocked = tokio::time::timeout(
+        Duration::from_millis(500),
+        m.cluster_status(pb::ClusterStatusRequest {}),
+    )
+    .await;
+    assert!(blocked.is_err(), "a second stream was admitted");
+    drop(logs);
+    let freed = tokio::time::timeout(
+        Duration::from_secs(10),
+        m.cluster_status(pb::ClusterStatusRequest {}),
+    )
+    .await;
+    assert!(matches!(freed, Ok(Ok(_))), "{freed:?}");
+}

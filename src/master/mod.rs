@@ -343,10 +343,12 @@ impl Master {
             self.cfg.tls.as_ref(),
             self.cfg.limits.max_streams_per_conn,
         )
-        .map_err(|e| MasterError::InvalidArgument(e.to_string()))?
-        .timeout(self.cfg.limits.request_timeout);
+        .map_err(|e| MasterError::InvalidArgument(e.to_string()))?;
         let guarded = crate::security::guard::AuthGuard::new(
-            crate::server::LimitStatus(svc.into_server(self.cfg.limits.max_message)),
+            crate::server::LimitStatus::new(
+                svc.into_server(self.cfg.limits.max_message),
+                Some(self.cfg.limits.request_timeout),
+            ),
             self.cfg.cluster_secret.clone(),
         );
         let result = builder

@@ -307,8 +307,9 @@ impl Worker {
         let result = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(crate::server::LimitStatus(
+            .add_service(crate::server::LimitStatus::new(
                 service::WorkerService::new(self.clone()).into_server(self.limits.max_message),
+                None,
             ))
             .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
                 shutdown.await;
