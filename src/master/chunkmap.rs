@@ -8,20 +8,72 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::registry::{Health, HealthPolicy, Registry, WorkerIdx};
+use super::registry::{Health, HealthPolicy, Registry, WorkerIdx, WorkerView};
 use crate::chunk::ChunkId;
+
+/// Workers holding a chunk.
+pub type Replicas = smallvec::SmallVec<[WorkerIdx; 3]>;
 
 /// What the master knows of one committed chunk.
 #[derive(Debug, Clone, Default)]
 pub struct ChunkEntry {
     pub target: u8,
     pub length: u64,
-    pub replicas: Vec<WorkerIdx>,
+    /// Up to three copies inline: no heap allocation per chunk, and a scan over every chunk
+    /// reads the replicas without chasing a pointer.
+    pub replicas: Replicas,
     /// Replicas reported corrupt (not served, not counted as replicas).
-    pub corrupt: Vec<WorkerIdx>,
+    pub corrupt: WorkerSet,
     /// Of those, the workers that confirmed they quarantined their copy: they no longer hold
     /// the chunk and may receive a fresh one.
-    pub quarantined: Vec<WorkerIdx>,
+    pub quarantined: WorkerSet,
+}
+
+/// A set of workers that is almost always empty: one pointer (8 bytes) until it holds
+/// something, so the million healthy chunks of a large cluster do not each pay for two
+/// empty vectors (48 bytes).
+#[derive(Debug, Clone, Default)]
+// The box is the point: `Option<Box<Vec>>` is one pointer, a `Vec` is three words.
+#[allow(clippy::box_collection)]
+pub struct WorkerSet(Option<Box<Vec<WorkerIdx>>>);
+
+impl WorkerSet {
+    pub fn contains(&self, w: &WorkerIdx) -> bool {
+        self.0.as_ref().is_some_and(|v| v.contains(w))
+    }
+
+    /// Adds `w` if absent.
+    pub fn insert(&mut self, w: WorkerIdx) {
+        let v = self.0.get_or_insert_with(Default::default);
+        if !v.contains(&w) {
+            v.push(w);
+        }
+    }
+
+    pub fn remove(&mut self, w: WorkerIdx) {
+        if let Some(v) = &mut self.0 {
+            v.retain(|&x| x != w);
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |v| v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &WorkerIdx> {
+        self.0.iter().flat_map(|v| v.iter())
+    }
 }
 
 /// Replication health counts over every chunk.
@@ -53,9 +105,9 @@ impl ChunkMap {
             ChunkEntry {
                 target: target.min(u8::MAX as u32) as u8,
                 length,
-                replicas,
-                corrupt: Vec::new(),
-                quarantined: Vec::new(),
+                replicas: Replicas::from_vec(replicas),
+                corrupt: WorkerSet::default(),
+                quarantined: WorkerSet::default(),
             },
         );
     }
@@ -79,8 +131,8 @@ impl ChunkMap {
                 // A worker that quarantined its copy and then received a fresh one holds a
                 // good replica again.
                 if e.quarantined.contains(&worker) {
-                    e.quarantined.retain(|&w| w != worker);
-                    e.corrupt.retain(|&w| w != worker);
+                    e.quarantined.remove(worker);
+                    e.corrupt.remove(worker);
                 }
                 if !e.replicas.contains(&worker) && !e.corrupt.contains(&worker) {
                     e.replicas.push(worker);
@@ -94,7 +146,7 @@ impl ChunkMap {
     /// Forgets the replica of `id` on `worker`.
     pub fn remove_replica(&mut self, id: &ChunkId, worker: WorkerIdx) {
         if let Some(e) = self.entries.get_mut(id) {
-            e.replicas.retain(|&w| w != worker);
+            e.replicas.retain(|w| *w != worker);
         }
     }
 
@@ -109,7 +161,7 @@ impl ChunkMap {
     /// Forgets every replica on `worker` (before applying its full report).
     pub fn drop_worker(&mut self, worker: WorkerIdx) {
         for e in self.entries.values_mut() {
-            e.replicas.retain(|&w| w != worker);
+            e.replicas.retain(|w| *w != worker);
         }
     }
 
@@ -118,10 +170,8 @@ impl ChunkMap {
         match self.entries.get_mut(id) {
             Some(e) => {
                 let had = e.replicas.contains(&worker);
-                e.replicas.retain(|&w| w != worker);
-                if !e.corrupt.contains(&worker) {
-                    e.corrupt.push(worker);
-                }
+                e.replicas.retain(|w| *w != worker);
+                e.corrupt.insert(worker);
                 had
             }
             None => false,
@@ -134,7 +184,7 @@ impl ChunkMap {
         if let Some(e) = self.entries.get_mut(id)
             && !e.quarantined.contains(&worker)
         {
-            e.quarantined.push(worker);
+            e.quarantined.insert(worker);
         }
         had
     }
@@ -153,25 +203,27 @@ impl ChunkMap {
             .count()
     }
 
-    /// Counts chunks by replication health and replicas per worker.
-    pub fn counts(
-        &self,
-        reg: &Registry,
-        policy: &HealthPolicy,
-        now: Instant,
-    ) -> (ReplicationCounts, HashMap<WorkerIdx, u64>) {
+    /// Counts chunks by replication health and replicas per worker (indexed by worker).
+    pub fn counts(&self, view: &WorkerView) -> (ReplicationCounts, Vec<u64>) {
         let mut c = ReplicationCounts::default();
-        let mut cells: HashMap<(u32, u32), u64> = HashMap::new();
-        let mut per_worker: HashMap<WorkerIdx, u64> = HashMap::new();
+        // (target, live) cells: targets are at most 16; live copies past 64 share a cell.
+        const LIVE: usize = 65;
+        let mut cells = vec![0u64; 17 * LIVE];
+        let mut per_worker = vec![0u64; view.len()];
         for e in self.entries.values() {
             c.chunks += 1;
             c.corrupt_replicas += e.corrupt.len() as u64;
+            let mut live = 0usize;
             for &w in &e.replicas {
-                *per_worker.entry(w).or_default() += 1;
+                if let Some(n) = per_worker.get_mut(w as usize) {
+                    *n += 1;
+                }
+                if view.alive(w) {
+                    live += 1;
+                }
             }
-            let live = Self::live_replicas(e, reg, policy, now);
             let target = e.target as usize;
-            *cells.entry((e.target as u32, live as u32)).or_default() += 1;
+            cells[target.min(16) * LIVE + live.min(LIVE - 1)] += 1;
             if live == 0 {
                 c.missing += 1;
             } else if live < target {
@@ -185,7 +237,12 @@ impl ChunkMap {
                 c.over_target += 1;
             }
         }
-        c.matrix = cells.into_iter().collect();
+        c.matrix = cells
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (((i / LIVE) as u32, (i % LIVE) as u32), *n))
+            .collect();
         (c, per_worker)
     }
 
@@ -195,5 +252,50 @@ impl ChunkMap {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_sets_stay_unallocated_until_used_and_free_when_emptied() {
+        let mut s = WorkerSet::default();
+        assert!(s.is_empty() && s.len() == 0 && !s.contains(&1));
+        s.insert(1);
+        s.insert(1);
+        s.insert(2);
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec![1, 2]);
+        s.remove(1);
+        assert!(s.contains(&2) && !s.contains(&1));
+        s.remove(2);
+        assert!(s.is_empty());
+        assert_eq!(std::mem::size_of::<WorkerSet>(), 8);
+    }
+
+    #[test]
+    fn counts_use_the_worker_view() {
+        let mut reg = Registry::default();
+        let a = reg.intern("a:1");
+        let b = reg.intern("b:1");
+        let policy = HealthPolicy::from_timeout(std::time::Duration::from_secs(5));
+        let now = Instant::now();
+        for w in [a, b] {
+            if let Some(e) = reg.get_mut(w) {
+                e.last_heartbeat = Some(now);
+            }
+        }
+        let mut m = ChunkMap::default();
+        m.insert(ChunkId(1), 2, 10, vec![a, b]);
+        m.insert(ChunkId(2), 2, 10, vec![a]);
+        m.insert(ChunkId(3), 1, 10, vec![]);
+        let (c, per_worker) = m.counts(&reg.view(&policy, now));
+        assert_eq!(
+            (c.chunks, c.stable, c.under_replicated, c.missing),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(per_worker, vec![2, 1]);
+        assert_eq!(c.matrix.get(&(2, 1)), Some(&1));
     }
 }

@@ -147,6 +147,7 @@ impl Master {
         let files = self.all_files().await?;
         let now = Instant::now();
         let inner = self.lock();
+        let view = inner.registry.view(&self.policy, now);
         let mut out = pb::FsckResponse::default();
         for f in &files {
             out.files_checked += 1;
@@ -160,14 +161,7 @@ impl Master {
                     .parse::<ChunkId>()
                     .ok()
                     .and_then(|id| inner.chunks.get(&id))
-                    .map(|e| {
-                        super::chunkmap::ChunkMap::live_replicas(
-                            e,
-                            &inner.registry,
-                            &self.policy,
-                            now,
-                        )
-                    })
+                    .map(|e| e.replicas.iter().filter(|&&w| view.alive(w)).count())
                     .unwrap_or(0) as u32;
                 min_live = min_live.min(live);
                 if live < f.replicas {

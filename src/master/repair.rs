@@ -129,23 +129,32 @@ impl Master {
         let mut trims = Vec::new();
         let mut queue = 0u64;
         let reg = &inner.registry;
+        let view = reg.view(&self.policy, now);
         for (id, e) in inner.chunks.iter() {
+            // Count first, allocate only for the few chunks that need work.
+            let (mut alive, mut serving_n) = (0usize, 0usize);
+            for &w in &e.replicas {
+                if view.alive(w) {
+                    alive += 1;
+                    if !view.draining(w) {
+                        serving_n += 1;
+                    }
+                }
+            }
+            let target = e.target as usize;
+            if serving_n == target || (serving_n < target && alive == 0) {
+                continue;
+            }
             if inner.repair.in_flight.contains_key(id) {
                 continue;
             }
-            let alive: Vec<WorkerIdx> = e
+            let serving: Vec<WorkerIdx> = e
                 .replicas
                 .iter()
                 .copied()
-                .filter(|&w| reg.health(w, &self.policy, now) == Health::Alive)
+                .filter(|&w| view.serving(w))
                 .collect();
-            let serving: Vec<WorkerIdx> = alive
-                .iter()
-                .copied()
-                .filter(|&w| !reg.is_draining(w))
-                .collect();
-            let target = e.target as usize;
-            if serving.len() < target && !alive.is_empty() {
+            if serving.len() < target {
                 queue += 1;
                 if inner.repair.backoff.get(id).is_some_and(|t| *t > now) {
                     continue;

@@ -11,22 +11,16 @@ impl Master {
     pub fn cluster_status(&self) -> ClusterStatusResponse {
         let now = Instant::now();
         let inner = self.lock();
-        let (counts, per_worker) = inner.chunks.counts(&inner.registry, &self.policy, now);
+        let view = inner.registry.view(&self.policy, now);
+        let (counts, per_worker) = inner.chunks.counts(&view);
         // Chunks on each draining worker that still lack enough copies elsewhere.
         let mut drain_remaining: std::collections::HashMap<u32, u64> = Default::default();
-        if inner.registry.iter().any(|(_, w)| w.draining) {
+        if view.any_draining() {
             for (_, e) in inner.chunks.iter() {
-                let serving = e
-                    .replicas
-                    .iter()
-                    .filter(|&&w| {
-                        !inner.registry.is_draining(w)
-                            && inner.registry.health(w, &self.policy, now) == Health::Alive
-                    })
-                    .count();
+                let serving = e.replicas.iter().filter(|&&w| view.serving(w)).count();
                 if serving < e.target as usize {
                     for &w in &e.replicas {
-                        if inner.registry.is_draining(w) {
+                        if view.draining(w) {
                             *drain_remaining.entry(w).or_default() += 1;
                         }
                     }
@@ -92,7 +86,7 @@ impl Master {
                     .last_heartbeat
                     .map(|t| now.saturating_duration_since(t).as_millis() as i64)
                     .unwrap_or(-1),
-                chunks_mapped: per_worker.get(&i).copied().unwrap_or(0),
+                chunks_mapped: per_worker.get(i as usize).copied().unwrap_or(0),
                 process: w.process,
             });
         }
