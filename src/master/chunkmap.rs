@@ -262,7 +262,8 @@ mod tests {
     #[test]
     fn worker_sets_stay_unallocated_until_used_and_free_when_emptied() {
         let mut s = WorkerSet::default();
-        assert!(s.is_empty() && s.len() == 0 && !s.contains(&1));
+        assert!(s.is_empty() && !s.contains(&1));
+        assert_eq!(s.len(), 0);
         s.insert(1);
         s.insert(1);
         s.insert(2);
