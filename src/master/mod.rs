@@ -275,9 +275,9 @@ impl Master {
 
     /// A chunk capability for `chunk` allowing `ops`, valid for the configured lifetime;
     /// empty when the cluster runs without a secret (workers then check nothing).
-    pub(crate) fn chunk_token(&self, chunk: &str, ops: crate::security::ChunkOps) -> Vec<u8> {
+    pub(crate) fn chunk_token(&self, chunk: &str, ops: crate::security::ChunkOps) -> bytes::Bytes {
         let (Some(secret), Ok(id)) = (&self.cfg.cluster_secret, chunk.parse::<ChunkId>()) else {
-            return Vec::new();
+            return bytes::Bytes::new();
         };
         let expires =
             crate::rpc::now_unix_ms().max(0) as u64 + self.cfg.chunk_token_ttl.as_millis() as u64;
@@ -289,6 +289,7 @@ impl Master {
                 expires_unix_ms: expires,
             },
         )
+        .into()
     }
 
     /// Runs a blocking store operation off the async threads.

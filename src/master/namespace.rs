@@ -124,9 +124,7 @@ impl Master {
         let chunk_id = chunk_id.to_string();
         Ok(ChunkPlacement {
             index: index as u32,
-            token: self
-                .chunk_token(&chunk_id, crate::security::ChunkOps::WRITE)
-                .into(),
+            token: self.chunk_token(&chunk_id, crate::security::ChunkOps::WRITE),
             chunk_id,
             workers: chosen
                 .iter()
@@ -700,9 +698,7 @@ impl Master {
             if with_chunks {
                 chunks.push(ChunkInfo {
                     index: i as u32,
-                    token: self
-                        .chunk_token(&c.chunk_id, crate::security::ChunkOps::READ)
-                        .into(),
+                    token: self.chunk_token(&c.chunk_id, crate::security::ChunkOps::READ),
                     chunk_id: c.chunk_id.clone(),
                     length: c.length,
                     crc32c: c.crc32c,

@@ -268,9 +268,7 @@ impl Master {
             let limit = crate::rpc::transfer_limit(job.length);
             let chunk_id = job.chunk.to_string();
             let call = client.replicate_chunk(pb::ReplicateChunkRequest {
-                token: self
-                    .chunk_token(&chunk_id, crate::security::ChunkOps::READ_WRITE)
-                    .into(),
+                token: self.chunk_token(&chunk_id, crate::security::ChunkOps::READ_WRITE),
                 chunk_id,
                 target: job.target.clone(),
             });

@@ -50,19 +50,23 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of `req` (an unknown local caller in tests that bypass the guard).
+    /// The caller of `req` (an unauthenticated one if the request bypassed the guard).
     pub fn of<T>(req: &tonic::Request<T>) -> Caller {
         req.extensions()
             .get::<Caller>()
             .cloned()
-            .unwrap_or_else(|| Caller {
-                kind: None,
-                subject: req
-                    .remote_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_else(|| "local".into()),
-                peer: req.remote_addr(),
-            })
+            .unwrap_or_else(|| Caller::anonymous(req.remote_addr()))
+    }
+
+    /// A caller on a cluster without tokens: known by its IP address.
+    fn anonymous(peer: Option<SocketAddr>) -> Caller {
+        Caller {
+            kind: None,
+            subject: peer
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            peer,
+        }
     }
 }
 
@@ -159,13 +163,7 @@ where
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let peer = peer_addr(req.extensions());
         let caller = match &self.secret {
-            None => Caller {
-                kind: None,
-                subject: peer
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_else(|| "unknown".into()),
-                peer,
-            },
+            None => Caller::anonymous(peer),
             Some(secret) => {
                 let method = req.uri().path().rsplit('/').next().unwrap_or("");
                 match authorize(

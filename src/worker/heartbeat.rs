@@ -112,7 +112,15 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                 registered = registered && s.code() != tonic::Code::NotFound;
                 let quiet = last_error_log.is_some_and(|t| t.elapsed() < Duration::from_secs(30));
                 if !quiet {
-                    tracing::warn!(master = %worker.master, error = %s.message(), "master unreachable; retrying");
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    ) {
+                        // Not an outage: retrying will not help until the settings change.
+                        tracing::error!(master = %worker.master, error = %s.message(), "master refused this worker; check that it has the master's --cluster-secret-file");
+                    } else {
+                        tracing::warn!(master = %worker.master, error = %s.message(), "master unreachable; retrying");
+                    }
                     last_error_log = Some(Instant::now());
                 }
             }

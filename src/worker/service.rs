@@ -80,12 +80,12 @@ impl Drop for Gauge<'_> {
     }
 }
 
-fn validate_start(start: &WriteStart, me: &str) -> Result<ChunkHeader, WorkerError> {
+fn validate_start(start: &WriteStart, me: &str) -> Result<(ChunkHeader, ChunkId), WorkerError> {
     let header = start
         .header
         .clone()
         .ok_or_else(|| WorkerError::InvalidArgument("write start carries no header".into()))?;
-    header
+    let id = header
         .chunk_id
         .parse::<ChunkId>()
         .map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
@@ -105,7 +105,7 @@ fn validate_start(start: &WriteStart, me: &str) -> Result<ChunkHeader, WorkerErr
             "pipeline names this worker twice".into(),
         ));
     }
-    Ok(header)
+    Ok((header, id))
 }
 
 /// Which worker a failed downstream call blames: the deepest one named, else the next hop.
@@ -151,11 +151,7 @@ impl WorkerService {
                 "a write must begin with a start message".into(),
             ));
         };
-        let header = validate_start(&start, &w.address)?;
-        let id: ChunkId = header
-            .chunk_id
-            .parse()
-            .map_err(|e: chunk::BadChunkId| WorkerError::InvalidArgument(e.to_string()))?;
+        let (header, id) = validate_start(&start, &w.address)?;
         w.authorize(&start.token, &id, crate::security::ChunkOps::WRITE)?;
         let chunk_id = header.chunk_id.clone();
         let length = header.length;
