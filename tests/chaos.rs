@@ -275,16 +275,7 @@ fn chaos() {
                     continue;
                 }
                 let f = &files[rng.below(files.len() as u64) as usize];
-                let Ok(mut bytes) = std::fs::read(f) else {
-                    continue;
-                };
-                if bytes.len() as u64 <= dfs::chunk::HEADER_REGION {
-                    continue;
-                }
-                let span = bytes.len() as u64 - dfs::chunk::HEADER_REGION;
-                let at = (dfs::chunk::HEADER_REGION + rng.below(span)) as usize;
-                bytes[at] ^= 0x20;
-                if std::fs::write(f, &bytes).is_err() {
+                if f.data_len == 0 || corrupt_stored(f, rng.below(f.data_len), 0x20).is_err() {
                     continue;
                 }
                 format!("corrupt a chunk on worker {w}")
@@ -363,7 +354,7 @@ fn chaos() {
     let mut copies: HashMap<String, usize> = HashMap::new();
     for (port, _) in &b.workers {
         for f in chunk_files(&b.cwd().join(format!("worker_localhost_{port}"))) {
-            let id = f.file_name().unwrap().to_string_lossy().into_owned();
+            let id = f.id;
             assert!(
                 live_chunks.contains(&id),
                 "orphan chunk {id} left on worker {port}"

@@ -117,6 +117,16 @@ async fn overwrite_replaces_contents_and_collects_old_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_replica_is_skipped_reported_and_quarantined() {
+    // Chunk 1 is a chunk file of its own; chunk 2 (100 bytes) a record in a volume.
+    corrupt_replica_case(1, 12345).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_small_replica_in_a_volume_is_skipped_reported_and_quarantined() {
+    corrupt_replica_case(2, 50).await;
+}
+
+async fn corrupt_replica_case(chunk: usize, at: u64) {
     // Repair would restore the copy within moments (tests/healing.rs covers that); hold it
     // off so the state right after the failed-over read can be inspected.
     let mut cfg = small_chunks(3);
@@ -125,9 +135,9 @@ async fn a_corrupt_replica_is_skipped_reported_and_quarantined() {
     let path = make_file(&t.scratch().join("f"), 2 * MIB + 100, 9);
     t.must_upload(&path, "f").await;
     let st = t.client.stat("f").await.unwrap();
-    // Corrupt chunk 1 on whichever worker the reader will try first (reads start at the
+    // Corrupt the chunk on whichever worker the reader will try first (reads start at the
     // replica at the chunk's index, modulo the replica count, to spread load).
-    let c = &st.chunks[1];
+    let c = &st.chunks[chunk];
     let first = &c.replicas[c.index as usize % c.replicas.len()].worker;
     let idx = t
         .cluster
@@ -136,11 +146,8 @@ async fn a_corrupt_replica_is_skipped_reported_and_quarantined() {
         .position(|a| a == first)
         .unwrap();
     let wdir = t.cluster.worker_dir(idx).unwrap().to_path_buf();
-    let file = chunk_path(&wdir, &c.chunk_id).unwrap();
-    let mut bytes = std::fs::read(&file).unwrap();
-    let pos = dfs::chunk::HEADER_REGION as usize + 12345;
-    bytes[pos] ^= 0x40;
-    std::fs::write(&file, &bytes).unwrap();
+    let stored = chunk_path(&wdir, &c.chunk_id).unwrap();
+    corrupt_stored(&stored, at, 0x40).unwrap();
 
     let dest = t.scratch().join("out");
     let r = t
@@ -157,8 +164,8 @@ async fn a_corrupt_replica_is_skipped_reported_and_quarantined() {
     assert_eq!(status.corrupt_replicas, 1);
     assert_eq!(status.under_replicated_chunks, 1);
     let st = t.client.stat("f").await.unwrap();
-    assert_eq!(st.chunks[1].replicas.len(), 2);
-    assert!(st.chunks[1].replicas.iter().all(|r| &r.worker != first));
+    assert_eq!(st.chunks[chunk].replicas.len(), 2);
+    assert!(st.chunks[chunk].replicas.iter().all(|r| &r.worker != first));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

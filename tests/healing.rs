@@ -115,10 +115,8 @@ async fn the_scrubber_finds_flipped_bytes_and_the_copy_is_repaired() {
     let st = t.client.stat("a").await.unwrap();
     let id = st.chunks[1].chunk_id.clone();
     let wdir = t.cluster.worker_dir(2).unwrap().to_path_buf();
-    let path = chunk_path(&wdir, &id).unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[dfs::chunk::HEADER_REGION as usize + 777] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
+    let stored = chunk_path(&wdir, &id).unwrap();
+    corrupt_stored(&stored, 777, 0x01).unwrap();
 
     let master = t.cluster.master().clone();
     let quarantined = wait_until(Duration::from_secs(20), || {
@@ -338,7 +336,7 @@ async fn placement_moves_on_when_a_worker_is_full() {
     for i in 0..3 {
         let used: u64 = chunk_files(t.cluster.worker_dir(i).unwrap())
             .iter()
-            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .map(|c| c.disk_bytes)
             .sum();
         assert!(
             used <= 3 * MIB,

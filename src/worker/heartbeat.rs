@@ -96,11 +96,17 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                             Err(_) => done.push(id),
                         }
                     }
+                    // Acknowledge only deletes whose tombstones are durable.
+                    if let Err(e) = store.sync_deletes() {
+                        tracing::warn!(error = %e, "could not sync deletes; will be retried");
+                        return Vec::new();
+                    }
                     done
                 })
                 .await
                 .unwrap_or_default();
                 tracing::info!(chunks = done.len(), "deleted chunks on the master's order");
+                worker.compact_in_background();
                 acks = done;
             }
             Ok(())

@@ -6,6 +6,7 @@ pub mod replicate;
 pub mod scrub;
 pub mod service;
 pub mod store;
+pub mod volume;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -113,6 +114,7 @@ pub struct Worker {
     pub(crate) tls: Option<crate::security::tls::TlsMaterial>,
     pub(crate) limits: WorkerLimits,
     pub(crate) transfers: Arc<tokio::sync::Semaphore>,
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Worker {
@@ -146,6 +148,7 @@ impl Worker {
             tls: cfg.tls.clone(),
             limits: cfg.limits,
             transfers: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_transfers.max(1))),
+            compacting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             address,
             store: Arc::new(store),
             master: cfg.master.clone(),
@@ -188,6 +191,24 @@ impl Worker {
     /// mismatch quarantines the chunk and is returned as an error; the sink has then seen bad
     /// bytes and must not treat them as a chunk. `Ok(None)` means the sink stopped early.
     /// Blocking.
+    /// Reclaims the space of deleted small chunks off the heartbeat's path (one run at a
+    /// time); see [`ChunkStore::compact`].
+    pub(crate) fn compact_in_background(&self) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.store.clone();
+        let flag = self.compacting.clone();
+        tokio::task::spawn_blocking(move || {
+            match store.compact() {
+                Ok(0) => {}
+                Ok(bytes) => tracing::info!(bytes, "compaction freed space"),
+                Err(e) => tracing::warn!(error = %e, "volume compaction failed"),
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
     pub(crate) fn read_verified(
         &self,
         id: &crate::chunk::ChunkId,

@@ -154,24 +154,32 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
 }
 
-/// Every chunk file (not tmp, not quarantine) under a worker's data dir.
-pub fn chunk_files(worker_dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(subs) = std::fs::read_dir(worker_dir.join("chunks")) else {
-        return out;
-    };
-    for s in subs.flatten() {
-        if let Ok(files) = std::fs::read_dir(s.path()) {
-            out.extend(files.flatten().map(|f| f.path()));
-        }
-    }
-    out
+/// Every chunk (chunk files and live volume records; not tmp, not quarantine) under a
+/// worker's data dir, read from the disk itself.
+pub fn chunk_files(worker_dir: &Path) -> Vec<dfs::worker::store::StoredChunk> {
+    dfs::worker::store::stored_chunks(worker_dir)
 }
 
-/// The path of chunk `id` under a worker's data dir, if it is there.
-pub fn chunk_path(worker_dir: &Path, id: &str) -> Option<PathBuf> {
-    let p = worker_dir.join("chunks").join(&id[..2]).join(id);
-    p.exists().then_some(p)
+/// Chunk `id` as stored under a worker's data dir, if it is there.
+pub fn chunk_path(worker_dir: &Path, id: &str) -> Option<dfs::worker::store::StoredChunk> {
+    chunk_files(worker_dir).into_iter().find(|c| c.id == id)
+}
+
+/// Flips bits of the byte at `at` within a stored chunk's data, on disk.
+pub fn corrupt_stored(
+    c: &dfs::worker::store::StoredChunk,
+    at: u64,
+    mask: u8,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&c.path)?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, c.data_offset + at)?;
+    b[0] ^= mask;
+    f.write_all_at(&b, c.data_offset + at)
 }
 
 /// Streams `data` as chunk `placement` through its pipeline, with an optional wrong CRC.
