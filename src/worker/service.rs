@@ -13,7 +13,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::Worker;
 use super::error::WorkerError;
-use super::store::MAX_CHUNK_LEN;
+use super::store::{ChunkWriter, MAX_CHUNK_LEN};
+use super::volume::SMALL_CHUNK_MAX;
 use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{
     self, ChunkHeader, ReadChunkResponse, WriteChunkRequest, WriteChunkResponse, WriteFinish,
@@ -135,6 +136,47 @@ fn downstream_error(next: &str, status: &Status) -> WorkerError {
     }
 }
 
+/// Where a write's local copy is gathered while the stream comes in.
+enum LocalCopy {
+    /// A small chunk, held in memory by the writer itself.
+    Inline(Option<ChunkWriter>),
+    /// A large chunk, written by a blocking task as data arrives.
+    Task(
+        Option<mpsc::Sender<Bytes>>,
+        Option<tokio::task::JoinHandle<Result<ChunkWriter, WorkerError>>>,
+    ),
+}
+
+impl LocalCopy {
+    async fn write(&mut self, b: Bytes) -> Result<(), WorkerError> {
+        match self {
+            LocalCopy::Inline(Some(w)) => w.write(&b),
+            LocalCopy::Task(Some(tx), _) if tx.send(b).await.is_ok() => Ok(()),
+            _ => Err(WorkerError::InvalidArgument("local write failed".into())),
+        }
+    }
+
+    /// The writer, once every byte is in (the disk task's own error if it failed).
+    async fn writer(&mut self) -> Result<Result<ChunkWriter, WorkerError>, WorkerError> {
+        match self {
+            LocalCopy::Inline(w) => Ok(w
+                .take()
+                .ok_or_else(|| WorkerError::InvalidArgument("local write failed".into()))),
+            LocalCopy::Task(tx, task) => {
+                drop(tx.take());
+                match task.take() {
+                    Some(t) => t
+                        .await
+                        .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}"))),
+                    None => Ok(Err(WorkerError::InvalidArgument(
+                        "local write failed".into(),
+                    ))),
+                }
+            }
+        }
+    }
+}
+
 impl WorkerService {
     async fn write(
         &self,
@@ -157,17 +199,23 @@ impl WorkerService {
         let length = header.length;
         let reservation = w.store.reserve(length)?;
 
-        // Disk writer: a blocking task fed through a bounded channel.
-        let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-        let store = w.store.clone();
-        let h2 = header.clone();
-        let disk = tokio::task::spawn_blocking(move || {
-            let mut writer = store.create(h2)?;
-            while let Some(b) = disk_rx.blocking_recv() {
-                writer.write(&b)?;
-            }
-            Ok::<_, WorkerError>(writer)
-        });
+        // Local copy: a small chunk is gathered in memory right here (no file until finish);
+        // a large one goes to a blocking disk writer fed through a bounded channel.
+        let mut local = if length <= SMALL_CHUNK_MAX {
+            LocalCopy::Inline(Some(w.store.create(header.clone())?))
+        } else {
+            let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let store = w.store.clone();
+            let h2 = header.clone();
+            let disk = tokio::task::spawn_blocking(move || {
+                let mut writer = store.create(h2)?;
+                while let Some(b) = disk_rx.blocking_recv() {
+                    writer.write(&b)?;
+                }
+                Ok::<_, WorkerError>(writer)
+            });
+            LocalCopy::Task(Some(disk_tx), Some(disk))
+        };
 
         // Downstream forwarder: the rest of the pipeline, fed the same buffers.
         let next = start.downstream.first().cloned();
@@ -226,10 +274,8 @@ impl WorkerService {
                                     message: "stream closed".into(),
                                 });
                             }
-                        if disk_tx.send(b).await.is_err() {
-                            break Err(WorkerError::InvalidArgument(
-                                "local write failed".into(),
-                            ));
+                        if let Err(e) = local.write(b).await {
+                            break Err(e);
                         }
                     }
                     Some(write_chunk_request::Msg::Finish(WriteFinish { crc32c })) => {
@@ -249,10 +295,7 @@ impl WorkerService {
             }
         }
         .await;
-        drop(disk_tx);
-        let local = disk
-            .await
-            .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")));
+        let local = local.writer().await;
 
         // Resolve downstream errors first: they say which worker to avoid.
         let expected_crc = match result {
@@ -332,6 +375,12 @@ impl WorkerService {
     }
 }
 
+/// A chunk opened for reading: small ones already read and verified.
+enum Opened {
+    Small(Vec<Result<ReadChunkResponse, Status>>),
+    Large(std::fs::File, ChunkHeader),
+}
+
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadChunkResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -401,14 +450,44 @@ impl pb::worker_server::Worker for WorkerService {
             })?;
         let slot = self.worker.transfer_slot()?;
         let worker = self.worker.clone();
-        let store = worker.store.clone();
-        let (file, header) = tokio::task::spawn_blocking(move || store.open_read(&id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| {
-                tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "error", error = %e);
-                Status::from(e)
-            })?;
+        let w2 = worker.clone();
+        // A small chunk is opened, read and verified in this one blocking step and sent from
+        // memory; a large one is streamed by a blocking reader below.
+        let opened = tokio::task::spawn_blocking(move || {
+            let (mut file, header) = w2.store.open_read(&id)?;
+            if header.length > SMALL_CHUNK_MAX {
+                return Ok(Opened::Large(file, header));
+            }
+            let mut messages = Vec::with_capacity(2);
+            let length = header.length;
+            let expected = header.crc32c;
+            messages.push(Ok(ReadChunkResponse {
+                msg: Some(read_chunk_response::Msg::Header(header)),
+            }));
+            if let Err(e) = w2.read_verified(&id, &mut file, length, expected, |b| {
+                messages.push(Ok(ReadChunkResponse {
+                    msg: Some(read_chunk_response::Msg::Data(b)),
+                }));
+                true
+            }) {
+                messages.push(Err(Status::from(e)));
+            }
+            Ok::<_, WorkerError>(Opened::Small(messages))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "error", error = %e);
+            Status::from(e)
+        })?;
+        let (file, header) = match opened {
+            Opened::Small(messages) => {
+                tracing::info!(op = "read_chunk", chunk = %id, %peer, outcome = "sent");
+                drop(slot);
+                return Ok(Response::new(Box::pin(tokio_stream::iter(messages))));
+            }
+            Opened::Large(file, header) => (file, header),
+        };
         tracing::info!(op = "read_chunk", chunk = %id, bytes = header.length, %peer, outcome = "started");
         let (tx, rx) = mpsc::channel(4);
         let handle = tokio::runtime::Handle::current();
