@@ -1,6 +1,10 @@
 //! Streamed uploads: each chunk goes to the first worker of its pipeline in bounded messages
 //! while its CRC32C and the file's SHA-256 are computed; a failed pipeline is retried on a
 //! fresh one; the master makes the file visible only when every chunk is durable.
+//!
+//! A small chunk (at most [`SMALL_CHUNK_MAX`]) is sent to all of its workers at once instead
+//! of along the pipeline: for a few KiB the chain's hops cost more than the bandwidth it
+//! saves, so its latency becomes one round trip instead of one per replica.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +24,7 @@ use crate::rpc::pb::{
     WriteStart, write_chunk_request,
 };
 use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, now_unix_ms};
+use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// Attempts per chunk before the upload gives up.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -305,6 +310,11 @@ impl Client {
             local: None,
         })?;
         let len = header.length;
+        if len <= SMALL_CHUNK_MAX {
+            return self
+                .send_small_chunk(placement, header, file, offset, sha, progress)
+                .await;
+        }
         let mut client = self.worker(&first).map_err(|e| AttemptError {
             blame: Some(first.clone()),
             message: e.to_string(),
@@ -406,5 +416,84 @@ impl Client {
                 Ok((stored_on, crc, sha))
             }
         }
+    }
+
+    /// Sends a small chunk to every worker of its placement at once (each one stores it
+    /// without forwarding); see the module comment.
+    async fn send_small_chunk(
+        &self,
+        placement: &ChunkPlacement,
+        header: ChunkHeader,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        mut sha: Sha256,
+        progress: &Arc<Progress>,
+    ) -> Result<(Vec<String>, u32, Sha256), AttemptError> {
+        let len = header.length;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            let crc = chunk::crc32c_append(0, &buf);
+            sha.update(&buf);
+            Ok::<_, std::io::Error>((bytes::Bytes::from(buf), crc, sha))
+        })
+        .await
+        .map_err(|e| AttemptError {
+            blame: None,
+            message: format!("reader task failed: {e}"),
+            local: None,
+        })?;
+        let (data, crc, sha) = read.map_err(|e| AttemptError {
+            blame: None,
+            message: e.to_string(),
+            local: Some(ClientError::InvalidInput(format!(
+                "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
+            ))),
+        })?;
+        let limit = crate::rpc::transfer_limit(len);
+        let calls = placement.workers.iter().map(|worker| {
+            let messages = [
+                write_chunk_request::Msg::Start(WriteStart {
+                    header: Some(header.clone()),
+                    downstream: Vec::new(),
+                    token: placement.token.clone(),
+                }),
+                write_chunk_request::Msg::Data(data.clone()),
+                write_chunk_request::Msg::Finish(WriteFinish { crc32c: crc }),
+            ]
+            .map(|m| WriteChunkRequest { msg: Some(m) });
+            async move {
+                let failed = |message: String| AttemptError {
+                    blame: Some(worker.clone()),
+                    message,
+                    local: None,
+                };
+                let mut client = self.worker(worker).map_err(|e| failed(e.to_string()))?;
+                match tokio::time::timeout(limit, client.write_chunk(tokio_stream::iter(messages)))
+                    .await
+                {
+                    Err(_) => Err(failed(format!("no answer within {}s", limit.as_secs()))),
+                    Ok(Err(s)) => Err(failed(s.message().to_string())),
+                    Ok(Ok(r)) => Ok(r.into_inner().stored_on),
+                }
+            }
+        });
+        let mut stored_on = Vec::with_capacity(placement.workers.len());
+        for r in futures::future::join_all(calls).await {
+            stored_on.extend(r?);
+        }
+        if stored_on.len() != placement.workers.len() {
+            return Err(AttemptError {
+                blame: None,
+                message: format!(
+                    "stored {} of {} replicas",
+                    stored_on.len(),
+                    placement.workers.len()
+                ),
+                local: None,
+            });
+        }
+        progress.done.fetch_add(len, Ordering::Relaxed);
+        Ok((stored_on, crc, sha))
     }
 }
