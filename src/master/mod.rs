@@ -143,7 +143,7 @@ pub struct Master {
     pub(crate) policy: HealthPolicy,
     pub(crate) inner: Mutex<Inner>,
     /// Serialises namespace mutations (store transaction + memory update) so both orders agree.
-    pub(crate) ns_lock: tokio::sync::Mutex<()>,
+    pub(crate) ns_lock: Arc<tokio::sync::Mutex<()>>,
     pub(crate) address: Mutex<String>,
     /// True while the namespace is being rebuilt from workers: no namespace changes.
     pub(crate) rebuilding: std::sync::atomic::AtomicBool,
@@ -181,7 +181,7 @@ impl Master {
             store,
             events: EventLog::new(),
             inner: Mutex::new(Inner::default()),
-            ns_lock: tokio::sync::Mutex::new(()),
+            ns_lock: Arc::new(tokio::sync::Mutex::new(())),
             address: Mutex::new(String::new()),
             worker_channels: Mutex::new(HashMap::new()),
             rebuilding: std::sync::atomic::AtomicBool::new(false),

@@ -456,14 +456,19 @@ impl Master {
         self: &Arc<Self>,
         apply: impl FnOnce(&Master) -> Result<(T, CommitSeq), MasterError> + Send + 'static,
     ) -> Result<T, MasterError> {
-        let announced = Announced::new(&*self.store);
-        let guard = self.ns_lock.lock().await;
-        let (value, seq) = self.blocking(apply).await?;
-        drop(guard);
-        drop(announced);
-        self.blocking(move |m| m.store.sync(seq).map_err(Into::into))
-            .await?;
-        Ok(value)
+        let announced = Announced::new(self.store.clone());
+        let guard = self.ns_lock.clone().lock_owned().await;
+        // One blocking step for both (a thread hand-off costs as much as a small commit):
+        // the lock is released as soon as the transaction is applied, before the fsync.
+        self.blocking(move |m| {
+            let applied = apply(m);
+            drop(guard);
+            drop(announced);
+            let (value, seq) = applied?;
+            m.store.sync(seq)?;
+            Ok(value)
+        })
+        .await
     }
 
     /// Drops an open upload; every chunk allocated to it becomes garbage.

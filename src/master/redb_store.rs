@@ -414,7 +414,7 @@ mod tests {
                     let store = store.clone();
                     std::thread::spawn(move || {
                         for i in 0..25 {
-                            let _a = super::super::store::Announced::new(&*store);
+                            let _a = super::super::store::Announced::new(store.clone());
                             let ((), seq) = store
                                 .write_deferred_with(|tx| -> Result<(), StoreError> {
                                     tx.put_file(&file(&format!("t{t}-{i}")))

@@ -182,17 +182,18 @@ pub trait MetaStore: Send + Sync + 'static {
     }
 }
 
-/// An announced mutation (see [`MetaStore::announce`]); withdrawn when dropped.
-pub struct Announced<'a>(&'a dyn MetaStore);
+/// An announced mutation (see [`MetaStore::announce`]); withdrawn when dropped. It owns its
+/// store so that it can travel into the blocking task that commits the mutation.
+pub struct Announced(std::sync::Arc<dyn MetaStore>);
 
-impl<'a> Announced<'a> {
-    pub fn new(store: &'a dyn MetaStore) -> Self {
+impl Announced {
+    pub fn new(store: std::sync::Arc<dyn MetaStore>) -> Self {
         store.announce(true);
         Announced(store)
     }
 }
 
-impl Drop for Announced<'_> {
+impl Drop for Announced {
     fn drop(&mut self) {
         self.0.announce(false);
     }
