@@ -18,7 +18,8 @@ pub struct LogGuards {
 }
 
 /// Installs the global subscriber: stderr at `stderr_filter` (or `RUST_LOG`), and
-/// `<log_dir>/<file_name>` at info. Keep the guard alive until exit so the logs are flushed.
+/// `<log_dir>/<file_name>` at info (or `DFS_LOG`, e.g. `warn` to keep per-operation lines
+/// out of the file on a busy small-file cluster). Keep the guard alive until exit so the logs are flushed.
 ///
 /// Both writers are non-blocking: a daemon must never stall because whatever reads its stderr
 /// (a full pipe, a stopped terminal) is slow; lines are dropped instead.
@@ -42,7 +43,11 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
             let layer = fmt::layer()
                 .with_ansi(false)
                 .with_writer(writer)
-                .with_filter(filter(DEFAULT_FILTER));
+                .with_filter(filter(
+                    std::env::var("DFS_LOG")
+                        .as_deref()
+                        .unwrap_or(DEFAULT_FILTER),
+                ));
             (Some(layer), Some(guard), None)
         }
         Err(e) => (None, None, Some(e)),
