@@ -153,7 +153,7 @@ pub fn read_records(path: &Path, volume: u32) -> std::io::Result<(Vec<Record>, O
         idb.copy_from_slice(&fixed[8..24]);
         let id = ChunkId(u128::from_le_bytes(idb));
         let (hlen, dlen, crc) = (word(24) as usize, word(28) as u64, word(32));
-        if hlen > MAX_HEADER || dlen > SMALL_CHUNK_MAX {
+        if hlen > MAX_HEADER || dlen > super::store::MAX_CHUNK_LEN {
             return Ok((out, Some(stop(at, "record lengths out of range"))));
         }
         let size = padded(FIXED as u64 + hlen as u64 + dlen);
@@ -243,13 +243,30 @@ struct Active {
     roll: bool,
 }
 
-#[derive(Default)]
 struct Synced {
-    /// Every record numbered up to this is durable.
+    /// Every record numbered up to this is durable (unless in the failed range).
     upto: u64,
-    /// Records numbered up to this were in a failed fsync and are not.
-    failed_upto: u64,
+    /// Records numbered in `failed` were covered by a failed fsync and are not durable.
+    failed: std::ops::RangeInclusive<u64>,
     syncing: bool,
+}
+
+impl Default for Synced {
+    fn default() -> Self {
+        Synced {
+            upto: 0,
+            #[allow(clippy::reversed_empty_ranges)]
+            failed: 1..=0,
+            syncing: false,
+        }
+    }
+}
+
+impl Synced {
+    /// Marks records `upto + 1 ..= target` as lost to a failed fsync.
+    fn fail(&mut self, target: u64) {
+        self.failed = (self.upto + 1)..=target;
+    }
 }
 
 /// The volumes of one store: the active volume, per-volume usage and the group commit.
@@ -304,11 +321,15 @@ impl Volumes {
     fn append(&self, record: &[u8], landing: bool) -> Result<(Place, u64), WorkerError> {
         let mut a = lock(&self.active);
         if a.roll || a.file.is_none() || a.len + record.len() as u64 > VOLUME_MAX {
-            if let Some(old) = &a.file {
+            if let Some(old) = &a.file
+                && let Err(e) = old.sync_data()
+            {
                 // Records of the old volume become durable here, not in a later group sync
-                // (which covers only the new volume).
-                old.sync_data()
-                    .map_err(|e| WorkerError::io(format!("fsync volume {}", a.seq), e))?;
+                // (which covers only the new volume). If that fails, every one not yet
+                // durable fails, and this append moves on to a new volume.
+                tracing::error!(volume = a.seq, error = %e, "fsync of a volume failed");
+                lock(&self.synced).fail(a.appended);
+                self.wake.notify_all();
             }
             let seq = a.seq + 1;
             let path = volume_path(&self.dir, seq);
@@ -365,14 +386,14 @@ impl Volumes {
     fn sync(&self, n: u64) -> Result<(), WorkerError> {
         let mut s = lock(&self.synced);
         loop {
-            if s.upto >= n {
-                return Ok(());
-            }
-            if s.failed_upto >= n {
+            if s.failed.contains(&n) {
                 return Err(WorkerError::io(
                     "fsync volume",
-                    std::io::Error::other("an earlier fsync of this volume failed"),
+                    std::io::Error::other("the fsync covering this write failed"),
                 ));
+            }
+            if s.upto >= n {
+                return Ok(());
             }
             if s.syncing {
                 s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -395,9 +416,10 @@ impl Volumes {
                 Err(e) => {
                     // Linux may report a failed writeback only once: never retry the same
                     // file, fail every write it covered and move to a new volume.
-                    s.failed_upto = s.failed_upto.max(target);
-                    lock(&self.active).roll = true;
+                    s.fail(target);
+                    drop(s);
                     self.wake.notify_all();
+                    lock(&self.active).roll = true;
                     return Err(WorkerError::io(format!("fsync volume {seq}"), e));
                 }
             }
