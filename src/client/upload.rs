@@ -401,18 +401,7 @@ impl Client {
                 })
             }
             Ok(Ok(resp)) => {
-                let stored_on = resp.into_inner().stored_on;
-                if stored_on.len() != placement.workers.len() {
-                    return Err(AttemptError {
-                        blame: None,
-                        message: format!(
-                            "pipeline stored {} of {} replicas",
-                            stored_on.len(),
-                            placement.workers.len()
-                        ),
-                        local: None,
-                    });
-                }
+                let stored_on = all_stored(resp.into_inner().stored_on, placement)?;
                 Ok((stored_on, crc, sha))
             }
         }
@@ -482,18 +471,27 @@ impl Client {
         for r in futures::future::join_all(calls).await {
             stored_on.extend(r?);
         }
-        if stored_on.len() != placement.workers.len() {
-            return Err(AttemptError {
-                blame: None,
-                message: format!(
-                    "stored {} of {} replicas",
-                    stored_on.len(),
-                    placement.workers.len()
-                ),
-                local: None,
-            });
-        }
+        let stored_on = all_stored(stored_on, placement)?;
         progress.done.fetch_add(len, Ordering::Relaxed);
         Ok((stored_on, crc, sha))
     }
+}
+
+/// The workers that stored a chunk, if every one of its placement did.
+fn all_stored(
+    stored_on: Vec<String>,
+    placement: &ChunkPlacement,
+) -> Result<Vec<String>, AttemptError> {
+    if stored_on.len() != placement.workers.len() {
+        return Err(AttemptError {
+            blame: None,
+            message: format!(
+                "stored {} of {} replicas",
+                stored_on.len(),
+                placement.workers.len()
+            ),
+            local: None,
+        });
+    }
+    Ok(stored_on)
 }
