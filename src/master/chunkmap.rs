@@ -96,10 +96,19 @@ pub struct ReplicationCounts {
 #[derive(Debug, Default)]
 pub struct ChunkMap {
     entries: HashMap<ChunkId, ChunkEntry>,
+    /// Bumped by every call that may change an entry, so that whole-map scans (the repair
+    /// planner, status) can tell that nothing changed since their last pass and skip it.
+    generation: u64,
 }
 
 impl ChunkMap {
+    /// Changes whenever an entry may have changed (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn insert(&mut self, id: ChunkId, target: u32, length: u64, replicas: Vec<WorkerIdx>) {
+        self.generation += 1;
         self.entries.insert(
             id,
             ChunkEntry {
@@ -113,6 +122,7 @@ impl ChunkMap {
     }
 
     pub fn remove(&mut self, id: &ChunkId) -> Option<ChunkEntry> {
+        self.generation += 1;
         self.entries.remove(id)
     }
 
@@ -126,6 +136,7 @@ impl ChunkMap {
 
     /// Records that `worker` holds `id`; false if the chunk belongs to no committed file.
     pub fn add_replica(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
+        self.generation += 1;
         match self.entries.get_mut(id) {
             Some(e) => {
                 // A worker that quarantined its copy and then received a fresh one holds a
@@ -145,12 +156,14 @@ impl ChunkMap {
 
     /// Forgets the replica of `id` on `worker`.
     pub fn remove_replica(&mut self, id: &ChunkId, worker: WorkerIdx) {
+        self.generation += 1;
         if let Some(e) = self.entries.get_mut(id) {
             e.replicas.retain(|w| *w != worker);
         }
     }
 
     pub fn get_mut(&mut self, id: &ChunkId) -> Option<&mut ChunkEntry> {
+        self.generation += 1;
         self.entries.get_mut(id)
     }
 
@@ -160,6 +173,7 @@ impl ChunkMap {
 
     /// Forgets every replica on `worker` (before applying its full report).
     pub fn drop_worker(&mut self, worker: WorkerIdx) {
+        self.generation += 1;
         for e in self.entries.values_mut() {
             e.replicas.retain(|w| *w != worker);
         }
@@ -167,6 +181,7 @@ impl ChunkMap {
 
     /// Marks the replica of `id` on `worker` corrupt; true if it was a known replica.
     pub fn mark_corrupt(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
+        self.generation += 1;
         match self.entries.get_mut(id) {
             Some(e) => {
                 let had = e.replicas.contains(&worker);

@@ -131,6 +131,13 @@ pub(crate) struct Inner {
     /// Chunks reported by workers that belong to no file, upload or garbage entry.
     pub orphans: HashMap<String, repair::Orphan>,
     pub repair: repair::RepairState,
+    /// Replication counts of the last status, valid while the chunk map's generation and
+    /// the workers' health are unchanged.
+    pub counts_cache: Option<(
+        u64,
+        registry::WorkerView,
+        (chunkmap::ReplicationCounts, Vec<u64>),
+    )>,
     /// Chunk reports (with headers) collected while rebuilding, by worker.
     pub rebuild_reports: HashMap<String, Vec<crate::rpc::pb::ChunkReport>>,
 }

@@ -64,6 +64,7 @@ impl HealthPolicy {
 }
 
 /// A snapshot of which workers are alive and which are draining, indexed by [`WorkerIdx`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerView {
     /// (alive, draining) per worker.
     serving: Vec<(bool, bool)>,

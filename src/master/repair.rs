@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::namespace::add_garbage;
-use super::registry::{Health, WorkerIdx};
+use super::registry::{Health, WorkerIdx, WorkerView};
 use super::store::{GarbageRecord, MetaStoreExt};
 use super::{Master, MasterError};
 use crate::chunk::ChunkId;
@@ -31,6 +31,10 @@ pub struct Orphan {
     pub first_seen: Instant,
 }
 
+/// The longest the planner goes without a full scan of the chunk map, even when nothing it
+/// tracks changed: a safety net for any change that does not pass through the map's API.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(10);
+
 /// The repair loop's state, kept in the master's `Inner`.
 #[derive(Debug, Default)]
 pub struct RepairState {
@@ -43,6 +47,12 @@ pub struct RepairState {
     recent: VecDeque<(Instant, u64)>,
     /// Chunks below target with a live source, as of the last round.
     pub queue: u64,
+    /// Set by a round that found nothing to do: the chunk map's generation, the workers'
+    /// health and when. Later rounds skip the full scan while both are unchanged, with a
+    /// full scan at least every [`FULL_SCAN_EVERY`] regardless.
+    quiet: Option<(u64, WorkerView, Instant)>,
+    /// Full scans done (for tests and the benchmark).
+    pub scans: u64,
     degraded: bool,
     last_orphan_warning: Option<Instant>,
 }
@@ -120,6 +130,16 @@ impl Master {
         let max = self.cfg.max_repairs_per_worker.max(1);
         let mut guard = self.lock();
         let inner = &mut *guard;
+        let generation = inner.chunks.generation();
+        let view = inner.registry.view(&self.policy, now);
+        if let Some((g, v, at)) = &inner.repair.quiet
+            && *g == generation
+            && *v == view
+            && now.saturating_duration_since(*at) < FULL_SCAN_EVERY
+        {
+            return (Vec::new(), Vec::new());
+        }
+        inner.repair.scans += 1;
         let mut load: HashMap<WorkerIdx, usize> = HashMap::new();
         for (s, t) in inner.repair.in_flight.values() {
             *load.entry(*s).or_default() += 1;
@@ -129,7 +149,6 @@ impl Master {
         let mut trims = Vec::new();
         let mut queue = 0u64;
         let reg = &inner.registry;
-        let view = reg.view(&self.policy, now);
         for (id, e) in inner.chunks.iter() {
             // Count first, allocate only for the few chunks that need work.
             let (mut alive, mut serving_n) = (0usize, 0usize);
@@ -226,6 +245,13 @@ impl Master {
             });
         }
         let was = inner.repair.degraded;
+        // Nothing below target (so no retry is pending either), nothing to trim or copying.
+        let quiet =
+            queue == 0 && jobs.is_empty() && trims.is_empty() && inner.repair.in_flight.is_empty();
+        if quiet {
+            inner.repair.backoff.clear();
+        }
+        inner.repair.quiet = quiet.then_some((generation, view, now));
         inner.repair.queue = queue;
         inner.repair.degraded = queue > 0 || !inner.repair.in_flight.is_empty();
         let now_degraded = inner.repair.degraded;
@@ -451,5 +477,58 @@ impl Master {
             format!("collecting {n} orphan chunk(s) that belong to no file"),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_cluster_is_not_rescanned_until_something_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Master::open(crate::master::MasterConfig::new(dir.path())).unwrap();
+        let now = Instant::now();
+        let ws: Vec<WorkerIdx> = {
+            let mut inner = m.lock();
+            let ws: Vec<WorkerIdx> = (0..3)
+                .map(|i| inner.registry.intern(&format!("w{i}:1")))
+                .collect();
+            for &w in &ws {
+                if let Some(e) = inner.registry.get_mut(w) {
+                    e.last_heartbeat = Some(now);
+                }
+            }
+            for i in 0..100 {
+                inner.chunks.insert(ChunkId(i), 3, 10, ws.clone());
+            }
+            ws
+        };
+        let scans = || m.lock().repair.scans;
+        m.plan();
+        assert_eq!(scans(), 1);
+        m.plan();
+        m.plan();
+        assert_eq!(scans(), 1, "nothing changed: no rescan");
+
+        // A lost replica: rounds scan until the chunk is back at its target.
+        m.lock().chunks.remove_replica(&ChunkId(5), ws[0]);
+        m.plan();
+        m.plan();
+        assert_eq!(scans(), 3, "work pending: every round scans");
+        assert_eq!(m.lock().repair.queue, 1);
+        m.lock().chunks.add_replica(&ChunkId(5), ws[0]);
+        m.plan();
+        m.plan();
+        assert_eq!(scans(), 4);
+        assert_eq!(m.lock().repair.queue, 0);
+
+        // A worker going silent changes the health view: scanned again.
+        if let Some(e) = m.lock().registry.get_mut(ws[2]) {
+            e.last_heartbeat = now.checked_sub(Duration::from_secs(3600));
+        }
+        m.plan();
+        assert_eq!(scans(), 5);
+        assert_eq!(m.lock().repair.queue, 100);
     }
 }

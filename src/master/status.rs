@@ -10,9 +10,18 @@ impl Master {
     /// A consistent snapshot of the cluster, computed from the live chunk → replica map.
     pub fn cluster_status(&self) -> ClusterStatusResponse {
         let now = Instant::now();
-        let inner = self.lock();
+        let mut inner = self.lock();
         let view = inner.registry.view(&self.policy, now);
-        let (counts, per_worker) = inner.chunks.counts(&view);
+        // A full pass over the chunk map, unless nothing it depends on changed since the last.
+        let generation = inner.chunks.generation();
+        let (counts, per_worker) = match &inner.counts_cache {
+            Some((g, v, c)) if *g == generation && *v == view => c.clone(),
+            _ => {
+                let c = inner.chunks.counts(&view);
+                inner.counts_cache = Some((generation, view.clone(), c.clone()));
+                c
+            }
+        };
         // Chunks on each draining worker that still lack enough copies elsewhere.
         let mut drain_remaining: std::collections::HashMap<u32, u64> = Default::default();
         if view.any_draining() {
