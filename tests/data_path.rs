@@ -196,6 +196,16 @@ async fn reads_fail_over_and_writes_retry_when_a_worker_dies() {
             .iter()
             .all(|c| c.replicas.iter().all(|r| r.worker != victim))
     );
+    // Small files, sent to all replicas at once, retry the same way.
+    for i in 0..8u64 {
+        let name = format!("small-{i}");
+        let p = make_file(&t.scratch().join(&name), 3000 + i, 40 + i);
+        let r = t.must_upload(&p, &name).await;
+        assert_eq!(r.replicas_achieved, 3, "{name}");
+        t.must_download_equal(&name, &p).await;
+        let st = t.client.stat(&name).await.unwrap();
+        assert!(st.chunks[0].replicas.iter().all(|r| r.worker != victim));
+    }
     // Then the master declares it dead.
     let master = t.cluster.master().clone();
     let dead = wait_until(Duration::from_secs(10), || {
