@@ -99,7 +99,14 @@ pub struct ChunkMap {
     /// Bumped by every call that may change an entry, so that whole-map scans (the repair
     /// planner, status) can tell that nothing changed since their last pass and skip it.
     generation: u64,
+    /// The chunks those calls touched since [`ChunkMap::take_dirty`] (None: too many, or a
+    /// change to every chunk), so that the repair planner can look at just those.
+    dirty: Option<Vec<ChunkId>>,
 }
+
+/// Touched chunks remembered between two planner rounds before giving up and asking for a
+/// full scan (bounds memory when no planner runs).
+const MAX_DIRTY: usize = 100_000;
 
 impl ChunkMap {
     /// Changes whenever an entry may have changed (see the field).
@@ -107,8 +114,30 @@ impl ChunkMap {
         self.generation
     }
 
-    pub fn insert(&mut self, id: ChunkId, target: u32, length: u64, replicas: Vec<WorkerIdx>) {
+    fn touch(&mut self, id: &ChunkId) {
         self.generation += 1;
+        if let Some(d) = &mut self.dirty {
+            if d.len() < MAX_DIRTY {
+                d.push(*id);
+            } else {
+                self.dirty = None;
+            }
+        }
+    }
+
+    fn touch_all(&mut self) {
+        self.generation += 1;
+        self.dirty = None;
+    }
+
+    /// The chunks touched since the last call, or None if a full scan is needed (the first
+    /// call, a change to every chunk, or too many to list).
+    pub fn take_dirty(&mut self) -> Option<Vec<ChunkId>> {
+        self.dirty.replace(Vec::new())
+    }
+
+    pub fn insert(&mut self, id: ChunkId, target: u32, length: u64, replicas: Vec<WorkerIdx>) {
+        self.touch(&id);
         self.entries.insert(
             id,
             ChunkEntry {
@@ -122,7 +151,7 @@ impl ChunkMap {
     }
 
     pub fn remove(&mut self, id: &ChunkId) -> Option<ChunkEntry> {
-        self.generation += 1;
+        self.touch(id);
         self.entries.remove(id)
     }
 
@@ -136,7 +165,7 @@ impl ChunkMap {
 
     /// Records that `worker` holds `id`; false if the chunk belongs to no committed file.
     pub fn add_replica(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
-        self.generation += 1;
+        self.touch(id);
         match self.entries.get_mut(id) {
             Some(e) => {
                 // A worker that quarantined its copy and then received a fresh one holds a
@@ -156,14 +185,14 @@ impl ChunkMap {
 
     /// Forgets the replica of `id` on `worker`.
     pub fn remove_replica(&mut self, id: &ChunkId, worker: WorkerIdx) {
-        self.generation += 1;
+        self.touch(id);
         if let Some(e) = self.entries.get_mut(id) {
             e.replicas.retain(|w| *w != worker);
         }
     }
 
     pub fn get_mut(&mut self, id: &ChunkId) -> Option<&mut ChunkEntry> {
-        self.generation += 1;
+        self.touch(id);
         self.entries.get_mut(id)
     }
 
@@ -173,7 +202,7 @@ impl ChunkMap {
 
     /// Forgets every replica on `worker` (before applying its full report).
     pub fn drop_worker(&mut self, worker: WorkerIdx) {
-        self.generation += 1;
+        self.touch_all();
         for e in self.entries.values_mut() {
             e.replicas.retain(|w| *w != worker);
         }
@@ -181,7 +210,7 @@ impl ChunkMap {
 
     /// Marks the replica of `id` on `worker` corrupt; true if it was a known replica.
     pub fn mark_corrupt(&mut self, id: &ChunkId, worker: WorkerIdx) -> bool {
-        self.generation += 1;
+        self.touch(id);
         match self.entries.get_mut(id) {
             Some(e) => {
                 let had = e.replicas.contains(&worker);

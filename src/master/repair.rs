@@ -47,10 +47,11 @@ pub struct RepairState {
     recent: VecDeque<(Instant, u64)>,
     /// Chunks below target with a live source, as of the last round.
     pub queue: u64,
-    /// Set by a round that found nothing to do: the chunk map's generation, the workers'
-    /// health and when. Later rounds skip the full scan while both are unchanged, with a
-    /// full scan at least every [`FULL_SCAN_EVERY`] regardless.
-    quiet: Option<(u64, WorkerView, Instant)>,
+    /// Set by a full scan that found nothing to do: the workers' health and when. Later
+    /// rounds look only at the chunks touched since (see [`ChunkMap::take_dirty`]) while the
+    /// health is unchanged and those need nothing, with a full scan at least every
+    /// [`FULL_SCAN_EVERY`] regardless.
+    quiet: Option<(WorkerView, Instant)>,
     /// Full scans done (for tests and the benchmark).
     pub scans: u64,
     degraded: bool,
@@ -123,6 +124,21 @@ pub(crate) async fn repair_loop(master: Arc<Master>, mut stop: watch::Receiver<b
     }
 }
 
+/// A chunk at its target, or one that cannot be helped (no live copy to copy from).
+fn needs_nothing(e: &super::chunkmap::ChunkEntry, view: &WorkerView) -> bool {
+    let (mut alive, mut serving) = (0usize, 0usize);
+    for &w in &e.replicas {
+        if view.alive(w) {
+            alive += 1;
+            if !view.draining(w) {
+                serving += 1;
+            }
+        }
+    }
+    let target = e.target as usize;
+    serving == target || (serving < target && alive == 0)
+}
+
 impl Master {
     /// Decides which chunks to copy (and where) and which surplus replicas to drop.
     fn plan(&self) -> (Vec<Job>, Vec<(ChunkId, WorkerIdx)>) {
@@ -130,12 +146,15 @@ impl Master {
         let max = self.cfg.max_repairs_per_worker.max(1);
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let generation = inner.chunks.generation();
         let view = inner.registry.view(&self.policy, now);
-        if let Some((g, v, at)) = &inner.repair.quiet
-            && *g == generation
+        // Taken every round, so that the list only ever spans one round.
+        let dirty = inner.chunks.take_dirty();
+        if let (Some((v, at)), Some(dirty)) = (&inner.repair.quiet, &dirty)
             && *v == view
             && now.saturating_duration_since(*at) < FULL_SCAN_EVERY
+            && dirty
+                .iter()
+                .all(|id| inner.chunks.get(id).is_none_or(|e| needs_nothing(e, &view)))
         {
             return (Vec::new(), Vec::new());
         }
@@ -151,19 +170,10 @@ impl Master {
         let reg = &inner.registry;
         for (id, e) in inner.chunks.iter() {
             // Count first, allocate only for the few chunks that need work.
-            let (mut alive, mut serving_n) = (0usize, 0usize);
-            for &w in &e.replicas {
-                if view.alive(w) {
-                    alive += 1;
-                    if !view.draining(w) {
-                        serving_n += 1;
-                    }
-                }
-            }
-            let target = e.target as usize;
-            if serving_n == target || (serving_n < target && alive == 0) {
+            if needs_nothing(e, &view) {
                 continue;
             }
+            let target = e.target as usize;
             if inner.repair.in_flight.contains_key(id) {
                 continue;
             }
@@ -251,7 +261,7 @@ impl Master {
         if quiet {
             inner.repair.backoff.clear();
         }
-        inner.repair.quiet = quiet.then_some((generation, view, now));
+        inner.repair.quiet = quiet.then_some((view, now));
         inner.repair.queue = queue;
         inner.repair.degraded = queue > 0 || !inner.repair.in_flight.is_empty();
         let now_degraded = inner.repair.degraded;
@@ -510,6 +520,14 @@ mod tests {
         m.plan();
         m.plan();
         assert_eq!(scans(), 1, "nothing changed: no rescan");
+        // New chunks committed at their target (the usual commit): only they are looked at.
+        for i in 100..200 {
+            m.lock().chunks.insert(ChunkId(i), 3, 10, ws.clone());
+            if i % 10 == 0 {
+                m.plan();
+            }
+        }
+        assert_eq!(scans(), 1, "commits at target: still no full scan");
 
         // A lost replica: rounds scan until the chunk is back at its target.
         m.lock().chunks.remove_replica(&ChunkId(5), ws[0]);
@@ -529,6 +547,6 @@ mod tests {
         }
         m.plan();
         assert_eq!(scans(), 5);
-        assert_eq!(m.lock().repair.queue, 100);
+        assert_eq!(m.lock().repair.queue, 200);
     }
 }
