@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tonic::Code;
 
 use super::{Client, ClientError, Progress};
@@ -181,6 +180,20 @@ impl Client {
     /// files should stream with [`Client::download`] or [`Client::read_file_to`].
     pub async fn read(&self, name: &str) -> Result<Vec<u8>, ClientError> {
         let file = self.stat_with_replicas(name).await?;
+        if let [c] = file.chunks.as_slice()
+            && c.length <= crate::worker::volume::SMALL_CHUNK_MAX
+        {
+            // One small chunk: fetched and checked right here, with no task or thread hop.
+            let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
+            let mut sha = Sha256::new();
+            let mut buf = Vec::with_capacity(c.length as usize);
+            for p in &fetched.pieces {
+                sha.update(p);
+                buf.extend_from_slice(p);
+            }
+            check_whole(&file, buf.len() as u64, sha)?;
+            return Ok(buf);
+        }
         let buf = Vec::with_capacity(file.size.min(64 << 20) as usize);
         let (buf, _) = self.read_file_to(&file, buf, &Arc::default()).await?;
         Ok(buf)
@@ -241,21 +254,7 @@ impl Client {
         }
         let (mut out, sha) =
             state.ok_or_else(|| ClientError::Integrity("download writer lost".into()))?;
-        if written != file.size {
-            return Err(ClientError::Integrity(format!(
-                "read {written} bytes, the file holds {}",
-                file.size
-            )));
-        }
-        let digest = hex::encode(sha.finalize());
-        // A file rebuilt from worker headers has no recorded digest; its chunks' CRCs were
-        // still checked one by one.
-        if !file.sha256.is_empty() && digest != file.sha256 {
-            return Err(ClientError::Integrity(format!(
-                "file SHA-256 is {digest}, expected {}",
-                file.sha256
-            )));
-        }
+        check_whole(file, written, sha)?;
         out.flush().map_err(|source| ClientError::LocalIo {
             op: "write",
             path: PathBuf::new(),
@@ -329,51 +328,30 @@ impl Client {
             Err(e) => return replica_err(false, e.to_string()),
         };
         let limit = crate::rpc::transfer_limit(c.length);
-        let (tx, mut rx) = mpsc::channel(4);
         let req = pb::ReadChunkRequest {
             chunk_id: c.chunk_id.clone(),
             token: c.token.clone(),
         };
-        // The stream is read in a task so that a stalled worker is cut off by the deadline.
-        let reader = tokio::spawn(async move {
-            let mut stream = match client.read_chunk(req).await {
-                Ok(s) => s.into_inner(),
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
-            };
-            loop {
-                match stream.message().await {
-                    Ok(Some(m)) => {
-                        if tx.send(Ok(m)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        let _abort = AbortOnDrop(reader.abort_handle());
+        // Every wait is under one deadline, so a stalled worker is cut off; dropping the
+        // stream cancels the call. (HTTP/2 keeps receiving into the stream's window while
+        // this task checks CRCs, so no separate reader task is needed.)
         let deadline = tokio::time::Instant::now() + limit;
+        let timed_out = || replica_err(false, format!("no answer within {}s", limit.as_secs()));
+        let failed = |s: tonic::Status| replica_err(s.code() == Code::DataLoss, s.message().into());
+        let mut stream = match tokio::time::timeout_at(deadline, client.read_chunk(req)).await {
+            Err(_) => return timed_out(),
+            Ok(Err(s)) => return failed(s),
+            Ok(Ok(s)) => s.into_inner(),
+        };
         let mut crc = 0u32;
         let mut saw_header = false;
         let mut pieces = Vec::new();
         loop {
-            let msg = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => {
-                    return replica_err(false, format!("no answer within {}s", limit.as_secs()));
-                }
-                Ok(None) => break,
-                Ok(Some(Err(s))) => {
-                    let bad = s.code() == Code::DataLoss;
-                    return replica_err(bad, s.message().to_string());
-                }
-                Ok(Some(Ok(m))) => m,
+            let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => return timed_out(),
+                Ok(Ok(None)) => break,
+                Ok(Err(s)) => return failed(s),
+                Ok(Ok(Some(m))) => m,
             };
             match msg.msg {
                 Some(read_chunk_response::Msg::Header(h)) => {
@@ -435,4 +413,24 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Checks a whole file's length and SHA-256 once every chunk has been read.
+fn check_whole(file: &FileInfo, written: u64, sha: Sha256) -> Result<(), ClientError> {
+    if written != file.size {
+        return Err(ClientError::Integrity(format!(
+            "read {written} bytes, the file holds {}",
+            file.size
+        )));
+    }
+    let digest = hex::encode(sha.finalize());
+    // A file rebuilt from worker headers has no recorded digest; its chunks' CRCs were
+    // still checked one by one.
+    if !file.sha256.is_empty() && digest != file.sha256 {
+        return Err(ClientError::Integrity(format!(
+            "file SHA-256 is {digest}, expected {}",
+            file.sha256
+        )));
+    }
+    Ok(())
 }
