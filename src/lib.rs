@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod logging;
+pub mod logwriter;
 pub mod master;
 pub mod names;
 pub mod procstat;

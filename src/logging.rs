@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tracing_appender::non_blocking::WorkerGuard;
+use crate::logwriter::{FlushGuard, batched};
 use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,tonic=warn";
@@ -13,16 +13,17 @@ fn filter(directives: &str) -> EnvFilter {
 
 /// Keeps the log writers flushing until dropped (at exit).
 pub struct LogGuards {
-    _stderr: WorkerGuard,
-    _file: Option<WorkerGuard>,
+    _stderr: FlushGuard,
+    _file: Option<FlushGuard>,
 }
 
 /// Installs the global subscriber: stderr at `stderr_filter` (or `RUST_LOG`), and
 /// `<log_dir>/<file_name>` at info (or `DFS_LOG`, e.g. `warn` to keep per-operation lines
 /// out of the file on a busy small-file cluster). Keep the guard alive until exit so the logs are flushed.
 ///
-/// Both writers are non-blocking: a daemon must never stall because whatever reads its stderr
-/// (a full pipe, a stopped terminal) is slow; lines are dropped instead.
+/// Both writers are non-blocking and batched ([`crate::logwriter`]): a daemon must never
+/// stall because whatever reads its stderr (a full pipe, a stopped terminal) is slow; lines
+/// are dropped instead.
 /// If the log directory cannot be created the process still runs, logging to stderr only,
 /// and says so: losing the log file must not take a storage daemon down.
 pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Option<LogGuards> {
@@ -31,15 +32,14 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
         .as_deref()
         .or(stderr_filter)
         .unwrap_or(DEFAULT_FILTER);
-    let (stderr_writer, stderr_guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (stderr_writer, stderr_guard) = batched("log-stderr", std::io::stderr());
     let stderr_layer = fmt::layer()
         .with_writer(stderr_writer)
         .with_filter(filter(stderr_directives));
 
-    let (file_layer, guard, file_err) = match std::fs::create_dir_all(log_dir) {
-        Ok(()) => {
-            let appender = tracing_appender::rolling::never(log_dir, file_name);
-            let (writer, guard) = tracing_appender::non_blocking(appender);
+    let (file_layer, guard, file_err) = match open_log(log_dir, file_name) {
+        Ok(file) => {
+            let (writer, guard) = batched("log-file", file);
             let layer = fmt::layer()
                 .with_ansi(false)
                 .with_writer(writer)
@@ -57,10 +57,20 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
         .with(file_layer)
         .try_init();
     if let Some(e) = file_err {
-        tracing::warn!(dir = %log_dir.display(), error = %e, "cannot create log directory; logging to stderr only");
+        tracing::warn!(dir = %log_dir.display(), error = %e, "cannot open the log file; logging to stderr only");
     }
     Some(LogGuards {
         _stderr: stderr_guard,
         _file: guard,
     })
+}
+
+/// Opens `<dir>/<name>` for appending, creating the directory: a restarted daemon adds to
+/// its log rather than replacing it.
+pub fn open_log(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
 }

@@ -360,19 +360,16 @@ fn execute_effect(
 /// Installs logging for the console: the log file, and tui-logger for the logs pane (the
 /// console's own events and the master's stream at info, everything else at warn). Nothing
 /// goes to stderr, which would tear the screen.
-pub fn init_logging(
-    log_dir: &std::path::Path,
-) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+pub fn init_logging(log_dir: &std::path::Path) -> Option<crate::logwriter::FlushGuard> {
     use tracing_subscriber::{
         EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt,
     };
     let _ = tui_logger::init_logger(tui_logger::LevelFilter::Debug);
     let tui = tui_logger::TuiTracingSubscriberLayer
         .with_filter(EnvFilter::new("warn,console=info,master=info"));
-    let (file, guard) = match std::fs::create_dir_all(log_dir) {
-        Ok(()) => {
-            let appender = tracing_appender::rolling::never(log_dir, "dfs-tui.log");
-            let (w, g) = tracing_appender::non_blocking(appender);
+    let (file, guard) = match crate::logging::open_log(log_dir, "dfs-tui.log") {
+        Ok(f) => {
+            let (w, g) = crate::logwriter::batched("log-file", f);
             (
                 Some(
                     fmt::layer()
