@@ -179,9 +179,9 @@ impl ChunkStore {
                 }
             }
         }
-        let (vol_used, last, usage) = scan_volumes(self.volumes.dir(), &mut index);
+        let (last, usage) = scan_volumes(self.volumes.dir(), &mut index);
         self.volumes = Volumes::new(self.volumes.dir().to_path_buf(), last, usage);
-        self.used.store(used + vol_used, Ordering::Relaxed);
+        self.used.store(used, Ordering::Relaxed);
         *self.index.lock().unwrap_or_else(|p| p.into_inner()) = index;
         Ok(())
     }
@@ -282,7 +282,7 @@ impl ChunkStore {
     /// (capacity, used, free): free is what a new chunk may use, bounded by both the
     /// configured capacity and the disk's real free space, minus writes in flight.
     pub fn usage(&self) -> (u64, u64, u64) {
-        let used = self.used.load(Ordering::Relaxed);
+        let used = self.used.load(Ordering::Relaxed) + self.volumes.disk_bytes();
         let reserved = self.reserved.load(Ordering::Relaxed);
         let by_capacity = self.capacity.saturating_sub(used);
         let by_disk = disk_space(&self.root).map(|(_, f)| f).unwrap_or(0);
@@ -408,8 +408,7 @@ impl ChunkStore {
     /// Deletes chunk `id`; true if it was there.
     pub fn delete(&self, id: &ChunkId) -> Result<bool, WorkerError> {
         if let Some(place) = self.take_volume_entry(id) {
-            let size = self.volumes.tombstone(id, &place)?;
-            self.used.fetch_add(size, Ordering::Relaxed);
+            self.volumes.tombstone(id, &place)?;
             return Ok(true);
         }
         let path = self.chunk_path(id);
@@ -441,13 +440,8 @@ impl ChunkStore {
                 tracing::warn!(chunk = %id, error = %e, "could not copy a quarantined record out");
             }
             if self.take_volume_entry(id).is_some() {
-                match self.volumes.tombstone(id, &place) {
-                    Ok(size) => {
-                        self.used.fetch_add(size, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::error!(chunk = %id, error = %e, "could not record a quarantine")
-                    }
+                if let Err(e) = self.volumes.tombstone(id, &place) {
+                    tracing::error!(chunk = %id, error = %e, "could not record a quarantine")
                 }
                 tracing::error!(chunk = %id, %reason, "chunk quarantined");
                 self.quarantined
@@ -545,7 +539,6 @@ impl ChunkStore {
                     }
                     let new = self.volumes.put_unsynced(&record)?;
                     let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                    self.used.fetch_add(new.size, Ordering::Relaxed);
                     match index.get_mut(&id) {
                         Some(e) if e.place == Some(place) => e.place = Some(new),
                         // Deleted meanwhile: the copy is garbage already.
@@ -555,11 +548,6 @@ impl ChunkStore {
                 self.volumes.sync_all()?;
             }
             let size = self.volumes.remove(seq)?;
-            self.used
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                    Some(u.saturating_sub(size))
-                })
-                .ok();
             freed += size;
             tracing::info!(volume = seq, bytes = size, "volume compacted");
         }
@@ -665,9 +653,7 @@ impl ChunkWriter {
         let place = match &mut self.sink {
             Sink::Memory(data) => {
                 let record = volume::encode_chunk(&self.id, &self.header, data);
-                let place = store.volumes.put(&record)?;
-                store.used.fetch_add(place.size, Ordering::Relaxed);
-                Some(place)
+                Some(store.volumes.put(&record)?)
             }
             Sink::File { file, tmp_path } => {
                 let region = encode_header(&self.header)
@@ -735,18 +721,17 @@ impl Drop for ChunkWriter {
 fn scan_volumes(
     dir: &Path,
     index: &mut HashMap<ChunkId, Indexed>,
-) -> (u64, u32, HashMap<u32, volume::Usage>) {
-    let mut used = 0u64;
+) -> (u32, HashMap<u32, volume::Usage>) {
     let mut last = 0u32;
     let mut usage: HashMap<u32, volume::Usage> = HashMap::new();
     for (seq, path) in volume::list(dir) {
         last = last.max(seq);
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        used += size;
         usage.insert(
             seq,
             volume::Usage {
                 size,
+                file: size,
                 ..Default::default()
             },
         );
@@ -757,7 +742,7 @@ fn scan_volumes(
                 continue;
             }
         };
-        if let Some(stop) = stop {
+        if let Some(stop) = &stop {
             tracing::warn!(
                 volume = %path.display(),
                 offset = stop.offset,
@@ -765,6 +750,15 @@ fn scan_volumes(
                 reason = %stop.reason,
                 "volume read up to a bad record (after a crash: the unacknowledged tail)"
             );
+        }
+        // Bytes of records: the zero-filled space past them is not dead data to compact.
+        let end = stop
+            .as_ref()
+            .map(|s| s.offset)
+            .or_else(|| records.last().map(|r| r.place.record + r.place.size))
+            .unwrap_or(0);
+        if let Some(u) = usage.get_mut(&seq) {
+            u.size = end;
         }
         for r in records {
             match r.header {
@@ -793,7 +787,7 @@ fn scan_volumes(
             u.live += p.size;
         }
     }
-    (used, last, usage)
+    (last, usage)
 }
 
 /// A chunk as found on disk by [`stored_chunks`].
