@@ -147,7 +147,8 @@ pub trait WriteTxn: ReadTxn {
 pub type CommitSeq = u64;
 
 /// A transactional metadata store. Calls block (disk I/O and fsync): call them from
-/// `spawn_blocking`, never from an async task directly.
+/// `spawn_blocking`, never from an async task directly; the one exception is the point
+/// lookup of `get_file` (see `Master::get_file`).
 ///
 /// Commits come in two steps so that fsyncs can be shared (group commit, as HDFS syncs its
 /// edit log outside the namespace lock): [`MetaStore::write_deferred`] applies a transaction
