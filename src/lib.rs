@@ -19,6 +19,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod events;
+pub mod groupsync;
 pub mod logging;
 pub mod logwriter;
 pub mod master;

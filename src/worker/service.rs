@@ -324,7 +324,7 @@ impl WorkerService {
         // Every replica checks the data against the client's checksum itself, so the finish
         // is forwarded while this one verifies and syncs: the pipeline's fsyncs overlap.
         let store = w.store.clone();
-        let verify_and_sync = tokio::task::spawn_blocking(move || writer.finish(expected_crc));
+        let verify_and_sync = tokio::spawn(writer.finish_async(expected_crc));
         let down_result = match (down_tx, down_task) {
             (Some(tx), Some(task)) => {
                 let _ = tx

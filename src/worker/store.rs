@@ -128,7 +128,7 @@ impl ChunkStore {
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             index: Mutex::new(HashMap::new()),
-            volumes: Volumes::new(volumes, 0, HashMap::new()),
+            volumes: Volumes::new(volumes, 0, HashMap::new())?,
             quarantined: Mutex::new(Vec::new()),
             _lock: lock,
         };
@@ -180,7 +180,7 @@ impl ChunkStore {
             }
         }
         let (last, usage) = scan_volumes(self.volumes.dir(), &mut index);
-        self.volumes = Volumes::new(self.volumes.dir().to_path_buf(), last, usage);
+        self.volumes = Volumes::new(self.volumes.dir().to_path_buf(), last, usage)?;
         self.used.store(used, Ordering::Relaxed);
         *self.index.lock().unwrap_or_else(|p| p.into_inner()) = index;
         Ok(())
@@ -634,21 +634,7 @@ impl ChunkWriter {
     /// to a volume and synced; a large one gets its header written, is fsynced and renamed
     /// into place. Only after this returns is the chunk durable.
     pub fn finish(mut self, expected_crc: u32) -> Result<(), WorkerError> {
-        if self.written != self.header.length {
-            return Err(WorkerError::InvalidArgument(format!(
-                "chunk {} ended after {} of {} declared bytes",
-                self.id, self.written, self.header.length
-            )));
-        }
-        if self.crc != expected_crc {
-            return Err(WorkerError::ChecksumMismatch {
-                chunk: self.id.to_string(),
-                expected: expected_crc,
-                actual: self.crc,
-            });
-        }
-        self.header.crc32c = self.crc;
-        self.header.format_version = chunk::FORMAT_VERSION;
+        self.verify(expected_crc)?;
         let store = self.store.clone();
         let place = match &mut self.sink {
             Sink::Memory(data) => {
@@ -682,6 +668,53 @@ impl ChunkWriter {
                 None
             }
         };
+        self.install(place);
+        Ok(())
+    }
+
+    /// [`ChunkWriter::finish`] for async callers. A small chunk is appended on the calling
+    /// thread and its fsync awaited without holding a thread (the group commit's thread
+    /// syncs); a large one is finished on the blocking pool.
+    pub async fn finish_async(mut self, expected_crc: u32) -> Result<(), WorkerError> {
+        if matches!(self.sink, Sink::Memory(_)) {
+            self.verify(expected_crc)?;
+        }
+        let record = match &self.sink {
+            Sink::Memory(data) => volume::encode_chunk(&self.id, &self.header, data),
+            Sink::File { .. } => {
+                return tokio::task::spawn_blocking(move || self.finish(expected_crc))
+                    .await
+                    .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")))?;
+            }
+        };
+        let place = self.store.volumes.put_async(&record).await?;
+        self.install(Some(place));
+        Ok(())
+    }
+
+    /// Checks length and checksum, and stamps the header with them.
+    fn verify(&mut self, expected_crc: u32) -> Result<(), WorkerError> {
+        if self.written != self.header.length {
+            return Err(WorkerError::InvalidArgument(format!(
+                "chunk {} ended after {} of {} declared bytes",
+                self.id, self.written, self.header.length
+            )));
+        }
+        if self.crc != expected_crc {
+            return Err(WorkerError::ChecksumMismatch {
+                chunk: self.id.to_string(),
+                expected: expected_crc,
+                actual: self.crc,
+            });
+        }
+        self.header.crc32c = self.crc;
+        self.header.format_version = chunk::FORMAT_VERSION;
+        Ok(())
+    }
+
+    /// Puts the durable chunk in the index (`place` for a volume record).
+    fn install(&mut self, place: Option<volume::Place>) {
+        let store = self.store.clone();
         self.done = true;
         let replaced = store
             .index
@@ -704,7 +737,6 @@ impl ChunkWriter {
         {
             store.volumes.forget(&old);
         }
-        Ok(())
     }
 }
 

@@ -43,12 +43,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
 
 use super::error::WorkerError;
 use crate::chunk::{self, ChunkId};
+use crate::groupsync::{GroupSync, SyncTarget};
 use crate::rpc::pb::ChunkHeader;
 
 /// Chunks up to this size go to volumes; larger ones get a file of their own, where the
@@ -261,61 +262,68 @@ struct Active {
     appended: u64,
     /// Set after a failed fsync: the next append begins a new volume.
     roll: bool,
+    /// Volumes rolled away from since the last group sync: their records are synced by it.
+    retired: Vec<Arc<File>>,
 }
 
-struct Synced {
-    /// Every record numbered up to this is durable (unless in the failed range).
-    upto: u64,
-    /// Records numbered in `failed` were covered by a failed fsync and are not durable.
-    failed: std::ops::RangeInclusive<u64>,
-    syncing: bool,
-}
+/// The group sync's view of the volumes: one `fdatasync` per file written since the last
+/// round covers every record appended by then.
+struct ActiveSync(Arc<Mutex<Active>>);
 
-impl Default for Synced {
-    fn default() -> Self {
-        Synced {
-            upto: 0,
-            #[allow(clippy::reversed_empty_ranges)]
-            failed: 1..=0,
-            syncing: false,
+impl SyncTarget for ActiveSync {
+    fn sync_once(&self) -> (u64, Result<(), String>) {
+        let (target, seq, files) = {
+            let mut a = lock(&self.0);
+            let mut files = std::mem::take(&mut a.retired);
+            files.extend(a.file.clone());
+            (a.appended, a.seq, files)
+        };
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                // Linux may report a failed writeback only once: never sync the same file
+                // again and hope; every record it covered fails, appends move on.
+                tracing::error!(volume = seq, error = %e, "fsync of a volume failed");
+                lock(&self.0).roll = true;
+                return (target, Err(format!("fsync of volume failed: {e}")));
+            }
         }
-    }
-}
-
-impl Synced {
-    /// Marks records `upto + 1 ..= target` as lost to a failed fsync.
-    fn fail(&mut self, target: u64) {
-        self.failed = (self.upto + 1)..=target;
+        (target, Ok(()))
     }
 }
 
 /// The volumes of one store: the active volume, per-volume usage and the group commit.
 pub struct Volumes {
     dir: PathBuf,
-    active: Mutex<Active>,
-    synced: Mutex<Synced>,
-    wake: Condvar,
+    active: Arc<Mutex<Active>>,
+    group: GroupSync,
     usage: Mutex<HashMap<u32, Usage>>,
 }
 
 impl Volumes {
     /// Volumes in `dir` whose usage was found by the startup scan; appends go to a new
     /// volume numbered after `last`.
-    pub fn new(dir: PathBuf, last: u32, usage: HashMap<u32, Usage>) -> Volumes {
-        Volumes {
+    pub fn new(
+        dir: PathBuf,
+        last: u32,
+        usage: HashMap<u32, Usage>,
+    ) -> Result<Volumes, WorkerError> {
+        let active = Arc::new(Mutex::new(Active {
+            seq: last,
+            file: None,
+            len: 0,
+            alloc: 0,
+            appended: 0,
+            roll: true,
+            retired: Vec::new(),
+        }));
+        let group = GroupSync::new("volume-sync", Arc::new(ActiveSync(active.clone())))
+            .map_err(|e| WorkerError::io("start the volume sync thread", e))?;
+        Ok(Volumes {
             dir,
-            active: Mutex::new(Active {
-                seq: last,
-                file: None,
-                len: 0,
-                alloc: 0,
-                appended: 0,
-                roll: true,
-            }),
-            synced: Mutex::new(Synced::default()),
-            wake: Condvar::new(),
+            active,
+            group,
             usage: Mutex::new(usage),
-        }
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -347,16 +355,10 @@ impl Volumes {
     fn append(&self, record: &[u8], landing: bool) -> Result<(Place, u64), WorkerError> {
         let mut a = lock(&self.active);
         if a.roll || a.file.is_none() || a.len + record.len() as u64 > VOLUME_MAX {
-            if let Some(old) = &a.file
-                && let Err(e) = old.sync_data()
-            {
-                // Records of the old volume become durable here, not in a later group sync
-                // (which covers only the new volume). If that fails, every one not yet
-                // durable fails, and this append moves on to a new volume.
-                tracing::error!(volume = a.seq, error = %e, "fsync of a volume failed");
-                lock(&self.synced).fail(a.appended);
-                self.wake.notify_all();
-            }
+            // The old volume's records become durable in the next group sync.
+            let mut retired = std::mem::take(&mut a.retired);
+            retired.extend(a.file.take());
+            a.retired = retired;
             let seq = a.seq + 1;
             let path = volume_path(&self.dir, seq);
             let file = OpenOptions::new()
@@ -376,6 +378,7 @@ impl Volumes {
                 alloc: 0,
                 appended: a.appended,
                 roll: false,
+                retired: std::mem::take(&mut a.retired),
             };
         }
         let Some(file) = a.file.clone() else {
@@ -434,50 +437,10 @@ impl Volumes {
         }
     }
 
-    /// Waits until record number `n` is durable. One caller runs `fdatasync` for everyone
-    /// whose records are appended by then; the others wait for it (group commit).
+    /// Waits until record number `n` is durable (group commit: one `fdatasync` on the sync
+    /// thread covers every record appended by then).
     fn sync(&self, n: u64) -> Result<(), WorkerError> {
-        let mut s = lock(&self.synced);
-        loop {
-            if s.failed.contains(&n) {
-                return Err(WorkerError::io(
-                    "fsync volume",
-                    std::io::Error::other("the fsync covering this write failed"),
-                ));
-            }
-            if s.upto >= n {
-                return Ok(());
-            }
-            if s.syncing {
-                s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            s.syncing = true;
-            drop(s);
-            let (target, file, seq) = {
-                let a = lock(&self.active);
-                (a.appended, a.file.clone(), a.seq)
-            };
-            let r = match &file {
-                Some(f) => f.sync_data(),
-                None => Ok(()),
-            };
-            s = lock(&self.synced);
-            s.syncing = false;
-            match r {
-                Ok(()) => s.upto = s.upto.max(target),
-                Err(e) => {
-                    // Linux may report a failed writeback only once: never retry the same
-                    // file, fail every write it covered and move to a new volume.
-                    s.fail(target);
-                    drop(s);
-                    self.wake.notify_all();
-                    lock(&self.active).roll = true;
-                    return Err(WorkerError::io(format!("fsync volume {seq}"), e));
-                }
-            }
-            self.wake.notify_all();
-        }
+        self.group.wait(n).map_err(sync_error)
     }
 
     /// Appends a chunk record and returns once it is durable. The caller indexes it and
@@ -488,6 +451,18 @@ impl Volumes {
             self.forget(&place);
             self.landed(&place);
             return Err(e);
+        }
+        Ok(place)
+    }
+
+    /// [`Volumes::put`] for async callers: the record is appended on the calling thread (a
+    /// write into the page cache) and the wait for its fsync holds no thread.
+    pub async fn put_async(&self, record: &[u8]) -> Result<Place, WorkerError> {
+        let (place, n) = self.append(record, true)?;
+        if let Err(e) = self.group.wait_async(n).await {
+            self.forget(&place);
+            self.landed(&place);
+            return Err(sync_error(e));
         }
         Ok(place)
     }
@@ -548,6 +523,10 @@ impl Volumes {
     }
 }
 
+fn sync_error(message: String) -> WorkerError {
+    WorkerError::io("fsync volume", std::io::Error::other(message))
+}
+
 /// Reads the whole record at `place` (for compaction and quarantine).
 pub fn read_record(file: &File, place: &Place) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; place.size as usize];
@@ -573,7 +552,7 @@ mod tests {
     #[test]
     fn records_round_trip_and_a_torn_tail_stops_the_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let v = Volumes::new(dir.path().to_path_buf(), 0, HashMap::new());
+        let v = Volumes::new(dir.path().to_path_buf(), 0, HashMap::new()).unwrap();
         let a = ChunkId::generate();
         let b = ChunkId::generate();
         let pa = v
@@ -622,7 +601,7 @@ mod tests {
     #[test]
     fn records_across_several_growth_steps_all_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let v = Volumes::new(dir.path().to_path_buf(), 0, HashMap::new());
+        let v = Volumes::new(dir.path().to_path_buf(), 0, HashMap::new()).unwrap();
         let mut places = Vec::new();
         for i in 0..100u32 {
             let id = ChunkId::generate();
@@ -650,7 +629,7 @@ mod tests {
     #[test]
     fn concurrent_puts_share_syncs_and_all_land() {
         let dir = tempfile::tempdir().unwrap();
-        let v = Arc::new(Volumes::new(dir.path().to_path_buf(), 4, HashMap::new()));
+        let v = Arc::new(Volumes::new(dir.path().to_path_buf(), 4, HashMap::new()).unwrap());
         let handles: Vec<_> = (0..8)
             .map(|t| {
                 let v = v.clone();
