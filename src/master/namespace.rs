@@ -458,17 +458,23 @@ impl Master {
     ) -> Result<T, MasterError> {
         let announced = Announced::new(self.store.clone());
         let guard = self.ns_lock.clone().lock_owned().await;
-        // One blocking step for both (a thread hand-off costs as much as a small commit):
-        // the lock is released as soon as the transaction is applied, before the fsync.
-        self.blocking(move |m| {
-            let applied = apply(m);
-            drop(guard);
-            drop(announced);
-            let (value, seq) = applied?;
-            m.store.sync(seq)?;
-            Ok(value)
-        })
-        .await
+        // The lock is released as soon as the transaction is applied, before the fsync. If
+        // no sync is running this thread runs it (one hand-off for both); otherwise the
+        // mutation joins the next one on the store's sync thread, waiting without a thread.
+        let (value, seq, led) = self
+            .blocking(move |m| {
+                let applied = apply(m);
+                drop(guard);
+                drop(announced);
+                let (value, seq) = applied?;
+                Ok((value, seq, m.store.sync_if_idle(seq)))
+            })
+            .await?;
+        match led {
+            Some(r) => r?,
+            None => self.store.sync_async(seq).await?,
+        }
+        Ok(value)
     }
 
     /// Drops an open upload; every chunk allocated to it becomes garbage.

@@ -3,15 +3,16 @@
 //! waits for before it answers.
 
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::store::{
-    CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, UploadRecord,
+    CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, SyncFuture, UploadRecord,
     WorkerRecord, WriteTxn,
 };
+use crate::groupsync::{GroupSync, SyncTarget};
 
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
@@ -32,20 +33,68 @@ fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError
 
 /// The redb-backed store.
 pub struct RedbStore {
-    db: Database,
-    sync: Mutex<SyncState>,
-    synced: Condvar,
+    db: Arc<Database>,
+    sync: Arc<SyncShared>,
+    group: GroupSync,
 }
 
 /// Group commit bookkeeping: transactions are committed without fsync and numbered; one
-/// durable (empty) commit then persists every one before it, for all waiters at once.
+/// durable (empty) commit on the sync thread then persists every one before it, for all
+/// waiters at once.
 #[derive(Default)]
 struct SyncState {
     committed: CommitSeq,
-    durable: CommitSeq,
-    syncing: bool,
     /// Mutations announced (see [`MetaStore::announce`]) and not yet committed.
     announced: usize,
+}
+
+#[derive(Default)]
+struct SyncShared {
+    state: Mutex<SyncState>,
+    /// Signalled when an announced mutation lands (or is withdrawn).
+    joined: Condvar,
+}
+
+impl SyncShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sync thread's side: waits briefly for announced mutations, then one empty durable
+/// commit persists every non-durable commit before it.
+struct DurableCommit {
+    db: Arc<Database>,
+    sync: Arc<SyncShared>,
+}
+
+impl SyncTarget for DurableCommit {
+    fn sync_once(&self) -> (u64, Result<(), String>) {
+        let mut st = self.sync.lock();
+        let deadline = std::time::Instant::now() + JOIN_WAIT;
+        while st.announced > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .sync
+                .joined
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let target = st.committed;
+        drop(st);
+        let r = self.db.begin_write().map_err(backend).and_then(|mut t| {
+            t.set_durability(Durability::Immediate).map_err(backend)?;
+            t.commit().map_err(backend)
+        });
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "metadata sync failed");
+        }
+        (target, r.map_err(|e| e.to_string()))
+    }
 }
 
 /// How long a sync waits for announced mutations to join it. A durable commit holds redb's
@@ -78,11 +127,17 @@ impl RedbStore {
             txn.open_table(COUNTERS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        Ok(RedbStore {
-            db,
-            sync: Mutex::new(SyncState::default()),
-            synced: Condvar::new(),
-        })
+        let db = Arc::new(db);
+        let sync = Arc::new(SyncShared::default());
+        let group = GroupSync::new(
+            "meta-sync",
+            Arc::new(DurableCommit {
+                db: db.clone(),
+                sync: sync.clone(),
+            }),
+        )
+        .map_err(|e| StoreError::Backend(format!("cannot start the sync thread: {e}")))?;
+        Ok(RedbStore { db, sync, group })
     }
 }
 
@@ -285,7 +340,7 @@ impl MetaStore for RedbStore {
             Ok(()) => {
                 txn.txn.commit().map_err(backend)?;
                 // Numbered after the commit: a sync that starts later covers it.
-                let mut st = self.sync_state();
+                let mut st = self.sync.lock();
                 st.committed += 1;
                 Ok(st.committed)
             }
@@ -297,62 +352,32 @@ impl MetaStore for RedbStore {
     }
 
     fn announce(&self, coming: bool) {
-        let mut st = self.sync_state();
+        let mut st = self.sync.lock();
         if coming {
             st.announced += 1;
         } else {
             st.announced = st.announced.saturating_sub(1);
-            self.synced.notify_all();
+            self.sync.joined.notify_all();
         }
     }
 
     fn sync(&self, seq: CommitSeq) -> Result<(), StoreError> {
-        let mut st = self.sync_state();
-        loop {
-            if st.durable >= seq {
-                return Ok(());
-            }
-            if !st.syncing {
-                st.syncing = true;
-                let deadline = std::time::Instant::now() + JOIN_WAIT;
-                while st.announced > 0 {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    st = self
-                        .synced
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-                let target = st.committed;
-                drop(st);
-                // An empty durable commit persists every non-durable commit before it.
-                let r = self.db.begin_write().map_err(backend).and_then(|mut t| {
-                    t.set_durability(Durability::Immediate).map_err(backend)?;
-                    t.commit().map_err(backend)
-                });
-                st = self.sync_state();
-                st.syncing = false;
-                if r.is_ok() {
-                    st.durable = st.durable.max(target);
-                }
-                self.synced.notify_all();
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "metadata sync failed");
-                    return Err(e);
-                }
-                continue;
-            }
-            st = self.synced.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        self.group.wait(seq).map_err(StoreError::Backend)
     }
-}
 
-impl RedbStore {
-    fn sync_state(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.sync.lock().unwrap_or_else(|p| p.into_inner())
+    fn sync_if_idle(&self, seq: CommitSeq) -> Option<Result<(), StoreError>> {
+        self.group
+            .try_lead(seq)
+            .map(|r| r.map_err(StoreError::Backend))
+    }
+
+    fn sync_async(&self, seq: CommitSeq) -> SyncFuture<'_> {
+        Box::pin(async move {
+            self.group
+                .wait_async(seq)
+                .await
+                .map_err(StoreError::Backend)
+        })
     }
 }
 
@@ -432,9 +457,8 @@ mod tests {
             for t in threads {
                 t.join().unwrap();
             }
-            let st = store.sync_state();
-            assert_eq!(st.committed, 200);
-            assert_eq!(st.durable, 200);
+            assert_eq!(store.sync.lock().committed, 200);
+            assert_eq!(store.sync.lock().announced, 0);
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(

@@ -142,6 +142,10 @@ pub trait WriteTxn: ReadTxn {
     fn ensure_file_id_above(&mut self, v: u64) -> Result<(), StoreError>;
 }
 
+/// What [`MetaStore::sync_async`] returns.
+pub type SyncFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
 /// Position of a committed transaction in the store's commit order; [`MetaStore::sync`]
 /// makes every transaction up to it durable.
 pub type CommitSeq = u64;
@@ -169,6 +173,11 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<CommitSeq, StoreError>;
     /// Returns once every transaction up to `seq` is durable.
     fn sync(&self, seq: CommitSeq) -> Result<(), StoreError>;
+    /// [`MetaStore::sync`] for async callers: waits without holding a thread.
+    fn sync_async(&self, seq: CommitSeq) -> SyncFuture<'_>;
+    /// Syncs on the calling thread if no sync is running and says how it went; `None` if
+    /// one is running (then [`MetaStore::sync_async`]).
+    fn sync_if_idle(&self, seq: CommitSeq) -> Option<Result<(), StoreError>>;
     /// A mutation is on its way (`true`) or has committed or given up (`false`); a sync
     /// waits briefly for announced mutations so that one fsync covers them all. Use
     /// [`Announced`] rather than calling this directly.
