@@ -419,19 +419,16 @@ impl Client {
         progress: &Arc<Progress>,
     ) -> Result<(Vec<String>, u32, Sha256), AttemptError> {
         let len = header.length;
-        let read = tokio::task::spawn_blocking(move || {
+        // At most SMALL_CHUNK_MAX bytes: read on this thread, as the file was opened; a
+        // hand-off to the blocking pool would cost more than the read.
+        let read = {
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset)?;
-            let crc = chunk::crc32c_append(0, &buf);
-            sha.update(&buf);
-            Ok::<_, std::io::Error>((bytes::Bytes::from(buf), crc, sha))
-        })
-        .await
-        .map_err(|e| AttemptError {
-            blame: None,
-            message: format!("reader task failed: {e}"),
-            local: None,
-        })?;
+            file.read_exact_at(&mut buf, offset).map(|()| {
+                let crc = chunk::crc32c_append(0, &buf);
+                sha.update(&buf);
+                (bytes::Bytes::from(buf), crc, sha)
+            })
+        };
         let (data, crc, sha) = read.map_err(|e| AttemptError {
             blame: None,
             message: e.to_string(),
