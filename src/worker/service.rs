@@ -449,6 +449,26 @@ impl pb::worker_server::Worker for WorkerService {
                 Status::from(e)
             })?;
         let slot = self.worker.transfer_slot()?;
+        // A small chunk already in the page cache is read and verified right here.
+        if let Some((header, data)) = self.worker.store.read_small_cached(&id) {
+            self.worker
+                .bytes_read
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let mut messages = vec![Ok(ReadChunkResponse {
+                msg: Some(read_chunk_response::Msg::Header(header)),
+            })];
+            let mut at = 0;
+            while at < data.len() {
+                let end = (at + crate::rpc::MAX_DATA_MESSAGE).min(data.len());
+                messages.push(Ok(ReadChunkResponse {
+                    msg: Some(read_chunk_response::Msg::Data(data.slice(at..end))),
+                }));
+                at = end;
+            }
+            tracing::info!(op = "read_chunk", chunk = %id, %peer, outcome = "sent");
+            drop(slot);
+            return Ok(Response::new(Box::pin(tokio_stream::iter(messages))));
+        }
         let worker = self.worker.clone();
         let w2 = worker.clone();
         // A small chunk is opened, read and verified in this one blocking step and sent from

@@ -202,6 +202,52 @@ pub fn read_records(path: &Path, volume: u32) -> std::io::Result<(Vec<Record>, O
     Ok((out, None))
 }
 
+/// Reads the whole record at `place` only if every byte of it is in the page cache
+/// (`RWF_NOWAIT`): an async thread may call this, a miss costs one syscall.
+pub fn read_record_cached(file: &File, place: &Place) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; usize::try_from(place.size).ok()?];
+    let flags = rustix::io::ReadWriteFlags::NOWAIT;
+    match rustix::io::preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        place.record,
+        flags,
+    ) {
+        Ok(n) if n == buf.len() => Some(buf),
+        _ => None,
+    }
+}
+
+/// Checks a whole record read from `place` (framing checksum, header, chunk id, data
+/// checksum) and returns its header and the data's range in `record`.
+pub fn check_record(
+    record: &[u8],
+    place: &Place,
+    id: &ChunkId,
+) -> Result<(ChunkHeader, std::ops::Range<usize>), String> {
+    let hlen = usize::try_from(place.data - place.record).map_err(|e| e.to_string())?;
+    if record.len() < hlen || hlen < FIXED {
+        return Err("record shorter than its header".into());
+    }
+    let crc = u32::from_le_bytes([record[32], record[33], record[34], record[35]]);
+    if &record[..4] != MAGIC
+        || chunk::crc32c_append(chunk::crc32c_append(0, &record[..32]), &record[FIXED..hlen]) != crc
+    {
+        return Err("record header checksum mismatch".into());
+    }
+    let header = ChunkHeader::decode(&record[FIXED..hlen])
+        .map_err(|e| format!("record header does not decode: {e}"))?;
+    let len = usize::try_from(header.length).map_err(|e| e.to_string())?;
+    if header.chunk_id != id.to_string() || record.len() < hlen + len {
+        return Err("record does not hold this chunk".into());
+    }
+    let data = hlen..hlen + len;
+    if chunk::crc32c_append(0, &record[data.clone()]) != header.crc32c {
+        return Err("data checksum mismatch".into());
+    }
+    Ok((header, data))
+}
+
 /// Reads and checks the header of the record at `place`.
 pub fn read_header_at(file: &File, place: &Place) -> Result<ChunkHeader, String> {
     let hlen = (place.data - place.record) as usize - FIXED;
@@ -297,6 +343,8 @@ pub struct Volumes {
     active: Arc<Mutex<Active>>,
     group: GroupSync,
     usage: Mutex<HashMap<u32, Usage>>,
+    /// Open handles for reads from the page cache, one per volume read so far.
+    readers: Mutex<HashMap<u32, Arc<File>>>,
 }
 
 impl Volumes {
@@ -323,6 +371,7 @@ impl Volumes {
             active,
             group,
             usage: Mutex::new(usage),
+            readers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -506,6 +555,18 @@ impl Volumes {
         File::open(volume_path(&self.dir, seq))
     }
 
+    /// A shared handle on volume `seq` for positioned reads, opened once. A handle kept
+    /// past compaction still reads the records it was asked for (the file is unlinked,
+    /// not gone, until the handle drops).
+    pub fn reader(&self, seq: u32) -> std::io::Result<Arc<File>> {
+        if let Some(f) = lock(&self.readers).get(&seq) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(self.open(seq)?);
+        lock(&self.readers).insert(seq, f.clone());
+        Ok(f)
+    }
+
     /// Removes a sealed volume whose live records have all been copied elsewhere.
     pub fn remove(&self, seq: u32) -> Result<u64, WorkerError> {
         let path = volume_path(&self.dir, seq);
@@ -516,6 +577,7 @@ impl Volumes {
         fs::remove_file(&path)
             .map_err(|e| WorkerError::io(format!("remove {}", path.display()), e))?;
         lock(&self.usage).remove(&seq);
+        lock(&self.readers).remove(&seq);
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| WorkerError::io(format!("fsync {}", self.dir.display()), e))?;
