@@ -14,6 +14,18 @@ fn upload(b: &Binaries, path: &Path) -> CliOut {
     out
 }
 
+/// The version `stat` reports for `name`.
+fn version_of(b: &Binaries, name: &str) -> u64 {
+    let out = b.cli(&["--cmd", "stat", name]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("version:"))
+        .unwrap_or_else(|| panic!("no version in {}", out.stdout));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn download_and_compare(b: &Binaries, name: &str, original: &Path) {
     let dest = b.cwd().join(format!("dl-{}", dfs::chunk::random_u128()));
     let out = b.cli(&["--cmd", "download", name, "-o", dest.to_str().unwrap()]);
@@ -80,10 +92,43 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
     let st = b.cli(&["--cmd", "status"]);
     assert!(st.stdout.contains("dead"), "{}", st.stdout);
 
+    // An upload left open when the master dies: uploads are held in the master's memory.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = b.master_addr();
+    let open_upload = rt.block_on(async {
+        let mut m = dfs::rpc::master_client(dfs::rpc::control_channel(&addr).unwrap());
+        m.start_upload(dfs::rpc::pb::StartUploadRequest {
+            name: "in-flight".into(),
+            size: 10,
+            replicas: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let old_version = version_of(&b, "one.txt");
+
     // kill -9 the master and restart it on the same directory: nothing acknowledged is lost.
     b.master.as_mut().unwrap().kill9();
     b.start_master();
     b.wait_alive(2);
+    // The upload open at the crash cannot be committed, so nothing of it ever shows.
+    let e = rt
+        .block_on(async {
+            let mut m = dfs::rpc::master_client(dfs::rpc::control_channel(&addr).unwrap());
+            m.commit_upload(dfs::rpc::pb::CommitUploadRequest {
+                upload_id: open_upload.upload_id.clone(),
+                chunks: vec![],
+                sha256: "0".repeat(64),
+            })
+            .await
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(b.cli(&["--cmd", "stat", "in-flight"]).code != 0);
     let ls = b.cli(&["--cmd", "ls", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap();
     let names: Vec<&str> = v["files"]
@@ -97,6 +142,12 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
         download_and_compare(&b, n, f);
     }
     download_and_compare(&b, "late.bin", &late);
+    // Versions handed out after the restart are above every one committed before it (one
+    // handed to an upload that never committed may come again).
+    let newest = old_version.max(version_of(&b, "late.bin"));
+    upload(&b, &files[1]);
+    assert!(version_of(&b, "one.txt") > newest);
+    download_and_compare(&b, "one.txt", &files[1]);
 
     // Delete works after all that, and the name is gone.
     let out = b.cli(&["--cmd", "delete", "photo.jpg"]);

@@ -120,6 +120,14 @@ pub(crate) struct Inner {
     pub chunks: ChunkMap,
     /// Open uploads and when they last showed a sign of life.
     pub uploads: HashMap<String, Instant>,
+    /// What each open upload was allocated. Held in memory only: an upload open when the
+    /// master stops cannot be committed after it restarts (the client's commit gets
+    /// `UploadNotFound` and nothing it wrote becomes visible), and its chunks are
+    /// collected as orphans. That keeps the store out of every upload's start.
+    pub upload_records: HashMap<String, store::UploadRecord>,
+    /// The next file version to hand out; the store persists, with every commit, a bound
+    /// above every version committed.
+    pub next_version: u64,
     /// Who opened each upload (since this master started), for the per-client cap.
     pub upload_owner: HashMap<String, String>,
     /// Mirror of the store's garbage table.
@@ -229,13 +237,22 @@ impl Master {
                 }
             }
         }
-        let now = Instant::now();
-        for u in self.store.read_with(|t| t.list_uploads())? {
-            for a in &u.allocations {
-                inner.upload_chunks.insert(a.chunk_id.clone());
-            }
-            inner.uploads.insert(u.upload_id, now);
+        // Uploads were once kept in the store; any left from such a version are dropped
+        // (their chunks are collected as orphans), as an upload open at a restart is now.
+        let stale = self.store.read_with(|t| t.list_uploads())?;
+        if !stale.is_empty() {
+            self.store.write_with(|t| -> Result<(), MasterError> {
+                for u in &stale {
+                    t.remove_upload(&u.upload_id)?;
+                }
+                Ok(())
+            })?;
+            tracing::warn!(
+                uploads = stale.len(),
+                "uploads open at the last stop were dropped; their chunks will be collected"
+            );
         }
+        inner.next_version = self.store.write_with(|t| t.next_file_id())?;
         inner.garbage = self
             .store
             .read_with(|t| t.list_garbage())?

@@ -200,8 +200,6 @@ impl Master {
                 .unwrap_or(target.min(alive));
             (placements, effective)
         };
-        let name = req.name.clone();
-        let size = req.size;
         let allocations: Vec<Allocation> = placements
             .iter()
             .map(|p| Allocation {
@@ -210,42 +208,35 @@ impl Master {
                 workers: p.workers.clone(),
             })
             .collect();
-        let uid = upload_id.clone();
-        // Not synced: nothing is acknowledged yet. If the master dies before a later sync
-        // persists it, the upload's chunks are orphans on the workers and are collected after
-        // the grace period, and the client's commit fails (UploadNotFound) rather than lying.
-        let (record, _seq) = self
-            .blocking(move |m| {
-                m.store
-                    .write_deferred_with(|t| -> Result<UploadRecord, MasterError> {
-                        let version = t.next_file_id()?;
-                        let file_id = match t.get_file(&name)? {
-                            Some(old) => old.file_id,
-                            None => version,
-                        };
-                        let rec = UploadRecord {
-                            upload_id: uid,
-                            name,
-                            file_id,
-                            version,
-                            size,
-                            chunk_size: cs,
-                            replicas: target,
-                            created_unix_ms: now_unix_ms(),
-                            allocations,
-                        };
-                        t.put_upload(&rec)?;
-                        Ok(rec)
-                    })
-            })
-            .await?;
-        {
+        // A point lookup, as in `get_file`: a new version of a file keeps its id.
+        let existing = self.store.read_with(|t| t.get_file(&req.name))?;
+        let record = {
             let mut inner = self.lock();
+            let version = inner.next_version;
+            inner.next_version += 1;
+            let record = UploadRecord {
+                upload_id: upload_id.clone(),
+                name: req.name.clone(),
+                file_id: existing.map_or(version, |f| f.file_id),
+                version,
+                size: req.size,
+                chunk_size: cs,
+                replicas: target,
+                created_unix_ms: now_unix_ms(),
+                allocations,
+            };
             inner.uploads.insert(upload_id.clone(), Instant::now());
             inner
                 .upload_owner
                 .insert(upload_id.clone(), caller.to_string());
-        }
+            for a in &record.allocations {
+                inner.upload_chunks.insert(a.chunk_id.clone());
+            }
+            inner
+                .upload_records
+                .insert(upload_id.clone(), record.clone());
+            record
+        };
         tracing::info!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
         Ok(pb::StartUploadResponse {
             upload_id,
@@ -263,56 +254,37 @@ impl Master {
         self: &Arc<Self>,
         req: pb::AllocateChunkRequest,
     ) -> Result<pb::AllocateChunkResponse, MasterError> {
-        let upload_id = req.upload_id.clone();
-        let upload = self
-            .blocking(move |m| {
-                m.store
-                    .read_with(|t| t.get_upload(&upload_id))
-                    .map_err(Into::into)
-            })
-            .await?
+        let mut inner = self.lock();
+        let (size, chunk_size, replicas) = inner
+            .upload_records
+            .get(&req.upload_id)
+            .map(|u| (u.size, u.chunk_size, u.replicas))
             .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
-        let n = chunk_count(upload.size, upload.chunk_size);
+        let n = chunk_count(size, chunk_size);
         if req.index as u64 >= n {
             return Err(MasterError::InvalidArgument(format!(
                 "chunk index {} is out of range: the upload has {n} chunks",
                 req.index
             )));
         }
-        let len = chunk_len(upload.size, upload.chunk_size, req.index as u64);
-        let placement = {
-            let mut inner = self.lock();
-            inner.uploads.insert(req.upload_id.clone(), Instant::now());
-            self.placement(
-                &mut inner,
-                req.index as u64,
-                ChunkId::generate(),
-                len,
-                upload.replicas,
-                &req.exclude,
-            )?
-        };
-        let alloc = Allocation {
-            index: placement.index,
-            chunk_id: placement.chunk_id.clone(),
-            workers: placement.workers.clone(),
-        };
-        let upload_id = req.upload_id.clone();
-        self.lock().upload_chunks.insert(placement.chunk_id.clone());
-        let _guard = self.ns_lock.lock().await;
-        // Deferred like `start_upload`: an allocation lost in a crash leaves an orphan chunk.
-        self.blocking(move |m| {
-            m.store.write_deferred_with(|t| -> Result<(), MasterError> {
-                let mut rec = t
-                    .get_upload(&upload_id)?
-                    .ok_or_else(|| MasterError::UploadNotFound(upload_id.clone()))?;
-                rec.allocations.push(alloc);
-                t.put_upload(&rec)?;
-                Ok(())
-            })
-        })
-        .await?;
-        drop(_guard);
+        let len = chunk_len(size, chunk_size, req.index as u64);
+        inner.uploads.insert(req.upload_id.clone(), Instant::now());
+        let placement = self.placement(
+            &mut inner,
+            req.index as u64,
+            ChunkId::generate(),
+            len,
+            replicas,
+            &req.exclude,
+        )?;
+        inner.upload_chunks.insert(placement.chunk_id.clone());
+        if let Some(u) = inner.upload_records.get_mut(&req.upload_id) {
+            u.allocations.push(Allocation {
+                index: placement.index,
+                chunk_id: placement.chunk_id.clone(),
+                workers: placement.workers.clone(),
+            });
+        }
         Ok(pb::AllocateChunkResponse {
             chunk: Some(placement),
         })
@@ -345,14 +317,18 @@ impl Master {
         // Read, validate and write in one transaction, then mirror it in memory.
         let (file, old, info) = self
             .mutate_durably(move |m| {
+                // Under the namespace lock: no other commit or abort of it runs meanwhile.
+                let upload = m
+                    .lock()
+                    .upload_records
+                    .get(&req.upload_id)
+                    .cloned()
+                    .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
                 let ((file, old, garbage, allocs), seq) = m.store.write_deferred_with(
                     |t| -> Result<
                         (FileRecord, Option<FileRecord>, Garbage, Vec<String>),
                         MasterError,
                     > {
-                        let upload = t
-                            .remove_upload(&req.upload_id)?
-                            .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
                         let file = validate_commit(&upload, &req)?;
                         let old = t.get_file(&file.name)?;
                         if let Some(o) = &old
@@ -364,6 +340,9 @@ impl Master {
                             )));
                         }
                         t.put_file(&file)?;
+                        // Versions are handed out from memory; the store keeps a bound
+                        // above every committed one, so none is reused after a restart.
+                        t.ensure_file_id_above(upload.version.max(upload.file_id))?;
                         let committed: std::collections::HashSet<&str> =
                             file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
                         let mut garbage = Vec::new();
@@ -406,6 +385,7 @@ impl Master {
                 let mut inner = m.lock();
                 inner.uploads.remove(&req.upload_id);
                 inner.upload_owner.remove(&req.upload_id);
+                inner.upload_records.remove(&req.upload_id);
                 for a in &allocs {
                     inner.upload_chunks.remove(a);
                 }
@@ -480,15 +460,27 @@ impl Master {
     /// Drops an open upload; every chunk allocated to it becomes garbage.
     pub async fn abort_upload(self: &Arc<Self>, upload_id: &str) -> Result<(), MasterError> {
         let _guard = self.ns_lock.lock().await;
-        let id = upload_id.to_string();
-        // Deferred: if the abort is lost in a crash, the upload's lease expires instead.
-        let ((upload, garbage), _seq) = self
+        let upload = {
+            let mut inner = self.lock();
+            let upload = inner
+                .upload_records
+                .remove(upload_id)
+                .ok_or_else(|| MasterError::UploadNotFound(upload_id.to_string()))?;
+            inner.uploads.remove(upload_id);
+            inner.upload_owner.remove(upload_id);
+            upload
+        };
+        // Deferred: if the garbage records are lost in a crash, the chunks are orphans and
+        // collected as such.
+        let allocated: Vec<String> = upload
+            .allocations
+            .iter()
+            .map(|a| a.chunk_id.clone())
+            .collect();
+        let written = self
             .blocking(move |m| {
                 m.store
                     .write_deferred_with(|t| -> Result<(UploadRecord, Garbage), MasterError> {
-                        let upload = t
-                            .remove_upload(&id)?
-                            .ok_or_else(|| MasterError::UploadNotFound(id.clone()))?;
                         let mut garbage = Vec::new();
                         for a in &upload.allocations {
                             garbage.push((
@@ -505,16 +497,18 @@ impl Master {
                         Ok((upload, garbage))
                     })
             })
-            .await?;
-        {
+            .await;
+        // Either way the chunks stop being an upload's: garbage now, or orphans (collected
+        // too) if the garbage records could not be written.
+        let upload = {
             let mut inner = self.lock();
-            inner.uploads.remove(upload_id);
-            inner.upload_owner.remove(upload_id);
-            for a in &upload.allocations {
-                inner.upload_chunks.remove(&a.chunk_id);
+            for id in &allocated {
+                inner.upload_chunks.remove(id);
             }
+            let ((upload, garbage), _seq) = written?;
             inner.garbage.extend(garbage);
-        }
+            upload
+        };
         self.events.record(
             Level::Warn,
             format!(
@@ -655,11 +649,18 @@ impl Master {
                 .store
                 .write_deferred_with(|t| -> Result<(), MasterError> {
                     let now = now_unix_ms();
-                    for name in &names {
+                    // Versions from memory (as for uploads), the bound persisted with them.
+                    let first = {
+                        let mut inner = m.lock();
+                        let first = inner.next_version;
+                        inner.next_version += names.len() as u64;
+                        first
+                    };
+                    t.ensure_file_id_above(first + names.len() as u64)?;
+                    for (id, name) in (first..).zip(&names) {
                         if t.get_file(name)?.is_some() {
                             return Err(MasterError::AlreadyExists(name.clone()));
                         }
-                        let id = t.next_file_id()?;
                         t.put_file(&FileRecord {
                             name: name.clone(),
                             file_id: id,

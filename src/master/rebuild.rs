@@ -166,7 +166,10 @@ impl Master {
                 }
                 t.ensure_file_id_above(max_id)?;
                 Ok(())
-            })
+            })?;
+            let mut inner = m.lock();
+            inner.next_version = inner.next_version.max(max_id + 1);
+            Ok(())
         })
         .await?;
         // Rebuild the replica map from the same reports.
