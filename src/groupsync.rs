@@ -127,6 +127,10 @@ impl GroupSync {
         }
         round(&self.core);
         let st = self.core.lock();
+        if st.requested > st.settled {
+            // Asked for during this round: the thread's to serve (it waited while busy).
+            self.core.work.notify_one();
+        }
         // The round covered everything written before it began, `n` included.
         Some(outcome(&st, n).unwrap_or_else(|| Err("write was not covered by its sync".into())))
     }
@@ -211,8 +215,6 @@ fn round(core: &Core) {
         st.settled = st.settled.max(upto);
         st.busy = false;
     }
-    // The thread too: requests made during a led round are its to serve.
-    core.work.notify_all();
     core.done.notify_all();
     core.rounds.send_modify(|r| *r += 1);
 }
