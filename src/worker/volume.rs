@@ -416,10 +416,12 @@ impl Volumes {
                 .write(true)
                 .open(&path)
                 .map_err(|e| WorkerError::io(format!("create {}", path.display()), e))?;
+            // Taken even if the directory sync below fails: the next try uses a new name.
+            a.seq = seq;
+            lock(&self.usage).insert(seq, Usage::default());
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| WorkerError::io(format!("fsync {}", self.dir.display()), e))?;
-            lock(&self.usage).insert(seq, Usage::default());
             *a = Active {
                 seq,
                 file: Some(Arc::new(file)),
