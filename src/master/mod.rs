@@ -113,23 +113,29 @@ impl MasterConfig {
 /// Largest replication factor a file may ask for.
 pub const MAX_REPLICAS: u32 = 16;
 
+/// An upload between its start and its commit or abort.
+pub(crate) struct OpenUpload {
+    /// What it was allocated.
+    pub record: store::UploadRecord,
+    /// Who opened it, for the per-client cap.
+    pub owner: String,
+    /// When it last showed a sign of life (its lease).
+    pub last_seen: Instant,
+}
+
 /// In-memory state guarded by one mutex that is never held across an `.await`.
 #[derive(Default)]
 pub(crate) struct Inner {
     pub registry: Registry,
     pub chunks: ChunkMap,
-    /// Open uploads and when they last showed a sign of life.
-    pub uploads: HashMap<String, Instant>,
-    /// What each open upload was allocated. Held in memory only: an upload open when the
-    /// master stops cannot be committed after it restarts (the client's commit gets
-    /// `UploadNotFound` and nothing it wrote becomes visible), and its chunks are
-    /// collected as orphans. That keeps the store out of every upload's start.
-    pub upload_records: HashMap<String, store::UploadRecord>,
+    /// Open uploads by id. Held in memory only: an upload open when the master stops
+    /// cannot be committed after it restarts (the client's commit gets `UploadNotFound` and
+    /// nothing it wrote becomes visible), and its chunks are collected as orphans. That
+    /// keeps the store out of every upload's start.
+    pub uploads: HashMap<String, OpenUpload>,
     /// The next file version to hand out; the store persists, with every commit, a bound
     /// above every version committed.
     pub next_version: u64,
-    /// Who opened each upload (since this master started), for the per-client cap.
-    pub upload_owner: HashMap<String, String>,
     /// Mirror of the store's garbage table.
     pub garbage: HashMap<String, GarbageRecord>,
     pub files: u64,

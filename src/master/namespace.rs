@@ -14,7 +14,7 @@ use super::store::{
     Allocation, Announced, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt,
     UploadRecord, WriteTxn,
 };
-use super::{Inner, MAX_REPLICAS, Master, MasterError};
+use super::{Inner, MAX_REPLICAS, Master, MasterError, OpenUpload};
 use crate::chunk::{ChunkId, random_u128};
 use crate::config::human_bytes;
 use crate::events::Level;
@@ -145,9 +145,9 @@ impl Master {
         let cap = self.cfg.limits.max_open_uploads_per_client;
         let open = self
             .lock()
-            .upload_owner
+            .uploads
             .values()
-            .filter(|o| o.as_str() == caller)
+            .filter(|u| u.owner == caller)
             .count();
         if open >= cap {
             return Err(MasterError::LimitReached(format!(
@@ -225,16 +225,17 @@ impl Master {
                 created_unix_ms: now_unix_ms(),
                 allocations,
             };
-            inner.uploads.insert(upload_id.clone(), Instant::now());
-            inner
-                .upload_owner
-                .insert(upload_id.clone(), caller.to_string());
             for a in &record.allocations {
                 inner.upload_chunks.insert(a.chunk_id.clone());
             }
-            inner
-                .upload_records
-                .insert(upload_id.clone(), record.clone());
+            inner.uploads.insert(
+                upload_id.clone(),
+                OpenUpload {
+                    record: record.clone(),
+                    owner: caller.to_string(),
+                    last_seen: Instant::now(),
+                },
+            );
             record
         };
         tracing::info!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
@@ -256,9 +257,12 @@ impl Master {
     ) -> Result<pb::AllocateChunkResponse, MasterError> {
         let mut inner = self.lock();
         let (size, chunk_size, replicas) = inner
-            .upload_records
-            .get(&req.upload_id)
-            .map(|u| (u.size, u.chunk_size, u.replicas))
+            .uploads
+            .get_mut(&req.upload_id)
+            .map(|u| {
+                u.last_seen = Instant::now();
+                (u.record.size, u.record.chunk_size, u.record.replicas)
+            })
             .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
         let n = chunk_count(size, chunk_size);
         if req.index as u64 >= n {
@@ -268,7 +272,6 @@ impl Master {
             )));
         }
         let len = chunk_len(size, chunk_size, req.index as u64);
-        inner.uploads.insert(req.upload_id.clone(), Instant::now());
         let placement = self.placement(
             &mut inner,
             req.index as u64,
@@ -278,8 +281,8 @@ impl Master {
             &req.exclude,
         )?;
         inner.upload_chunks.insert(placement.chunk_id.clone());
-        if let Some(u) = inner.upload_records.get_mut(&req.upload_id) {
-            u.allocations.push(Allocation {
+        if let Some(u) = inner.uploads.get_mut(&req.upload_id) {
+            u.record.allocations.push(Allocation {
                 index: placement.index,
                 chunk_id: placement.chunk_id.clone(),
                 workers: placement.workers.clone(),
@@ -294,8 +297,8 @@ impl Master {
     pub fn renew_upload(&self, upload_id: &str) -> Result<(), MasterError> {
         let mut inner = self.lock();
         match inner.uploads.get_mut(upload_id) {
-            Some(t) => {
-                *t = Instant::now();
+            Some(u) => {
+                u.last_seen = Instant::now();
                 Ok(())
             }
             None => Err(MasterError::UploadNotFound(upload_id.to_string())),
@@ -320,9 +323,9 @@ impl Master {
                 // Under the namespace lock: no other commit or abort of it runs meanwhile.
                 let upload = m
                     .lock()
-                    .upload_records
+                    .uploads
                     .get(&req.upload_id)
-                    .cloned()
+                    .map(|u| u.record.clone())
                     .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
                 let ((file, old, garbage, allocs), seq) = m.store.write_deferred_with(
                     |t| -> Result<
@@ -384,8 +387,6 @@ impl Master {
                 )?;
                 let mut inner = m.lock();
                 inner.uploads.remove(&req.upload_id);
-                inner.upload_owner.remove(&req.upload_id);
-                inner.upload_records.remove(&req.upload_id);
                 for a in &allocs {
                     inner.upload_chunks.remove(a);
                 }
@@ -460,16 +461,12 @@ impl Master {
     /// Drops an open upload; every chunk allocated to it becomes garbage.
     pub async fn abort_upload(self: &Arc<Self>, upload_id: &str) -> Result<(), MasterError> {
         let _guard = self.ns_lock.lock().await;
-        let upload = {
-            let mut inner = self.lock();
-            let upload = inner
-                .upload_records
-                .remove(upload_id)
-                .ok_or_else(|| MasterError::UploadNotFound(upload_id.to_string()))?;
-            inner.uploads.remove(upload_id);
-            inner.upload_owner.remove(upload_id);
-            upload
-        };
+        let upload = self
+            .lock()
+            .uploads
+            .remove(upload_id)
+            .ok_or_else(|| MasterError::UploadNotFound(upload_id.to_string()))?
+            .record;
         // Deferred: if the garbage records are lost in a crash, the chunks are orphans and
         // collected as such.
         let allocated: Vec<String> = upload
@@ -841,7 +838,7 @@ pub(crate) async fn upload_expiry(master: Arc<Master>, mut stop: watch::Receiver
             inner
                 .uploads
                 .iter()
-                .filter(|(_, t)| t.elapsed() > master.cfg.upload_lease)
+                .filter(|(_, u)| u.last_seen.elapsed() > master.cfg.upload_lease)
                 .map(|(id, _)| id.clone())
                 .collect()
         };
