@@ -477,7 +477,9 @@ impl Volumes {
         while at < target {
             let n = (target - at).min(ZEROS.len() as u64);
             if let Err(e) = file.write_all_at(&ZEROS[..n as usize], at) {
-                tracing::warn!(volume = a.seq, error = %e, "cannot zero-fill ahead in a volume");
+                // Debug, not warn: on a full disk every append tries again, and the append
+                // itself reports the error that matters.
+                tracing::debug!(volume = a.seq, error = %e, "cannot zero-fill ahead in a volume");
                 break;
             }
             at += n;
