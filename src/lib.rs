@@ -24,6 +24,7 @@ pub mod logging;
 pub mod logwriter;
 pub mod master;
 pub mod names;
+pub mod prealloc;
 pub mod procstat;
 pub mod rpc;
 pub mod security;

@@ -115,6 +115,10 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
     b.master.as_mut().unwrap().kill9();
     b.start_master();
     b.wait_alive(2);
+    // What was acknowledged came back from the journal (the store itself is made durable
+    // only at checkpoints).
+    let log = std::fs::read_to_string(b.cwd().join("logs/master.log")).unwrap();
+    assert!(log.contains("metadata journal replayed"), "{log}");
     // The upload open at the crash cannot be committed, so nothing of it ever shows.
     let e = rt
         .block_on(async {

@@ -6,6 +6,7 @@
 
 pub mod chunkmap;
 pub mod error;
+pub mod journal;
 pub mod namespace;
 pub mod operator;
 pub mod rebuild;

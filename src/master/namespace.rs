@@ -11,8 +11,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::store::{
-    Allocation, Announced, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt,
-    UploadRecord, WriteTxn,
+    Allocation, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord,
+    WriteTxn,
 };
 use super::{Inner, MAX_REPLICAS, Master, MasterError, OpenUpload};
 use crate::chunk::{ChunkId, random_u128};
@@ -437,7 +437,6 @@ impl Master {
         self: &Arc<Self>,
         apply: impl FnOnce(&Master) -> Result<(T, CommitSeq), MasterError> + Send + 'static,
     ) -> Result<T, MasterError> {
-        let announced = Announced::new(self.store.clone());
         let guard = self.ns_lock.clone().lock_owned().await;
         // The lock is released as soon as the transaction is applied, before the fsync. If
         // no sync is running this thread runs it (one hand-off for both); otherwise the
@@ -446,7 +445,6 @@ impl Master {
             .blocking(move |m| {
                 let applied = apply(m);
                 drop(guard);
-                drop(announced);
                 let (value, seq) = applied?;
                 Ok((value, seq, m.store.sync_if_idle(seq)))
             })

@@ -1,18 +1,25 @@
-//! The embedded [`MetaStore`] backend: one redb file. Transactions commit without fsync and
-//! become durable through a shared empty durable commit (group commit), which the master
-//! waits for before it answers.
+//! The embedded [`MetaStore`] backend: one redb file and a journal beside it.
+//!
+//! A transaction commits to redb without fsync and its changes (the keys it put or removed)
+//! are appended to the journal (see [`super::journal`]); one shared `fdatasync` of the
+//! journal makes every transaction appended by then durable (group commit), and the master
+//! waits for it before it answers. Every [`CHECKPOINT_BYTES`] of journal, one durable redb
+//! commit persists everything so far and the journal begins a new segment. At start, the
+//! journal's records after the last durable redb commit are applied again, in one durable
+//! transaction.
 
-use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::journal::{self, Journal};
 use super::store::{
     CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, SyncFuture, UploadRecord,
     WorkerRecord, WriteTxn,
 };
-use crate::groupsync::{GroupSync, SyncTarget};
+use crate::groupsync::GroupSync;
 
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
@@ -31,76 +38,66 @@ fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError
     })
 }
 
+/// Key in [`COUNTERS`] of the last journal record applied; durable with the store.
+const JOURNAL_LSN: &str = "journal_lsn";
+/// A checkpoint (one durable redb commit, then a new journal segment) follows once the
+/// active segment holds this much: it bounds both the journal on disk and the replay at
+/// start (a few seconds at most), at the cost of one commit of a few ms per this many bytes.
+pub const CHECKPOINT_BYTES: u64 = 32 << 20;
+
+/// One put or remove of a transaction, as the journal records it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct JournalOp {
+    /// Which table ([`TableId`]).
+    #[prost(uint32, tag = "1")]
+    table: u32,
+    #[prost(string, tag = "2")]
+    key: String,
+    /// The encoded record; empty for a remove.
+    #[prost(bytes = "vec", tag = "3")]
+    value: Vec<u8>,
+    #[prost(bool, tag = "4")]
+    remove: bool,
+    /// The value, for the counters table.
+    #[prost(uint64, tag = "5")]
+    counter: u64,
+}
+
+/// A transaction's changes, in order.
+#[derive(Clone, PartialEq, prost::Message)]
+struct JournalTxn {
+    #[prost(message, repeated, tag = "1")]
+    ops: Vec<JournalOp>,
+}
+
+/// Table numbers in the journal.
+const T_FILES: u32 = 1;
+const T_UPLOADS: u32 = 2;
+const T_GARBAGE: u32 = 3;
+const T_WORKERS: u32 = 4;
+const T_COUNTERS: u32 = 5;
+
+fn record_table(id: u32) -> Option<TableDefinition<'static, &'static str, &'static [u8]>> {
+    match id {
+        T_FILES => Some(FILES),
+        T_UPLOADS => Some(UPLOADS),
+        T_GARBAGE => Some(GARBAGE),
+        T_WORKERS => Some(WORKERS),
+        _ => None,
+    }
+}
+
 /// The redb-backed store.
 pub struct RedbStore {
     db: Arc<Database>,
-    sync: Arc<SyncShared>,
+    journal: Arc<Journal>,
+    /// Number of the last transaction committed; held across commit and append so that the
+    /// journal's order is the store's.
+    writer: Mutex<u64>,
     group: GroupSync,
+    /// [`CHECKPOINT_BYTES`], smaller in tests.
+    checkpoint_bytes: u64,
 }
-
-/// Group commit bookkeeping: transactions are committed without fsync and numbered; one
-/// durable (empty) commit on the sync thread then persists every one before it, for all
-/// waiters at once.
-#[derive(Default)]
-struct SyncState {
-    committed: CommitSeq,
-    /// Mutations announced (see [`MetaStore::announce`]) and not yet committed.
-    announced: usize,
-}
-
-#[derive(Default)]
-struct SyncShared {
-    state: Mutex<SyncState>,
-    /// Signalled when an announced mutation lands (or is withdrawn).
-    joined: Condvar,
-}
-
-impl SyncShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// The sync thread's side: waits briefly for announced mutations, then one empty durable
-/// commit persists every non-durable commit before it.
-struct DurableCommit {
-    db: Arc<Database>,
-    sync: Arc<SyncShared>,
-}
-
-impl SyncTarget for DurableCommit {
-    fn sync_once(&self) -> (u64, Result<(), String>) {
-        let mut st = self.sync.lock();
-        let deadline = std::time::Instant::now() + JOIN_WAIT;
-        while st.announced > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = self
-                .sync
-                .joined
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let target = st.committed;
-        drop(st);
-        let r = self.db.begin_write().map_err(backend).and_then(|mut t| {
-            t.set_durability(Durability::Immediate).map_err(backend)?;
-            t.commit().map_err(backend)
-        });
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "metadata sync failed");
-        }
-        (target, r.map_err(|e| e.to_string()))
-    }
-}
-
-/// How long a sync waits for announced mutations to join it. A durable commit holds redb's
-/// writer lock while it fsyncs, so syncing the moment the first commit lands would let one
-/// commit through per fsync; waiting for the ones already queued batches them.
-const JOIN_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl RedbStore {
     /// Opens (or creates) `<dir>/meta.redb`. Fails if another master holds it open.
@@ -109,36 +106,115 @@ impl RedbStore {
     }
 
     /// Opens the store with a page cache of `cache_bytes` (redb's default is 1 GiB, which
-    /// would let the master grow with the namespace).
+    /// would let the master grow with the namespace), and applies the journal's records
+    /// that the store does not have yet.
     pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("meta.redb");
+        let existed = path.exists();
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(&path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        if !existed {
+            set_aside_stale_journal(dir)?;
+        }
         let txn = db.begin_write().map_err(backend)?;
-        {
+        let applied = {
             txn.open_table(FILES).map_err(backend)?;
             txn.open_table(UPLOADS).map_err(backend)?;
             txn.open_table(GARBAGE).map_err(backend)?;
             txn.open_table(WORKERS).map_err(backend)?;
-            txn.open_table(COUNTERS).map_err(backend)?;
-        }
+            let counters = txn.open_table(COUNTERS).map_err(backend)?;
+            let v = counters.get(JOURNAL_LSN).map_err(backend)?;
+            v.map_or(0, |v| v.value())
+        };
+        let mut replayed = 0u64;
+        let last = journal::replay(dir, applied, |_, payload| {
+            let rec = JournalTxn::decode(payload).map_err(|e| e.to_string())?;
+            apply_ops(&txn, &rec.ops).map_err(|e| e.to_string())?;
+            replayed += 1;
+            Ok(())
+        })
+        .map_err(backend)?;
+        txn.open_table(COUNTERS)
+            .map_err(backend)?
+            .insert(JOURNAL_LSN, last)
+            .map_err(backend)?;
+        // Durable (the default): the journal's old segments are deleted next.
         txn.commit().map_err(backend)?;
-        let db = Arc::new(db);
-        let sync = Arc::new(SyncShared::default());
-        let group = GroupSync::new(
-            "meta-sync",
-            Arc::new(DurableCommit {
-                db: db.clone(),
-                sync: sync.clone(),
-            }),
-        )
-        .map_err(|e| StoreError::Backend(format!("cannot start the sync thread: {e}")))?;
-        Ok(RedbStore { db, sync, group })
+        if replayed > 0 {
+            tracing::info!(records = replayed, last, "metadata journal replayed");
+        }
+        let journal = Arc::new(Journal::start(dir, last).map_err(backend)?);
+        let group = GroupSync::new("meta-sync", journal.clone())
+            .map_err(|e| StoreError::Backend(format!("cannot start the sync thread: {e}")))?;
+        Ok(RedbStore {
+            db: Arc::new(db),
+            journal,
+            writer: Mutex::new(last),
+            group,
+            checkpoint_bytes: CHECKPOINT_BYTES,
+        })
     }
+
+    fn lock_writer(&self) -> MutexGuard<'_, u64> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes every committed transaction durable in redb and begins a new journal segment.
+    /// The caller holds the writer lock, so no append runs meanwhile.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut t = self.db.begin_write().map_err(backend)?;
+        t.set_durability(Durability::Immediate).map_err(backend)?;
+        t.commit().map_err(backend)?;
+        self.journal.rotate().map_err(backend)
+    }
+}
+
+/// A new store cannot continue an old journal: its segments are renamed out of the way (not
+/// deleted: they are the only trace of the metadata that was lost).
+fn set_aside_stale_journal(dir: &Path) -> Result<(), StoreError> {
+    for (_, seg) in journal::segments(dir).map_err(backend)? {
+        let mut to = seg.clone().into_os_string();
+        to.push(".stale");
+        let to = PathBuf::from(to);
+        tracing::warn!(
+            segment = %seg.display(),
+            "meta.redb was missing: its journal is set aside as {}",
+            to.display()
+        );
+        std::fs::rename(&seg, &to)
+            .map_err(|e| StoreError::Backend(format!("cannot rename {}: {e}", seg.display())))?;
+    }
+    Ok(())
+}
+
+/// Applies a journal record's changes inside `txn`.
+fn apply_ops(txn: &redb::WriteTransaction, ops: &[JournalOp]) -> Result<(), StoreError> {
+    for op in ops {
+        if op.table == T_COUNTERS {
+            let mut t = txn.open_table(COUNTERS).map_err(backend)?;
+            if op.remove {
+                t.remove(op.key.as_str()).map_err(backend)?;
+            } else {
+                t.insert(op.key.as_str(), op.counter).map_err(backend)?;
+            }
+            continue;
+        }
+        let def = record_table(op.table).ok_or_else(|| {
+            StoreError::Backend(format!("unknown table {} in the journal", op.table))
+        })?;
+        let mut t = txn.open_table(def).map_err(backend)?;
+        if op.remove {
+            t.remove(op.key.as_str()).map_err(backend)?;
+        } else {
+            t.insert(op.key.as_str(), op.value.as_slice())
+                .map_err(backend)?;
+        }
+    }
+    Ok(())
 }
 
 macro_rules! read_methods {
@@ -226,6 +302,64 @@ impl ReadTxn for RedbRead {
 
 struct RedbWrite {
     txn: redb::WriteTransaction,
+    /// The changes so far, for the journal.
+    ops: Vec<JournalOp>,
+}
+
+impl RedbWrite {
+    fn put(&mut self, table: u32, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let def = record_table(table).ok_or(StoreError::Aborted)?;
+        self.txn
+            .open_table(def)
+            .map_err(backend)?
+            .insert(key, value.as_slice())
+            .map_err(backend)?;
+        self.ops.push(JournalOp {
+            table,
+            key: key.to_string(),
+            value,
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    fn remove<M: Message + Default>(
+        &mut self,
+        table: u32,
+        key: &str,
+    ) -> Result<Option<M>, StoreError> {
+        let def = record_table(table).ok_or(StoreError::Aborted)?;
+        let mut t = self.txn.open_table(def).map_err(backend)?;
+        let old = match t.remove(key).map_err(backend)? {
+            Some(v) => Some(decode(key, v.value())?),
+            None => None,
+        };
+        drop(t);
+        if old.is_some() {
+            self.ops.push(JournalOp {
+                table,
+                key: key.to_string(),
+                remove: true,
+                ..Default::default()
+            });
+        }
+        Ok(old)
+    }
+
+    fn set_counter(&mut self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.txn
+            .open_table(COUNTERS)
+            .map_err(backend)?
+            .insert(key, value)
+            .map_err(backend)?;
+        self.ops.push(JournalOp {
+            table: T_COUNTERS,
+            key: key.to_string(),
+            counter: value,
+            ..Default::default()
+        });
+        Ok(())
+    }
 }
 
 impl ReadTxn for RedbWrite {
@@ -234,72 +368,43 @@ impl ReadTxn for RedbWrite {
 
 impl WriteTxn for RedbWrite {
     fn put_file(&mut self, file: &FileRecord) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(FILES).map_err(backend)?;
-        t.insert(file.name.as_str(), file.encode_to_vec().as_slice())
-            .map_err(backend)?;
-        Ok(())
+        self.put(T_FILES, &file.name, file.encode_to_vec())
     }
 
     fn remove_file(&mut self, name: &str) -> Result<Option<FileRecord>, StoreError> {
-        let mut t = self.txn.open_table(FILES).map_err(backend)?;
-        let old = t.remove(name).map_err(backend)?;
-        match old {
-            Some(v) => Ok(Some(decode(name, v.value())?)),
-            None => Ok(None),
-        }
+        self.remove(T_FILES, name)
     }
 
     fn put_upload(&mut self, upload: &UploadRecord) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(UPLOADS).map_err(backend)?;
-        t.insert(upload.upload_id.as_str(), upload.encode_to_vec().as_slice())
-            .map_err(backend)?;
-        Ok(())
+        self.put(T_UPLOADS, &upload.upload_id, upload.encode_to_vec())
     }
 
     fn remove_upload(&mut self, upload_id: &str) -> Result<Option<UploadRecord>, StoreError> {
-        let mut t = self.txn.open_table(UPLOADS).map_err(backend)?;
-        let old = t.remove(upload_id).map_err(backend)?;
-        match old {
-            Some(v) => Ok(Some(decode(upload_id, v.value())?)),
-            None => Ok(None),
-        }
+        self.remove(T_UPLOADS, upload_id)
     }
 
     fn put_garbage(&mut self, chunk_id: &str, record: &GarbageRecord) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(GARBAGE).map_err(backend)?;
-        t.insert(chunk_id, record.encode_to_vec().as_slice())
-            .map_err(backend)?;
-        Ok(())
+        self.put(T_GARBAGE, chunk_id, record.encode_to_vec())
     }
 
     fn remove_garbage(&mut self, chunk_id: &str) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(GARBAGE).map_err(backend)?;
-        t.remove(chunk_id).map_err(backend)?;
+        self.remove::<GarbageRecord>(T_GARBAGE, chunk_id)?;
         Ok(())
     }
 
     fn put_worker(&mut self, worker: &WorkerRecord) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(WORKERS).map_err(backend)?;
-        t.insert(worker.address.as_str(), worker.encode_to_vec().as_slice())
-            .map_err(backend)?;
-        Ok(())
+        self.put(T_WORKERS, &worker.address, worker.encode_to_vec())
     }
 
     fn next_file_id(&mut self) -> Result<u64, StoreError> {
-        let mut t = self.txn.open_table(COUNTERS).map_err(backend)?;
-        let next = t
-            .get("next_file_id")
-            .map_err(backend)?
-            .map(|v| v.value())
-            .unwrap_or(1);
-        t.insert("next_file_id", next + 1).map_err(backend)?;
+        let next = self.counter()?;
+        self.set_counter("next_file_id", next + 1)?;
         Ok(next)
     }
 
     fn ensure_file_id_above(&mut self, v: u64) -> Result<(), StoreError> {
         if self.counter()? <= v {
-            let mut t = self.txn.open_table(COUNTERS).map_err(backend)?;
-            t.insert("next_file_id", v + 1).map_err(backend)?;
+            self.set_counter("next_file_id", v + 1)?;
         }
         Ok(())
     }
@@ -332,33 +437,47 @@ impl MetaStore for RedbStore {
         &self,
         body: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
     ) -> Result<CommitSeq, StoreError> {
+        let mut last = self.lock_writer();
+        if self.journal.is_broken() {
+            // A journal sync failed: make everything durable in redb and begin a new
+            // segment before anything more is journaled.
+            self.checkpoint()?;
+        }
         let mut txn = RedbWrite {
             txn: self.db.begin_write().map_err(backend)?,
+            ops: Vec::new(),
         };
         txn.txn.set_durability(Durability::None).map_err(backend)?;
-        match body(&mut txn) {
-            Ok(()) => {
-                txn.txn.commit().map_err(backend)?;
-                // Numbered after the commit: a sync that starts later covers it.
-                let mut st = self.sync.lock();
-                st.committed += 1;
-                Ok(st.committed)
-            }
-            Err(e) => {
-                let _ = txn.txn.abort();
-                Err(e)
-            }
+        if let Err(e) = body(&mut txn) {
+            let _ = txn.txn.abort();
+            return Err(e);
         }
-    }
-
-    fn announce(&self, coming: bool) {
-        let mut st = self.sync.lock();
-        if coming {
-            st.announced += 1;
-        } else {
-            st.announced = st.announced.saturating_sub(1);
-            self.sync.joined.notify_all();
+        if txn.ops.is_empty() {
+            // Nothing changed: nothing to journal; durable once what came before is.
+            let _ = txn.txn.abort();
+            return Ok(*last);
         }
+        let lsn = *last + 1;
+        let payload = JournalTxn {
+            ops: std::mem::take(&mut txn.ops),
+        }
+        .encode_to_vec();
+        txn.txn
+            .open_table(COUNTERS)
+            .map_err(backend)?
+            .insert(JOURNAL_LSN, lsn)
+            .map_err(backend)?;
+        txn.txn.commit().map_err(backend)?;
+        *last = lsn;
+        if let Err(e) = self.journal.append(lsn, &payload) {
+            // The transaction is visible but not journaled: a durable redb commit covers it
+            // (and every one before), and the journal begins again after it.
+            tracing::warn!(error = %e, "cannot append to the metadata journal; checkpointing");
+            self.checkpoint()?;
+        } else if self.journal.active_len() >= self.checkpoint_bytes {
+            self.checkpoint()?;
+        }
+        Ok(lsn)
     }
 
     fn sync(&self, seq: CommitSeq) -> Result<(), StoreError> {
@@ -439,7 +558,6 @@ mod tests {
                     let store = store.clone();
                     std::thread::spawn(move || {
                         for i in 0..25 {
-                            let _a = super::super::store::Announced::new(store.clone());
                             let ((), seq) = store
                                 .write_deferred_with(|tx| -> Result<(), StoreError> {
                                     tx.put_file(&file(&format!("t{t}-{i}")))
@@ -448,7 +566,6 @@ mod tests {
                             // Visible before it is durable.
                             let name = format!("t{t}-{i}");
                             assert!(store.read_with(|r| r.get_file(&name)).unwrap().is_some());
-                            drop(_a);
                             store.sync(seq).unwrap();
                         }
                     })
@@ -457,13 +574,127 @@ mod tests {
             for t in threads {
                 t.join().unwrap();
             }
-            assert_eq!(store.sync.lock().committed, 200);
-            assert_eq!(store.sync.lock().announced, 0);
+            assert_eq!(*store.lock_writer(), 200);
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(
             store.read_with(|t| t.list_files("", 1000)).unwrap().len(),
             200
         );
+    }
+
+    fn names(store: &RedbStore) -> Vec<String> {
+        store
+            .read_with(|t| t.list_files("", 100_000))
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect()
+    }
+
+    /// What a crash leaves: redb as of its last durable commit (here, a copy taken then),
+    /// and the journal as synced.
+    #[test]
+    fn the_journal_restores_what_redb_had_not_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("saved.redb");
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            std::fs::copy(dir.path().join("meta.redb"), &saved).unwrap();
+            for n in ["a", "b", "c"] {
+                store.write_with(|t| t.put_file(&file(n))).unwrap();
+            }
+            store
+                .write_with(|t| -> Result<(), StoreError> {
+                    t.remove_file("b")?;
+                    t.put_garbage(
+                        "chunk1",
+                        &GarbageRecord {
+                            reason: "deleted".into(),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .unwrap();
+            assert_eq!(store.write_with(|t| t.next_file_id()).unwrap(), 1);
+            assert_eq!(store.write_with(|t| t.next_file_id()).unwrap(), 2);
+            // A rolled-back transaction leaves no record.
+            let r: Result<(), StoreError> = store.write_with(|t| {
+                t.put_file(&file("rolled-back"))?;
+                Err(StoreError::Aborted)
+            });
+            assert!(r.is_err());
+        }
+        std::fs::copy(&saved, dir.path().join("meta.redb")).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(names(&store), ["a", "c"]);
+        assert!(
+            store
+                .read_with(|t| t.get_garbage("chunk1"))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(store.write_with(|t| t.next_file_id()).unwrap(), 3);
+        // The replay was made durable and the journal begun again.
+        assert_eq!(journal::segments(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn checkpoints_bound_the_journal_and_a_gap_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("saved.redb");
+        {
+            let mut store = RedbStore::open(dir.path()).unwrap();
+            store.checkpoint_bytes = 64 << 10;
+            std::fs::copy(dir.path().join("meta.redb"), &saved).unwrap();
+            for i in 0..300 {
+                let mut f = file(&format!("f{i:03}"));
+                f.sha256 = "x".repeat(1000);
+                store.write_with(|t| t.put_file(&f)).unwrap();
+            }
+            let segs = journal::segments(dir.path()).unwrap();
+            assert_eq!(segs.len(), 1);
+            assert!(segs[0].0 > 3, "no checkpoint happened: {segs:?}");
+            // What `kill -9` leaves is what the files hold now: a copy opens with all.
+            let crashed = tempfile::tempdir().unwrap();
+            for e in std::fs::read_dir(dir.path()).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), crashed.path().join(e.file_name())).unwrap();
+            }
+            let copy = RedbStore::open(crashed.path()).unwrap();
+            assert_eq!(names(&copy).len(), 300);
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(names(&store).len(), 300);
+        drop(store);
+        // redb from before the checkpoints: the records it needs are gone.
+        std::fs::copy(&saved, dir.path().join("meta.redb")).unwrap();
+        match RedbStore::open(dir.path()) {
+            Err(e) => assert!(e.to_string().contains("missing"), "{e}"),
+            Ok(_) => panic!("a store that the journal does not continue opened"),
+        }
+    }
+
+    #[test]
+    fn a_new_store_sets_an_old_journal_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.write_with(|t| t.put_file(&file("a"))).unwrap();
+        }
+        std::fs::remove_file(dir.path().join("meta.redb")).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(names(&store).is_empty());
+        let stale = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".stale")
+            })
+            .count();
+        assert_eq!(stale, 1);
     }
 }

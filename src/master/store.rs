@@ -178,10 +178,6 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Syncs on the calling thread if no sync is running and says how it went; `None` if
     /// one is running (then [`MetaStore::sync_async`]).
     fn sync_if_idle(&self, seq: CommitSeq) -> Option<Result<(), StoreError>>;
-    /// A mutation is on its way (`true`) or has committed or given up (`false`); a sync
-    /// waits briefly for announced mutations so that one fsync covers them all. Use
-    /// [`Announced`] rather than calling this directly.
-    fn announce(&self, _coming: bool) {}
     /// A write that is durable when it returns.
     fn write(
         &self,
@@ -189,23 +185,6 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         let seq = self.write_deferred(body)?;
         self.sync(seq)
-    }
-}
-
-/// An announced mutation (see [`MetaStore::announce`]); withdrawn when dropped. It owns its
-/// store so that it can travel into the blocking task that commits the mutation.
-pub struct Announced(std::sync::Arc<dyn MetaStore>);
-
-impl Announced {
-    pub fn new(store: std::sync::Arc<dyn MetaStore>) -> Self {
-        store.announce(true);
-        Announced(store)
-    }
-}
-
-impl Drop for Announced {
-    fn drop(&mut self) {
-        self.0.announce(false);
     }
 }
 

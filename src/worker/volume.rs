@@ -58,7 +58,7 @@ pub const SMALL_CHUNK_MAX: u64 = 128 << 10;
 /// A volume is sealed and a new one begun once it reaches this size.
 const VOLUME_MAX: u64 = 256 << 20;
 /// How far ahead of its tail the active volume is zero-filled.
-pub const PREALLOC_STEP: u64 = 256 << 10;
+pub use crate::prealloc::PREALLOC_STEP;
 const MAGIC: &[u8; 4] = b"DFV1";
 const FIXED: usize = 40;
 const KIND_CHUNK: u8 = 1;
@@ -470,19 +470,11 @@ impl Volumes {
     /// that follow write data only. Only an optimisation: if it fails (a full disk), the
     /// append goes on and reports its own error.
     fn grow(&self, a: &mut Active, file: &File, needed: u64) {
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        let target = needed.div_ceil(PREALLOC_STEP) * PREALLOC_STEP;
-        let start = a.alloc.max(a.len);
-        let mut at = start;
-        while at < target {
-            let n = (target - at).min(ZEROS.len() as u64);
-            if let Err(e) = file.write_all_at(&ZEROS[..n as usize], at) {
-                // Debug, not warn: on a full disk every append tries again, and the append
-                // itself reports the error that matters.
-                tracing::debug!(volume = a.seq, error = %e, "cannot zero-fill ahead in a volume");
-                break;
-            }
-            at += n;
+        let (at, err) = crate::prealloc::zero_fill_ahead(file, a.alloc.max(a.len), needed);
+        if let Some(e) = err {
+            // Debug, not warn: on a full disk every append tries again, and the append
+            // itself reports the error that matters.
+            tracing::debug!(volume = a.seq, error = %e, "cannot zero-fill ahead in a volume");
         }
         a.alloc = at;
         if let Some(u) = lock(&self.usage).get_mut(&a.seq) {
