@@ -154,6 +154,15 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "GetFiles",
+            code(
+                m.get_files(pb::GetFilesRequest {
+                    names: vec!["victim".into()],
+                })
+                .await,
+            ),
+        ),
+        (
             "ListFiles",
             code(m.list_files(pb::ListFilesRequest::default()).await),
         ),

@@ -4,6 +4,7 @@
 
 mod download;
 mod error;
+mod lookup;
 mod upload;
 
 use std::collections::HashMap;
@@ -53,6 +54,7 @@ impl Progress {
 pub struct Client {
     addr: String,
     master: MasterRpc,
+    lookups: lookup::Lookups,
     workers: Arc<Mutex<HashMap<String, Channel>>>,
     transport: Transport,
 }
@@ -87,9 +89,11 @@ impl Client {
                     transport.has_identity(),
                 ))
             })?;
+        let master = transport.master(channel);
         Ok(Client {
             addr: addr.to_string(),
-            master: transport.master(channel),
+            lookups: lookup::Lookups::start(master.clone()),
+            master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             transport,
         })
@@ -177,16 +181,9 @@ impl Client {
     }
 
     /// A file with its chunk → replica map.
+    /// Concurrent calls share round trips to the master (see `lookup`).
     pub async fn stat(&self, name: &str) -> Result<FileInfo, ClientError> {
-        self.master()
-            .get_file(pb::GetFileRequest {
-                name: name.to_string(),
-            })
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner()
-            .file
-            .ok_or_else(|| ClientError::Integrity("master answered without a file".into()))
+        self.lookups.get(name).await.map_err(|s| self.err(s))
     }
 
     /// Deletes a file; its chunks are removed from workers in the background.

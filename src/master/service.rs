@@ -53,6 +53,9 @@ fn own_address<T>(req: &Request<T>, address: &str) -> Result<(), Status> {
 }
 
 /// Logs the outcome of a request with its duration and converts the error.
+/// Most names one GetFiles call may look up.
+pub const MAX_GET_FILES: usize = 1024;
+
 fn finish<T>(
     op: &'static str,
     peer: &str,
@@ -188,6 +191,51 @@ impl pb::master_server::Master for MasterService {
             .await
             .map(|f| pb::GetFileResponse { file: Some(f) });
         finish("get_file", &p, &r.name, t, res)
+    }
+
+    async fn get_files(
+        &self,
+        req: Request<pb::GetFilesRequest>,
+    ) -> Result<Response<pb::GetFilesResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        if r.names.len() > MAX_GET_FILES {
+            return finish(
+                "get_files",
+                &p,
+                "",
+                t,
+                Err(MasterError::InvalidArgument(format!(
+                    "at most {MAX_GET_FILES} names per call, not {}",
+                    r.names.len()
+                ))),
+            );
+        }
+        let mut results = Vec::with_capacity(r.names.len());
+        for name in &r.names {
+            results.push(match self.master.get_file(name).await {
+                Ok(f) => pb::GetFileResult {
+                    file: Some(f),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let s = Status::from(e);
+                    pb::GetFileResult {
+                        file: None,
+                        code: s.code() as i32,
+                        message: s.message().to_string(),
+                    }
+                }
+            });
+        }
+        let what = format!("{} names", r.names.len());
+        finish(
+            "get_files",
+            &p,
+            &what,
+            t,
+            Ok(pb::GetFilesResponse { results }),
+        )
     }
 
     async fn list_files(

@@ -32,8 +32,8 @@ pub fn master_need(method: &str) -> Option<Need> {
         "Register" | "Heartbeat" => Need::Worker,
         "StartUpload" | "AllocateChunk" | "CommitUpload" | "RenewUpload" | "AbortUpload"
         | "DeleteFile" | "CreateEmpty" | "DeleteMany" | "SetDraining" => Need::Write,
-        "GetFile" | "ListFiles" | "ReportBadReplica" | "ClusterStatus" | "StreamLogs"
-        | "DrainPlan" | "Fsck" | "GcStatus" => Need::Read,
+        "GetFile" | "GetFiles" | "ListFiles" | "ReportBadReplica" | "ClusterStatus"
+        | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" => Need::Read,
         _ => return None,
     })
 }
