@@ -63,7 +63,8 @@ fn finish<T>(
     started: Instant,
     r: Result<T, MasterError>,
 ) -> Result<Response<T>, Status> {
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    // Rounded to the microsecond, so that a log line reads `ms=0.012`, not `ms=0.0119999…`.
+    let ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     // Periodic worker traffic is debug; everything a user does is logged at info.
     let routine = matches!(op, "heartbeat" | "renew_upload");
     match r {
