@@ -288,13 +288,11 @@ impl Journal {
     }
 
     /// Begins a new segment and deletes the older ones. Call it only once the store is
-    /// durable up to the last record appended, and with no append running.
-    pub fn rotate(&self) -> Result<(), JournalError> {
-        let (seq, last) = {
-            let st = self.lock();
-            (st.seq + 1, st.last)
-        };
-        let state = Self::new_segment(&self.dir, seq, last)?;
+    /// durable up to record `durable` (the last one committed, appended or not), with no
+    /// append running.
+    pub fn rotate(&self, durable: u64) -> Result<(), JournalError> {
+        let seq = self.lock().seq + 1;
+        let state = Self::new_segment(&self.dir, seq, durable)?;
         *self.lock() = state;
         self.remove_before(seq);
         Ok(())
@@ -308,6 +306,12 @@ impl Journal {
     /// A sync of the active segment failed; it must be rotated away from.
     pub fn is_broken(&self) -> bool {
         self.lock().broken.is_some()
+    }
+
+    /// A record could not be appended and no checkpoint covered it: the next record would
+    /// leave a gap, so nothing more may be appended until a rotation.
+    pub fn mark_broken(&self, why: String) {
+        self.lock().broken = Some(why);
     }
 }
 
@@ -369,7 +373,7 @@ mod tests {
         let (_, recs) = collect(dir.path(), 250).unwrap();
         assert_eq!(recs.first().map(|r| r.0), Some(251));
         // A rotation deletes the old segment; records continue in the new one.
-        j.rotate().unwrap();
+        j.rotate(300).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
         j.append(301, b"after").unwrap();
         let (last, recs) = collect(dir.path(), 300).unwrap();

@@ -165,11 +165,11 @@ impl RedbStore {
 
     /// Makes every committed transaction durable in redb and begins a new journal segment.
     /// The caller holds the writer lock, so no append runs meanwhile.
-    fn checkpoint(&self) -> Result<(), StoreError> {
+    fn checkpoint(&self, last: u64) -> Result<(), StoreError> {
         let mut t = self.db.begin_write().map_err(backend)?;
         t.set_durability(Durability::Immediate).map_err(backend)?;
         t.commit().map_err(backend)?;
-        self.journal.rotate().map_err(backend)
+        self.journal.rotate(last).map_err(backend)
     }
 }
 
@@ -441,7 +441,7 @@ impl MetaStore for RedbStore {
         if self.journal.is_broken() {
             // A journal sync failed: make everything durable in redb and begin a new
             // segment before anything more is journaled.
-            self.checkpoint()?;
+            self.checkpoint(*last)?;
         }
         let mut txn = RedbWrite {
             txn: self.db.begin_write().map_err(backend)?,
@@ -473,9 +473,15 @@ impl MetaStore for RedbStore {
             // The transaction is visible but not journaled: a durable redb commit covers it
             // (and every one before), and the journal begins again after it.
             tracing::warn!(error = %e, "cannot append to the metadata journal; checkpointing");
-            self.checkpoint()?;
+            if let Err(c) = self.checkpoint(lsn) {
+                // Record `lsn` is in neither: appending the next one would leave a gap that
+                // stops the master at its next start. Every write now checkpoints first.
+                self.journal
+                    .mark_broken(format!("record {lsn} could not be appended: {e}"));
+                return Err(c);
+            }
         } else if self.journal.active_len() >= self.checkpoint_bytes {
-            self.checkpoint()?;
+            self.checkpoint(lsn)?;
         }
         Ok(lsn)
     }
@@ -673,6 +679,35 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("missing"), "{e}"),
             Ok(_) => panic!("a store that the journal does not continue opened"),
         }
+    }
+
+    /// After a failed sync or append, nothing is journaled until a checkpoint has made the
+    /// store durable and a new segment has begun; the next write does both.
+    #[test]
+    fn a_broken_journal_is_checkpointed_away_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("saved.redb");
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.write_with(|t| t.put_file(&file("a"))).unwrap();
+            store.journal.mark_broken("simulated".into());
+            assert!(matches!(
+                store.journal.append(99, b"x"),
+                Err(journal::JournalError::Broken(_))
+            ));
+            let seg_before = journal::segments(dir.path()).unwrap()[0].0;
+            store.write_with(|t| t.put_file(&file("b"))).unwrap();
+            assert!(!store.journal.is_broken());
+            let segs = journal::segments(dir.path()).unwrap();
+            assert_eq!(segs.len(), 1);
+            assert!(segs[0].0 > seg_before);
+            // What a crash would leave of redb: the checkpoint; `c` comes from the journal.
+            std::fs::copy(dir.path().join("meta.redb"), &saved).unwrap();
+            store.write_with(|t| t.put_file(&file("c"))).unwrap();
+        }
+        std::fs::copy(&saved, dir.path().join("meta.redb")).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(names(&store), ["a", "b", "c"]);
     }
 
     #[test]
