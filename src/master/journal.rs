@@ -258,7 +258,8 @@ impl Journal {
     }
 
     /// Appends record `lsn` (the next number) to the page cache; durable after a sync.
-    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<(), JournalError> {
+    /// Returns the bytes now in the active segment (when to checkpoint).
+    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<u64, JournalError> {
         let mut st = self.lock();
         if let Some(e) = &st.broken {
             return Err(JournalError::Broken(e.clone()));
@@ -284,7 +285,7 @@ impl Journal {
             .map_err(io("append to", &st.path))?;
         st.tail = end;
         st.last = lsn;
-        Ok(())
+        Ok(end)
     }
 
     /// Begins a new segment and deletes the older ones. Call it only once the store is
@@ -296,11 +297,6 @@ impl Journal {
         *self.lock() = state;
         self.remove_before(seq);
         Ok(())
-    }
-
-    /// Bytes in the active segment.
-    pub fn active_len(&self) -> u64 {
-        self.lock().tail
     }
 
     /// A sync of the active segment failed; it must be rotated away from.
@@ -356,11 +352,13 @@ mod tests {
     fn records_come_back_in_order_across_rotations() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::start(dir.path(), 0).unwrap();
+        let mut len = 0;
         for lsn in 1..=300u64 {
-            j.append(lsn, &vec![lsn as u8; (lsn as usize * 37) % 5000])
+            len = j
+                .append(lsn, &vec![lsn as u8; (lsn as usize * 37) % 5000])
                 .unwrap();
         }
-        assert!(j.active_len() > crate::prealloc::PREALLOC_STEP);
+        assert!(len > crate::prealloc::PREALLOC_STEP);
         assert_eq!(j.sync_once(), (300, Ok(())));
         let (last, recs) = collect(dir.path(), 0).unwrap();
         assert_eq!(last, 300);

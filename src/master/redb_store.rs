@@ -469,19 +469,22 @@ impl MetaStore for RedbStore {
             .map_err(backend)?;
         txn.txn.commit().map_err(backend)?;
         *last = lsn;
-        if let Err(e) = self.journal.append(lsn, &payload) {
-            // The transaction is visible but not journaled: a durable redb commit covers it
-            // (and every one before), and the journal begins again after it.
-            tracing::warn!(error = %e, "cannot append to the metadata journal; checkpointing");
-            if let Err(c) = self.checkpoint(lsn) {
-                // Record `lsn` is in neither: appending the next one would leave a gap that
-                // stops the master at its next start. Every write now checkpoints first.
-                self.journal
-                    .mark_broken(format!("record {lsn} could not be appended: {e}"));
-                return Err(c);
+        match self.journal.append(lsn, &payload) {
+            Ok(len) if len >= self.checkpoint_bytes => self.checkpoint(lsn)?,
+            Ok(_) => {}
+            Err(e) => {
+                // The transaction is visible but not journaled: a durable redb commit covers
+                // it (and every one before), and the journal begins again after it.
+                tracing::warn!(error = %e, "cannot append to the metadata journal; checkpointing");
+                if let Err(c) = self.checkpoint(lsn) {
+                    // Record `lsn` is in neither: appending the next one would leave a gap
+                    // that stops the master at its next start. Every write now checkpoints
+                    // first.
+                    self.journal
+                        .mark_broken(format!("record {lsn} could not be appended: {e}"));
+                    return Err(c);
+                }
             }
-        } else if self.journal.active_len() >= self.checkpoint_bytes {
-            self.checkpoint(lsn)?;
         }
         Ok(lsn)
     }
