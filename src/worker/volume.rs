@@ -30,13 +30,11 @@
 //! because a write is acknowledged only after the `fdatasync` that covers it.
 //!
 //! The active volume is zero-filled [`PREALLOC_STEP`] ahead of its tail before records are
-//! written into it: an `fdatasync` after an append that grows the file must also write the
-//! inode (the new size), one more synchronous write per small file. Writing into space that
-//! already exists costs only the data (measured here: 4 KiB write + `fdatasync`
-//! 4,900-6,500/s appending, 9,000-10,500/s into zero-filled space). The zeros are not synced
-//! on their own: the next group `fdatasync` carries them (and the inode) once per step, so
-//! the group commit stays the only place a volume is synced. A record's magic is never
-//! zero, so reading stops cleanly at the zero-filled tail.
+//! written into it, so that a record's `fdatasync` writes data only (see [`crate::prealloc`]
+//! for why and what it saves). The zeros are not synced on their own: the next group
+//! `fdatasync` carries them (and the inode) once per step, so the group commit stays the only
+//! place a volume is synced. A record's magic is never zero, so reading stops cleanly at the
+//! zero-filled tail.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
