@@ -75,19 +75,40 @@ impl FromStr for ChunkId {
     }
 }
 
-/// 128 bits from the OS random source. Falls back to time and address entropy only if the OS
-/// source fails, which on Linux means a broken system; ids stay unique in practice either way.
+/// OS randomness fetched at once per thread: ids are drawn for every chunk and upload, and a
+/// `getrandom` call for each (four per small file on the master) was a system call apiece.
+const RANDOM_BUFFER: usize = 512;
+
+thread_local! {
+    static RANDOM: std::cell::RefCell<([u8; RANDOM_BUFFER], usize)> =
+        const { std::cell::RefCell::new(([0; RANDOM_BUFFER], RANDOM_BUFFER)) };
+}
+
+/// 128 bits from the OS random source (read ahead, a buffer per thread). Falls back to time
+/// and address entropy only if the OS source fails, which on Linux means a broken system; ids
+/// stay unique in practice either way.
 pub fn random_u128() -> u128 {
-    let mut buf = [0u8; 16];
-    if getrandom::fill(&mut buf).is_err() {
+    let drawn = RANDOM.with(|r| {
+        let (buf, pos) = &mut *r.borrow_mut();
+        if *pos + 16 > RANDOM_BUFFER {
+            getrandom::fill(buf).ok()?;
+            *pos = 0;
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&buf[*pos..*pos + 16]);
+        // Never hand the same bytes out twice.
+        buf[*pos..*pos + 16].fill(0);
+        *pos += 16;
+        Some(u128::from_le_bytes(out))
+    });
+    drawn.unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let local = &buf as *const _ as usize as u128;
-        return t ^ (local << 64) ^ u128::from(std::process::id());
-    }
-    u128::from_le_bytes(buf)
+        let local = &t as *const _ as usize as u128;
+        t ^ (local << 64) ^ u128::from(std::process::id())
+    })
 }
 
 /// CRC32C (Castagnoli), hardware accelerated where the CPU has it.
@@ -167,6 +188,24 @@ mod tests {
             created_unix_ms: 1,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn random_ids_stay_distinct_across_buffer_refills() {
+        // Several refills of the per-thread buffer, on two threads.
+        let draw = || {
+            (0..4 * RANDOM_BUFFER)
+                .map(|_| random_u128())
+                .collect::<Vec<_>>()
+        };
+        let other = std::thread::spawn(draw);
+        let mut all = draw();
+        all.extend(other.join().unwrap());
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "an id was drawn twice");
+        assert!(!all.contains(&0));
     }
 
     #[test]

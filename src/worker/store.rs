@@ -46,6 +46,8 @@ pub struct ChunkStore {
     capacity: u64,
     used: AtomicU64,
     reserved: AtomicU64,
+    /// The disk's free space as last measured: see [`ChunkStore::disk_free`].
+    disk_free: Mutex<DiskFree>,
     index: Mutex<HashMap<ChunkId, Indexed>>,
     volumes: Volumes,
     /// Chunks quarantined since the last heartbeat, to report to the master.
@@ -63,6 +65,19 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.store.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
     }
+}
+
+/// How long a measure of the disk's free space is reused.
+const DISK_FREE_TTL: std::time::Duration = std::time::Duration::from_millis(250);
+/// Below this much free space (beyond the writes in flight) the disk is measured every time.
+const DISK_FREE_MARGIN: u64 = 1 << 30;
+
+/// One `statvfs` of the worker's disk, and this store's usage when it was taken.
+#[derive(Default)]
+struct DiskFree {
+    at: Option<std::time::Instant>,
+    free: u64,
+    used: u64,
 }
 
 fn disk_space(path: &Path) -> Option<(u64, u64)> {
@@ -127,6 +142,7 @@ impl ChunkStore {
             capacity,
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
+            disk_free: Mutex::new(DiskFree::default()),
             index: Mutex::new(HashMap::new()),
             volumes: Volumes::new(volumes, 0, HashMap::new())?,
             quarantined: Mutex::new(Vec::new()),
@@ -285,12 +301,32 @@ impl ChunkStore {
         let used = self.used.load(Ordering::Relaxed) + self.volumes.disk_bytes();
         let reserved = self.reserved.load(Ordering::Relaxed);
         let by_capacity = self.capacity.saturating_sub(used);
-        let by_disk = disk_space(&self.root).map(|(_, f)| f).unwrap_or(0);
+        let by_disk = self.disk_free(used, reserved);
         (
             self.capacity,
             used,
             by_capacity.min(by_disk).saturating_sub(reserved),
         )
+    }
+
+    /// The disk's free space. A `statvfs` on every write was one system call per small chunk,
+    /// so a measure is reused for [`DISK_FREE_TTL`], less what this store has written since;
+    /// when little room is left (under [`DISK_FREE_MARGIN`] beyond the writes in flight) the
+    /// disk is measured every time, so a filling disk is seen as it fills.
+    fn disk_free(&self, used: u64, reserved: u64) -> u64 {
+        let mut d = self.disk_free.lock().unwrap_or_else(|p| p.into_inner());
+        let estimate = d.free.saturating_sub(used.saturating_sub(d.used));
+        let recent = d.at.is_some_and(|t| t.elapsed() < DISK_FREE_TTL);
+        if recent && estimate > reserved.saturating_add(DISK_FREE_MARGIN) {
+            return estimate;
+        }
+        let free = disk_space(&self.root).map(|(_, f)| f).unwrap_or(0);
+        *d = DiskFree {
+            at: Some(std::time::Instant::now()),
+            free,
+            used,
+        };
+        free
     }
 
     /// Sets aside room for a chunk of `length` bytes, or says there is none.
@@ -690,21 +726,32 @@ impl ChunkWriter {
     /// [`ChunkWriter::finish`] for async callers. A small chunk is appended on the calling
     /// thread and its fsync awaited without holding a thread (the group commit's thread
     /// syncs); a large one is finished on the blocking pool.
-    pub async fn finish_async(mut self, expected_crc: u32) -> Result<(), WorkerError> {
-        if matches!(self.sink, Sink::Memory(_)) {
-            self.verify(expected_crc)?;
+    pub async fn finish_async(self, expected_crc: u32) -> Result<(), WorkerError> {
+        if matches!(self.sink, Sink::File { .. }) {
+            return tokio::task::spawn_blocking(move || self.finish(expected_crc))
+                .await
+                .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")))?;
         }
-        let record = match &self.sink {
-            Sink::Memory(data) => volume::encode_chunk(&self.id, &self.header, data),
-            Sink::File { .. } => {
-                return tokio::task::spawn_blocking(move || self.finish(expected_crc))
-                    .await
-                    .map_err(|e| WorkerError::Startup(format!("writer task failed: {e}")))?;
-            }
+        self.append_small(expected_crc)?.durable().await
+    }
+
+    /// The first half of finishing a small chunk: verifies it and appends it to a volume,
+    /// without waiting for the fsync. Appending several chunks before awaiting any of them
+    /// ([`Appended::durable`]) lets one fsync cover them all.
+    pub fn append_small(mut self, expected_crc: u32) -> Result<Appended, WorkerError> {
+        self.verify(expected_crc)?;
+        let Sink::Memory(data) = &self.sink else {
+            return Err(WorkerError::InvalidArgument(format!(
+                "chunk {} is not a small chunk",
+                self.id
+            )));
         };
-        let place = self.store.volumes.put_async(&record).await?;
-        self.install(Some(place));
-        Ok(())
+        let record = volume::encode_chunk(&self.id, &self.header, data);
+        let (place, n) = self.store.volumes.append_landing(&record)?;
+        Ok(Appended {
+            writer: self,
+            landing: Some((place, n)),
+        })
     }
 
     /// Checks length and checksum, and stamps the header with them.
@@ -751,6 +798,41 @@ impl ChunkWriter {
         }) = replaced
         {
             store.volumes.forget(&old);
+        }
+    }
+}
+
+/// A small chunk appended to its volume, not yet durable: see [`ChunkWriter::append_small`].
+pub struct Appended {
+    writer: ChunkWriter,
+    /// The record's place and number until it is indexed (or forgotten).
+    landing: Option<(volume::Place, u64)>,
+}
+
+impl Appended {
+    /// Waits for the fsync that covers the chunk, then indexes it. Only after this returns
+    /// `Ok` is the chunk durable.
+    pub async fn durable(mut self) -> Result<(), WorkerError> {
+        let Some((place, n)) = self.landing else {
+            return Err(WorkerError::Startup("chunk already landed".into()));
+        };
+        // Past this point a cancelled wait must still release the volume (see Drop).
+        let wait = self.writer.store.volumes.wait_durable(&place, n).await;
+        self.landing = None;
+        wait?;
+        self.writer.install(Some(place));
+        Ok(())
+    }
+}
+
+impl Drop for Appended {
+    /// A wait that never finished (its request was cancelled): the record stays in the
+    /// volume unindexed (an orphan the master collects), and the volume is released.
+    fn drop(&mut self) {
+        if let Some((place, _)) = self.landing.take() {
+            let volumes = &self.writer.store.volumes;
+            volumes.forget(&place);
+            volumes.landed(&place);
         }
     }
 }
@@ -968,6 +1050,53 @@ mod tests {
         assert_eq!(volume::list(&dir.path().join("volumes")).len(), 2);
         let listed = stored_chunks(dir.path());
         assert_eq!(listed.len(), 16);
+    }
+
+    /// Chunks appended together and then awaited are all durable and readable; an append
+    /// whose wait is abandoned (a cancelled request) is never indexed and leaves its volume
+    /// free to be compacted.
+    #[tokio::test]
+    async fn appended_chunks_land_together_and_an_abandoned_one_releases_its_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path(), Some(1 << 30)).unwrap());
+        let mut pending = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let d = data(i, 3000 + i);
+            let id = ChunkId::generate();
+            let mut w = store.create(header(&id, d.len() as u64)).unwrap();
+            w.write(&d).unwrap();
+            pending.push(w.append_small(chunk::crc32c_append(0, &d)).unwrap());
+            ids.push(id);
+        }
+        // A wrong checksum is refused before anything is appended.
+        let bad = ChunkId::generate();
+        let mut w = store.create(header(&bad, 4)).unwrap();
+        w.write(b"abcd").unwrap();
+        assert!(matches!(
+            w.append_small(1),
+            Err(WorkerError::ChecksumMismatch { .. })
+        ));
+        let abandoned = pending.pop().unwrap();
+        drop(abandoned);
+        for p in pending {
+            p.durable().await.unwrap();
+        }
+        for (i, id) in ids.iter().enumerate().take(4) {
+            assert_eq!(get(&store, id).unwrap(), data(i, 3000 + i));
+        }
+        assert!(matches!(
+            get(&store, &ids[4]),
+            Err(WorkerError::NotFound(_))
+        ));
+        assert!(matches!(get(&store, &bad), Err(WorkerError::NotFound(_))));
+        let landing: u32 = store.volumes.usage().values().map(|u| u.landing).sum();
+        assert_eq!(landing, 0, "every append has landed or been released");
+        // After a restart the abandoned record is on disk but was never acknowledged: it
+        // comes back as a chunk the master does not know (an orphan it collects).
+        drop(store);
+        let store = Arc::new(ChunkStore::open(dir.path(), Some(1 << 30)).unwrap());
+        assert_eq!(store.chunk_count(), 5);
     }
 
     #[test]

@@ -498,16 +498,23 @@ impl Volumes {
         Ok(place)
     }
 
-    /// [`Volumes::put`] for async callers: the record is appended on the calling thread (a
-    /// write into the page cache) and the wait for its fsync holds no thread.
-    pub async fn put_async(&self, record: &[u8]) -> Result<Place, WorkerError> {
-        let (place, n) = self.append(record, true)?;
+    /// The first half of [`Volumes::put`] for async callers: appends a chunk record (a write
+    /// into the page cache) and returns its place and number for [`Volumes::wait_durable`].
+    /// Several appends and then their waits share one fsync.
+    pub fn append_landing(&self, record: &[u8]) -> Result<(Place, u64), WorkerError> {
+        self.append(record, true)
+    }
+
+    /// Waits, holding no thread, until record `n` (at `place`) is durable. On failure the
+    /// record is forgotten and has landed; on success the caller indexes it and then calls
+    /// [`Volumes::landed`].
+    pub async fn wait_durable(&self, place: &Place, n: u64) -> Result<(), WorkerError> {
         if let Err(e) = self.group.wait_async(n).await {
-            self.forget(&place);
-            self.landed(&place);
+            self.forget(place);
+            self.landed(place);
             return Err(sync_error(e));
         }
-        Ok(place)
+        Ok(())
     }
 
     /// A chunk from [`Volumes::put`] is in the index now.
