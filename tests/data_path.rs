@@ -561,3 +561,299 @@ async fn concurrent_lookups_are_batched_and_each_gets_its_own_answer() {
         assert_eq!(got, want);
     }
 }
+
+/// Starts uploads of `names` through one `StartUploads` call.
+async fn start_uploads(
+    m: &mut pb::master_client::MasterClient<tonic::transport::Channel>,
+    names: &[&str],
+    size: u64,
+) -> Vec<pb::StartUploadResult> {
+    m.start_uploads(pb::StartUploadsRequest {
+        uploads: names
+            .iter()
+            .map(|n| pb::StartUploadRequest {
+                name: n.to_string(),
+                size,
+                replicas: 0,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+}
+
+/// What a client commits for a one-chunk upload of `data` it wrote through `plan`.
+fn commit_for(plan: &pb::StartUploadResponse, data: &[u8]) -> pb::CommitUploadRequest {
+    use sha2::Digest;
+    let p = &plan.chunks[0];
+    pb::CommitUploadRequest {
+        upload_id: plan.upload_id.clone(),
+        chunks: vec![pb::CommittedChunk {
+            index: 0,
+            chunk_id: p.chunk_id.clone(),
+            length: data.len() as u64,
+            crc32c: crc32c::crc32c(data),
+            workers: p.workers.clone(),
+        }],
+        sha256: hex::encode(sha2::Sha256::digest(data)),
+    }
+}
+
+/// `StartUploads` and `CommitUploads` answer each item on its own: a refused commit does not
+/// stop the others, and two commits of one name in one call end as two separate calls would
+/// (the later version replaces the earlier one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_starts_and_commits_answer_each_upload_on_its_own() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let started = start_uploads(&mut m, &["a", "b", "c", "c", "bad/../name"], 10).await;
+    assert_eq!(started.len(), 5);
+    assert_eq!(started[4].code, tonic::Code::InvalidArgument as i32);
+    assert!(started[4].upload.is_none());
+    let plans: Vec<pb::StartUploadResponse> = started[..4]
+        .iter()
+        .map(|r| r.upload.clone().expect("started"))
+        .collect();
+    let contents: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'a' + i; 10]).collect();
+    for (plan, data) in plans.iter().zip(&contents) {
+        write_chunk_direct(&plan.chunks[0], "x", data, None)
+            .await
+            .unwrap();
+    }
+    let mut bad_sha = commit_for(&plans[1], &contents[1]);
+    bad_sha.sha256 = "xyz".into();
+    let mut unknown = commit_for(&plans[0], &contents[0]);
+    unknown.upload_id = "0".repeat(32);
+    let commits = vec![
+        commit_for(&plans[0], &contents[0]),
+        bad_sha,
+        commit_for(&plans[2], &contents[2]),
+        unknown,
+        commit_for(&plans[3], &contents[3]),
+        // The same upload again: it was committed just before.
+        commit_for(&plans[0], &contents[0]),
+    ];
+    let r = m
+        .commit_uploads(pb::CommitUploadsRequest { commits })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(r.len(), 6);
+    let ok = |i: usize| {
+        r[i].commit
+            .as_ref()
+            .unwrap_or_else(|| panic!("{i}: {:?}", r[i]))
+    };
+    assert_eq!(ok(0).file.as_ref().unwrap().name, "a");
+    assert!(!ok(0).replaced);
+    assert_eq!(r[1].code, tonic::Code::InvalidArgument as i32, "{:?}", r[1]);
+    assert!(!ok(2).replaced);
+    assert_eq!(r[3].code, tonic::Code::NotFound as i32, "{:?}", r[3]);
+    assert!(ok(4).replaced, "the second upload of c replaces the first");
+    assert_eq!(r[5].code, tonic::Code::NotFound as i32, "{:?}", r[5]);
+
+    // The first c's chunk is garbage on each of its three workers, as after two calls.
+    let gc = m
+        .gc_status(pb::GcStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let replaced = gc
+        .entries
+        .iter()
+        .find(|e| e.chunk_id == plans[2].chunks[0].chunk_id)
+        .expect("the replaced chunk is garbage");
+    assert_eq!(replaced.workers.len(), 3, "{replaced:?}");
+    assert_eq!(t.client.read("a").await.unwrap(), contents[0]);
+    assert_eq!(t.client.read("c").await.unwrap(), contents[3]);
+    let c = t.client.stat("c").await.unwrap();
+    assert_eq!(c.version, plans[3].version);
+    let e = t.client.stat("b").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // The refused upload is still open: committed properly, it goes through.
+    let again = m
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits: vec![commit_for(&plans[1], &contents[1])],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(again[0].commit.is_some(), "{:?}", again[0]);
+    assert_eq!(t.client.read("b").await.unwrap(), contents[1]);
+
+    // Too many items in one call.
+    let e = m
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits: vec![commit_for(&plans[0], &contents[0]); 1025],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let names = vec!["n"; 1025];
+    let e = m
+        .start_uploads(pb::StartUploadsRequest {
+            uploads: names
+                .iter()
+                .map(|n| pb::StartUploadRequest {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+/// `WriteSmallChunks` stores each good chunk durably and refuses each bad one on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_small_chunk_writes_answer_each_chunk_on_its_own() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let worker = t.cluster.worker_addrs()[0].clone();
+    let small = |id: &str, data: Vec<u8>, crc: Option<u32>| pb::SmallChunk {
+        header: Some(pb::ChunkHeader {
+            format_version: 1,
+            chunk_id: id.to_string(),
+            file_id: 1,
+            file_name: "s".into(),
+            file_version: 1,
+            length: data.len() as u64,
+            ..Default::default()
+        }),
+        token: Default::default(),
+        crc32c: crc.unwrap_or_else(|| crc32c::crc32c(&data)),
+        data: data.into(),
+    };
+    let ids: Vec<String> = (1..=4).map(|i| format!("{i:032x}")).collect();
+    let good = vec![7u8; 4096];
+    let limit = dfs::worker::volume::SMALL_CHUNK_MAX as usize;
+    let chunks = vec![
+        small(&ids[0], good.clone(), None),
+        small(&ids[1], vec![1u8; 100], Some(12345)),
+        small(&ids[2], vec![2u8; limit + 1], None),
+        small(&ids[3], Vec::new(), None),
+        small("not-an-id", vec![3u8; 10], None),
+    ];
+    let mut w = dfs::rpc::worker_client(dfs::rpc::data_channel(&worker).unwrap());
+    let r = w
+        .write_small_chunks(pb::WriteSmallChunksRequest { chunks })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(r.len(), 5);
+    assert!(r[0].stored, "{:?}", r[0]);
+    assert!(
+        !r[1].stored && r[1].message.contains("checksum"),
+        "{:?}",
+        r[1]
+    );
+    assert_eq!(r[2].code, tonic::Code::InvalidArgument as i32, "{:?}", r[2]);
+    assert!(r[3].stored, "an empty chunk is a chunk: {:?}", r[3]);
+    assert_eq!(r[4].code, tonic::Code::InvalidArgument as i32, "{:?}", r[4]);
+    for (id, want) in [(&ids[0], good.as_slice()), (&ids[3], &[][..])] {
+        let mut stream = w
+            .read_chunk(pb::ReadChunkRequest {
+                chunk_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            if let Some(pb::read_chunk_response::Msg::Data(b)) = m.msg {
+                got.extend_from_slice(&b);
+            }
+        }
+        assert_eq!(got, want, "chunk {id}");
+    }
+    for id in &ids[1..3] {
+        let e = w
+            .read_chunk(pb::ReadChunkRequest {
+                chunk_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        let e = match e {
+            Err(e) => e,
+            Ok(s) => s.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(e.code(), tonic::Code::NotFound, "{id}: {e}");
+    }
+    let e = w
+        .write_small_chunks(pb::WriteSmallChunksRequest {
+            chunks: (0..65)
+                .map(|i| small(&format!("{:032x}", 100 + i), vec![1], None))
+                .collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+/// Many small uploads at once from one client (which batches their starts, chunk writes and
+/// commits) all land byte-exact, with every chunk on three workers; concurrent uploads of
+/// one name leave exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_small_uploads_all_land_byte_exact() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let dir = t.scratch();
+    let sizes = [0u64, 1, 4096, 100_000, 131_072];
+    let mut files = Vec::new();
+    for i in 0..60u64 {
+        let path = make_file(&dir.join(format!("s{i}")), sizes[i as usize % 5], i);
+        files.push((format!("s{i}"), path));
+    }
+    let same: Vec<_> = (0..6u64)
+        .map(|i| make_file(&dir.join(format!("same{i}")), 5000, 1000 + i))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, path) in files.iter().cloned() {
+        let client = t.client.clone();
+        tasks.spawn(async move {
+            let opts = UploadOptions {
+                name: Some(name),
+                ..Default::default()
+            };
+            client
+                .upload(&path, opts)
+                .await
+                .map(|r| r.replicas_achieved)
+        });
+    }
+    for path in same.clone() {
+        let client = t.client.clone();
+        tasks.spawn(async move {
+            let opts = UploadOptions {
+                name: Some("same".into()),
+                ..Default::default()
+            };
+            // A later version may win first; then this one is refused as a conflict.
+            match client.upload(&path, opts).await {
+                Ok(r) => Ok(r.replicas_achieved),
+                Err(e) if e.code() == tonic::Code::Aborted => Ok(3),
+                Err(e) => Err(e),
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), 3);
+    }
+    for (name, path) in &files {
+        let got = t.client.read(name).await.unwrap();
+        assert_eq!(got, std::fs::read(path).unwrap(), "{name}");
+        let f = t.client.stat(name).await.unwrap();
+        assert!(f.chunks.iter().all(|c| c.replicas.len() == 3), "{name}");
+    }
+    let got = t.client.read("same").await.unwrap();
+    assert!(
+        same.iter().any(|p| std::fs::read(p).unwrap() == got),
+        "\"same\" holds none of the uploaded versions"
+    );
+}

@@ -107,6 +107,19 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "StartUploads",
+            code(
+                m.start_uploads(pb::StartUploadsRequest {
+                    uploads: vec![pb::StartUploadRequest {
+                        name: "intruder".into(),
+                        size: 10,
+                        replicas: 1,
+                    }],
+                })
+                .await,
+            ),
+        ),
+        (
             "AllocateChunk",
             code(
                 m.allocate_chunk(pb::AllocateChunkRequest {
@@ -122,6 +135,18 @@ async fn call_every_rpc(
                 m.commit_upload(pb::CommitUploadRequest {
                     upload_id: "0".repeat(32),
                     ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "CommitUploads",
+            code(
+                m.commit_uploads(pb::CommitUploadsRequest {
+                    commits: vec![pb::CommitUploadRequest {
+                        upload_id: "0".repeat(32),
+                        ..Default::default()
+                    }],
                 })
                 .await,
             ),
@@ -495,6 +520,34 @@ async fn workers_serve_chunks_only_with_a_valid_capability() {
         };
         let r = write_chunk_direct(&placement, "victim", &evil, None).await;
         assert_eq!(r.err().map(|s| s.code()), Some(want), "write with {what}");
+        // The same through the batched small-chunk write: refused, item by item.
+        tried += 1;
+        let small = pb::SmallChunk {
+            header: Some(pb::ChunkHeader {
+                format_version: 1,
+                chunk_id: placement.chunk_id.clone(),
+                file_id: 1,
+                file_name: "victim".into(),
+                file_version: 1,
+                length: evil.len() as u64,
+                ..Default::default()
+            }),
+            token: placement.token.clone(),
+            data: Bytes::from(evil.clone()),
+            crc32c: crc32c::crc32c(&evil),
+        };
+        let r = w
+            .write_small_chunks(pb::WriteSmallChunksRequest {
+                chunks: vec![small.clone(), small],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        for item in r {
+            assert!(!item.stored, "small write with {what}");
+            assert_eq!(item.code, want as i32, "small write with {what}");
+        }
     }
     // Replication orders: without a token, and with a reader's token (which cannot make the
     // target write).

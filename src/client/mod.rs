@@ -2,9 +2,10 @@
 //!
 //! Control calls go to the master; file bytes stream straight to and from workers.
 
+mod batch;
+mod calls;
 mod download;
 mod error;
-mod lookup;
 mod upload;
 
 use std::collections::HashMap;
@@ -54,8 +55,10 @@ impl Progress {
 pub struct Client {
     addr: String,
     master: MasterRpc,
-    lookups: lookup::Lookups,
+    batches: calls::MasterBatches,
     workers: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Per worker address: the task that batches small chunk writes to it.
+    small_writes: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallWrites>>>>,
     transport: Transport,
 }
 
@@ -92,9 +95,10 @@ impl Client {
         let master = transport.master(channel);
         Ok(Client {
             addr: addr.to_string(),
-            lookups: lookup::Lookups::start(master.clone()),
+            batches: calls::MasterBatches::start(&master),
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
+            small_writes: Arc::new(Mutex::new(HashMap::new())),
             transport,
         })
     }
@@ -150,6 +154,24 @@ impl Client {
         Ok(crate::rpc::worker_client(ch))
     }
 
+    /// The batching task for small chunk writes to the worker at `addr` (started on first use).
+    fn small_writes(&self, addr: &str) -> Result<batch::Batcher<calls::SmallWrites>, ClientError> {
+        if let Some(b) = self
+            .small_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
+            return Ok(b.clone());
+        }
+        let rpc = self.worker(addr)?;
+        let mut map = self.small_writes.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .entry(addr.to_string())
+            .or_insert_with(|| batch::Batcher::start(calls::SmallWrites(rpc)))
+            .clone())
+    }
+
     /// Every file, in name order (fetched page by page).
     pub async fn list(&self) -> Result<Vec<FileInfo>, ClientError> {
         let mut out = Vec::new();
@@ -181,9 +203,13 @@ impl Client {
     }
 
     /// A file with its chunk → replica map.
-    /// Concurrent calls share round trips to the master (see `lookup`).
+    /// Concurrent calls share round trips to the master (see `batch`).
     pub async fn stat(&self, name: &str) -> Result<FileInfo, ClientError> {
-        self.lookups.get(name).await.map_err(|s| self.err(s))
+        self.batches
+            .lookups
+            .call(name.to_string())
+            .await
+            .map_err(|s| self.err(s))
     }
 
     /// Deletes a file; its chunks are removed from workers in the background.

@@ -112,28 +112,33 @@ impl Client {
         progress.done.store(0, Ordering::Relaxed);
 
         let plan = self
-            .master()
-            .start_upload(pb::StartUploadRequest {
+            .batches
+            .starts
+            .call(pb::StartUploadRequest {
                 name: name.clone(),
                 size,
                 replicas: opts.replicas.unwrap_or(0),
             })
             .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
-        tracing::info!(name = %name, size, upload = %plan.upload_id, "upload started");
-        let mut master = self.master();
-        let id = plan.upload_id.clone();
-        let _renew = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                let _ = master
-                    .renew_upload(pb::RenewUploadRequest {
-                        upload_id: id.clone(),
-                    })
-                    .await;
-            }
-        }));
+            .map_err(|s| self.err(s))?;
+        tracing::debug!(name = %name, size, upload = %plan.upload_id, "upload started");
+        // A small file is written and committed within its attempts' time limits, far inside
+        // the lease (minutes): it needs no renewal task, which would be a task and a timer
+        // for every small file.
+        let _renew = (size > SMALL_CHUNK_MAX).then(|| {
+            let mut master = self.master();
+            let id = plan.upload_id.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    let _ = master
+                        .renew_upload(pb::RenewUploadRequest {
+                            upload_id: id.clone(),
+                        })
+                        .await;
+                }
+            }))
+        });
 
         let file = Arc::new(file);
         let result = self.send_chunks(&plan, &name, size, file, &progress).await;
@@ -156,15 +161,15 @@ impl Client {
             .min()
             .unwrap_or(plan.replicas_effective);
         let commit = self
-            .master()
-            .commit_upload(pb::CommitUploadRequest {
+            .batches
+            .commits
+            .call(pb::CommitUploadRequest {
                 upload_id: plan.upload_id.clone(),
                 chunks,
                 sha256: sha,
             })
             .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+            .map_err(|s| self.err(s))?;
         let file = commit
             .file
             .ok_or_else(|| ClientError::Integrity("master committed without a file".into()))?;
@@ -436,31 +441,25 @@ impl Client {
                 "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
             ))),
         })?;
-        let limit = crate::rpc::transfer_limit(len);
         let calls = placement.workers.iter().map(|worker| {
-            let messages = [
-                write_chunk_request::Msg::Start(WriteStart {
-                    header: Some(header.clone()),
-                    downstream: Vec::new(),
-                    token: placement.token.clone(),
-                }),
-                write_chunk_request::Msg::Data(data.clone()),
-                write_chunk_request::Msg::Finish(WriteFinish { crc32c: crc }),
-            ]
-            .map(|m| WriteChunkRequest { msg: Some(m) });
+            let chunk = pb::SmallChunk {
+                header: Some(header.clone()),
+                token: placement.token.clone(),
+                data: data.clone(),
+                crc32c: crc,
+            };
             async move {
                 let failed = |message: String| AttemptError {
                     blame: Some(worker.clone()),
                     message,
                     local: None,
                 };
-                let mut client = self.worker(worker).map_err(|e| failed(e.to_string()))?;
-                match tokio::time::timeout(limit, client.write_chunk(tokio_stream::iter(messages)))
-                    .await
-                {
-                    Err(_) => Err(failed(format!("no answer within {}s", limit.as_secs()))),
-                    Ok(Err(s)) => Err(failed(s.message().to_string())),
-                    Ok(Ok(r)) => Ok(r.into_inner().stored_on),
+                let writes = self
+                    .small_writes(worker)
+                    .map_err(|e| failed(e.to_string()))?;
+                match writes.call(chunk).await {
+                    Err(s) => Err(failed(s.message().to_string())),
+                    Ok(()) => Ok(vec![worker.clone()]),
                 }
             }
         });

@@ -24,6 +24,18 @@ use crate::rpc::pb::{self, ChunkInfo, ChunkPlacement, FileInfo, ReplicaInfo};
 /// Garbage entries written by a transaction, to mirror in memory.
 type Garbage = Vec<(String, GarbageRecord)>;
 
+/// The answers of one transaction of a batch of commits, by position in the batch.
+type RoundAnswers = Vec<(usize, Result<pb::CommitUploadResponse, MasterError>)>;
+
+/// What one commit wrote, to mirror in memory once its transaction is applied.
+struct Installed {
+    file: FileRecord,
+    old: Option<FileRecord>,
+    garbage: Garbage,
+    /// Every chunk id allocated to the upload (committed or not).
+    allocs: Vec<String>,
+}
+
 /// Placements returned with `StartUpload`; later chunks are allocated one by one.
 const FIRST_PLACEMENTS: u64 = 64;
 /// SHA-256 of no bytes.
@@ -238,7 +250,8 @@ impl Master {
             );
             record
         };
-        tracing::info!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
+        // The commit's event says it at info; most uploads are small and short.
+        tracing::debug!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
         Ok(pb::StartUploadResponse {
             upload_id,
             file_id: record.file_id,
@@ -312,121 +325,233 @@ impl Master {
         self: &Arc<Self>,
         req: pb::CommitUploadRequest,
     ) -> Result<pb::CommitUploadResponse, MasterError> {
-        if !is_sha256_hex(&req.sha256) {
-            return Err(MasterError::InvalidArgument(
-                "sha256 must be 64 lowercase hex digits".into(),
-            ));
+        self.commit_uploads(vec![req])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(MasterError::Internal("a commit went unanswered".into())))
+    }
+
+    /// Commits many uploads, each answered on its own (in order): one that fails its checks
+    /// is refused alone while the others commit. Uploads of distinct names share one
+    /// transaction and one fsync; a name listed again goes to a later transaction, so that it
+    /// replaces the version committed before it exactly as two separate calls would.
+    pub async fn commit_uploads(
+        self: &Arc<Self>,
+        reqs: Vec<pb::CommitUploadRequest>,
+    ) -> Result<Vec<Result<pb::CommitUploadResponse, MasterError>>, MasterError> {
+        let mut answers: Vec<Option<Result<pb::CommitUploadResponse, MasterError>>> =
+            reqs.iter().map(|_| None).collect();
+        // Rounds of distinct names, in the callers' order.
+        let mut rounds: Vec<Vec<(usize, pb::CommitUploadRequest)>> = Vec::new();
+        let mut round_names: Vec<std::collections::HashSet<String>> = Vec::new();
+        for (i, req) in reqs.into_iter().enumerate() {
+            if !is_sha256_hex(&req.sha256) {
+                answers[i] = Some(Err(MasterError::InvalidArgument(
+                    "sha256 must be 64 lowercase hex digits".into(),
+                )));
+                continue;
+            }
+            let name = self
+                .lock()
+                .uploads
+                .get(&req.upload_id)
+                .map(|u| u.record.name.clone());
+            let Some(name) = name else {
+                answers[i] = Some(Err(MasterError::UploadNotFound(req.upload_id.clone())));
+                continue;
+            };
+            // The first round after the last one that already holds this name.
+            let r = round_names
+                .iter()
+                .rposition(|names| names.contains(&name))
+                .map_or(0, |r| r + 1);
+            if r == rounds.len() {
+                rounds.push(Vec::new());
+                round_names.push(Default::default());
+            }
+            round_names[r].insert(name);
+            rounds[r].push((i, req));
         }
-        // Read, validate and write in one transaction, then mirror it in memory.
-        let (file, old, info) = self
-            .mutate_durably(move |m| {
-                // Under the namespace lock: no other commit or abort of it runs meanwhile.
-                let upload = m
-                    .lock()
-                    .uploads
-                    .get(&req.upload_id)
-                    .map(|u| u.record.clone())
-                    .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
-                let ((file, old, garbage, allocs), seq) = m.store.write_deferred_with(
-                    |t| -> Result<
-                        (FileRecord, Option<FileRecord>, Garbage, Vec<String>),
-                        MasterError,
-                    > {
-                        let file = validate_commit(&upload, &req)?;
-                        let old = t.get_file(&file.name)?;
-                        if let Some(o) = &old
-                            && o.version > upload.version
-                        {
-                            return Err(MasterError::Conflict(format!(
-                                "a newer upload of {:?} was committed first; this one is discarded",
-                                file.name
-                            )));
+        for round in rounds {
+            let members: Vec<usize> = round.iter().map(|(i, _)| *i).collect();
+            match self.mutate_durably(move |m| m.commit_round(round)).await {
+                Ok(done) => {
+                    for (i, answer) in done {
+                        if let Ok(r) = &answer {
+                            self.record_commit(r);
                         }
-                        t.put_file(&file)?;
-                        // Versions are handed out from memory; the store keeps a bound
-                        // above every committed one, so none is reused after a restart.
-                        t.ensure_file_id_above(upload.version.max(upload.file_id))?;
-                        let committed: std::collections::HashSet<&str> =
-                            file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
-                        let mut garbage = Vec::new();
-                        for a in &upload.allocations {
-                            if committed.contains(a.chunk_id.as_str()) {
-                                continue;
-                            }
-                            garbage.push((
-                                a.chunk_id.clone(),
-                                add_garbage(
-                                    t,
-                                    &a.chunk_id,
-                                    &a.workers,
-                                    "failed upload attempt",
-                                    now_unix_ms(),
-                                )?,
-                            ));
-                        }
-                        for c in old.iter().flat_map(|o| o.chunks.iter()) {
-                            let holders = m.lock().holders(&c.chunk_id);
-                            garbage.push((
-                                c.chunk_id.clone(),
-                                add_garbage(
-                                    t,
-                                    &c.chunk_id,
-                                    &holders,
-                                    "replaced file",
-                                    now_unix_ms(),
-                                )?,
-                            ));
-                        }
-                        let allocs = upload
-                            .allocations
-                            .iter()
-                            .map(|a| a.chunk_id.clone())
-                            .collect();
-                        Ok((file, old, garbage, allocs))
-                    },
-                )?;
-                let mut inner = m.lock();
-                inner.uploads.remove(&req.upload_id);
-                for a in &allocs {
-                    inner.upload_chunks.remove(a);
-                }
-                if let Some(o) = &old {
-                    inner.forget_file(o);
-                }
-                for c in &req.chunks {
-                    if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
-                        let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
-                        inner.chunks.insert(id, file.replicas, c.length, replicas);
-                        inner.orphans.remove(&c.chunk_id);
+                        answers[i] = Some(answer);
                     }
                 }
-                inner.files += 1;
-                inner.logical_bytes += file.size;
-                inner.garbage.extend(garbage);
-                let info = m.file_info(&inner, &file, false);
-                Ok(((file, old, info), seq))
+                // Not applied, or not known to be durable: no commit of the round is
+                // acknowledged. The first caller gets the error itself, the others its text.
+                Err(e) => {
+                    let text = e.to_string();
+                    let mut e = Some(e);
+                    for i in members {
+                        answers[i] = Some(Err(e
+                            .take()
+                            .unwrap_or_else(|| MasterError::Internal(text.clone()))));
+                    }
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| Err(MasterError::Internal("a commit went unanswered".into())))
             })
-            .await?;
+            .collect())
+    }
+
+    /// One transaction of [`Master::commit_uploads`] (uploads of distinct names) and its
+    /// mirror in memory. A commit that fails its checks writes nothing and is answered with
+    /// its error; a store error fails the whole transaction, and every commit in it.
+    fn commit_round(
+        &self,
+        round: Vec<(usize, pb::CommitUploadRequest)>,
+    ) -> Result<(RoundAnswers, CommitSeq), MasterError> {
+        // Under the namespace lock: no other commit or abort of these uploads runs meanwhile.
+        let uploads: Vec<Option<UploadRecord>> = {
+            let inner = self.lock();
+            round
+                .iter()
+                .map(|(_, req)| inner.uploads.get(&req.upload_id).map(|u| u.record.clone()))
+                .collect()
+        };
+        let (outcomes, seq) = self.store.write_deferred_with(
+            |t| -> Result<Vec<Result<Installed, MasterError>>, MasterError> {
+                let mut outcomes = Vec::with_capacity(round.len());
+                for ((_, req), upload) in round.iter().zip(&uploads) {
+                    let Some(upload) = upload else {
+                        outcomes.push(Err(MasterError::UploadNotFound(req.upload_id.clone())));
+                        continue;
+                    };
+                    outcomes.push(self.install_commit(t, upload, req)?);
+                }
+                Ok(outcomes)
+            },
+        )?;
+        let mut inner = self.lock();
+        let mut answers = Vec::with_capacity(round.len());
+        for ((i, req), outcome) in round.into_iter().zip(outcomes) {
+            let it = match outcome {
+                Ok(it) => it,
+                Err(e) => {
+                    answers.push((i, Err(e)));
+                    continue;
+                }
+            };
+            inner.uploads.remove(&req.upload_id);
+            for a in &it.allocs {
+                inner.upload_chunks.remove(a);
+            }
+            if let Some(o) = &it.old {
+                inner.forget_file(o);
+            }
+            for c in &req.chunks {
+                if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
+                    let replicas = c.workers.iter().map(|w| inner.registry.intern(w)).collect();
+                    inner
+                        .chunks
+                        .insert(id, it.file.replicas, c.length, replicas);
+                    inner.orphans.remove(&c.chunk_id);
+                }
+            }
+            inner.files += 1;
+            inner.logical_bytes += it.file.size;
+            inner.garbage.extend(it.garbage);
+            let info = self.file_info(&inner, &it.file, false);
+            answers.push((
+                i,
+                Ok(pb::CommitUploadResponse {
+                    file: Some(info),
+                    replaced: it.old.is_some(),
+                }),
+            ));
+        }
+        Ok((answers, seq))
+    }
+
+    /// The cluster event of a durable commit.
+    fn record_commit(&self, r: &pb::CommitUploadResponse) {
+        let Some(f) = &r.file else { return };
         self.events.record(
             Level::Info,
             format!(
                 "{} {:?}: {}, {} chunk(s), {}/{} replicas",
-                if old.is_some() {
-                    "replaced"
-                } else {
-                    "uploaded"
-                },
-                file.name,
-                human_bytes(file.size),
-                file.chunks.len(),
-                info.replicas_min_live,
-                file.replicas
+                if r.replaced { "replaced" } else { "uploaded" },
+                f.name,
+                human_bytes(f.size),
+                f.chunk_count,
+                f.replicas_min_live,
+                f.replicas_target
             ),
         );
-        Ok(pb::CommitUploadResponse {
-            file: Some(info),
-            replaced: old.is_some(),
-        })
+    }
+
+    /// Checks one commit inside the transaction `t` and, if it passes, writes it: the file,
+    /// the id bound, and the garbage it leaves. `Ok(Err(..))` is a refused commit (nothing
+    /// written); `Err(..)` is a store error that must abort the transaction.
+    fn install_commit(
+        &self,
+        t: &mut dyn WriteTxn,
+        upload: &UploadRecord,
+        req: &pb::CommitUploadRequest,
+    ) -> Result<Result<Installed, MasterError>, MasterError> {
+        let file = match validate_commit(upload, req) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let old = t.get_file(&file.name)?;
+        if let Some(o) = &old
+            && o.version > upload.version
+        {
+            return Ok(Err(MasterError::Conflict(format!(
+                "a newer upload of {:?} was committed first; this one is discarded",
+                file.name
+            ))));
+        }
+        t.put_file(&file)?;
+        // Versions are handed out from memory; the store keeps a bound above every
+        // committed one, so none is reused after a restart.
+        t.ensure_file_id_above(upload.version.max(upload.file_id))?;
+        let committed: std::collections::HashSet<&str> =
+            file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
+        let mut garbage = Vec::new();
+        for a in &upload.allocations {
+            if committed.contains(a.chunk_id.as_str()) {
+                continue;
+            }
+            garbage.push((
+                a.chunk_id.clone(),
+                add_garbage(
+                    t,
+                    &a.chunk_id,
+                    &a.workers,
+                    "failed upload attempt",
+                    now_unix_ms(),
+                )?,
+            ));
+        }
+        for c in old.iter().flat_map(|o| o.chunks.iter()) {
+            let holders = self.lock().holders(&c.chunk_id);
+            garbage.push((
+                c.chunk_id.clone(),
+                add_garbage(t, &c.chunk_id, &holders, "replaced file", now_unix_ms())?,
+            ));
+        }
+        let allocs = upload
+            .allocations
+            .iter()
+            .map(|a| a.chunk_id.clone())
+            .collect();
+        Ok(Ok(Installed {
+            file,
+            old,
+            garbage,
+            allocs,
+        }))
     }
 
     /// Runs `apply` (one deferred store transaction and its in-memory mirror) in one blocking
@@ -743,7 +868,6 @@ impl Master {
     }
 }
 
-/// Checks a commit against its upload and builds the file record it would install.
 /// Checks a batch call's names: at most a listing page of them, each a valid name.
 fn validate_batch(names: &[String]) -> Result<(), MasterError> {
     if names.len() > MAX_PAGE {
@@ -758,6 +882,7 @@ fn validate_batch(names: &[String]) -> Result<(), MasterError> {
     Ok(())
 }
 
+/// Checks a commit against its upload and builds the file record it would install.
 fn validate_commit(
     upload: &UploadRecord,
     req: &pb::CommitUploadRequest,

@@ -52,10 +52,23 @@ fn own_address<T>(req: &Request<T>, address: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Logs the outcome of a request with its duration and converts the error.
-/// Most names one GetFiles call may look up.
-pub const MAX_GET_FILES: usize = 1024;
+/// Most items one batched call (GetFiles, StartUploads, CommitUploads) may carry.
+pub const MAX_BATCH: usize = 1024;
 
+/// The error of a batched call that carries more than [`MAX_BATCH`] items.
+fn too_many(what: &str, n: usize) -> MasterError {
+    MasterError::InvalidArgument(format!("at most {MAX_BATCH} {what} per call, not {n}"))
+}
+
+/// One refused item of a batched call: logged as its own call would be, and turned into the
+/// code and message of its answer.
+fn item_error(op: &'static str, peer: &str, what: &str, e: MasterError) -> (i32, String) {
+    tracing::warn!(op, %peer, what, outcome = "error", error = %e);
+    let s = Status::from(e);
+    (s.code() as i32, s.message().to_string())
+}
+
+/// Logs the outcome of a request with its duration and converts the error.
 fn finish<T>(
     op: &'static str,
     peer: &str,
@@ -63,8 +76,7 @@ fn finish<T>(
     started: Instant,
     r: Result<T, MasterError>,
 ) -> Result<Response<T>, Status> {
-    // Rounded to the microsecond, so that a log line reads `ms=0.012`, not `ms=0.0119999…`.
-    let ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+    let ms = crate::rpc::elapsed_ms(started);
     // Periodic worker traffic is debug; everything a user does is logged at info.
     let routine = matches!(op, "heartbeat" | "renew_upload");
     match r {
@@ -121,6 +133,40 @@ impl pb::master_server::Master for MasterService {
         finish("start_upload", &p, &name, t, res)
     }
 
+    async fn start_uploads(
+        &self,
+        req: Request<pb::StartUploadsRequest>,
+    ) -> Result<Response<pb::StartUploadsResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let caller = crate::security::guard::Caller::of(&req);
+        let r = req.into_inner();
+        let n = r.uploads.len();
+        if n > MAX_BATCH {
+            return finish("start_uploads", &p, "", t, Err(too_many("uploads", n)));
+        }
+        let mut results = Vec::with_capacity(n);
+        for u in r.uploads {
+            let name = u.name.clone();
+            results.push(match self.master.start_upload(u, &caller.subject).await {
+                Ok(upload) => pb::StartUploadResult {
+                    upload: Some(upload),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let (code, message) = item_error("start_upload", &p, &name, e);
+                    pb::StartUploadResult {
+                        upload: None,
+                        code,
+                        message,
+                    }
+                }
+            });
+        }
+        let what = format!("{n} uploads");
+        let res = Ok(pb::StartUploadsResponse { results });
+        finish("start_uploads", &p, &what, t, res)
+    }
+
     async fn allocate_chunk(
         &self,
         req: Request<pb::AllocateChunkRequest>,
@@ -151,6 +197,41 @@ impl pb::master_server::Master for MasterService {
             t,
             self.master.commit_upload(r).await,
         )
+    }
+
+    async fn commit_uploads(
+        &self,
+        req: Request<pb::CommitUploadsRequest>,
+    ) -> Result<Response<pb::CommitUploadsResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let n = r.commits.len();
+        if n > MAX_BATCH {
+            return finish("commit_uploads", &p, "", t, Err(too_many("commits", n)));
+        }
+        let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
+        let res = self.master.commit_uploads(r.commits).await.map(|answers| {
+            let results = answers
+                .into_iter()
+                .zip(&ids)
+                .map(|(a, id)| match a {
+                    Ok(commit) => pb::CommitUploadResult {
+                        commit: Some(commit),
+                        ..Default::default()
+                    },
+                    Err(e) => {
+                        let (code, message) = item_error("commit_upload", &p, id, e);
+                        pb::CommitUploadResult {
+                            commit: None,
+                            code,
+                            message,
+                        }
+                    }
+                })
+                .collect();
+            pb::CommitUploadsResponse { results }
+        });
+        finish("commit_uploads", &p, &format!("{n} commits"), t, res)
     }
 
     async fn renew_upload(
@@ -200,16 +281,13 @@ impl pb::master_server::Master for MasterService {
     ) -> Result<Response<pb::GetFilesResponse>, Status> {
         let (t, p) = (Instant::now(), peer(&req));
         let r = req.into_inner();
-        if r.names.len() > MAX_GET_FILES {
+        if r.names.len() > MAX_BATCH {
             return finish(
                 "get_files",
                 &p,
                 "",
                 t,
-                Err(MasterError::InvalidArgument(format!(
-                    "at most {MAX_GET_FILES} names per call, not {}",
-                    r.names.len()
-                ))),
+                Err(too_many("names", r.names.len())),
             );
         }
         let mut results = Vec::with_capacity(r.names.len());

@@ -177,11 +177,20 @@ pub fn master_client(channel: Channel) -> pb::master_client::MasterClient<Channe
         .max_encoding_message_size(MAX_GRPC_MESSAGE)
 }
 
+/// A worker client (worker calls carry per-chunk capabilities, not credentials).
+pub type WorkerRpc = pb::worker_client::WorkerClient<Channel>;
+
 /// A worker client with message limits for 1 MiB data messages plus framing.
-pub fn worker_client(channel: Channel) -> pb::worker_client::WorkerClient<Channel> {
+pub fn worker_client(channel: Channel) -> WorkerRpc {
     pb::worker_client::WorkerClient::new(channel)
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE)
+}
+
+/// Milliseconds since `started` for a log line, rounded to the microsecond: `ms=0.012`, not
+/// `ms=0` (or `ms=0.0119999…`).
+pub fn elapsed_ms(started: std::time::Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::Worker;
 use super::error::WorkerError;
-use super::store::{ChunkWriter, MAX_CHUNK_LEN};
+use super::store::{Appended, ChunkWriter, MAX_CHUNK_LEN, Reservation};
 use super::volume::SMALL_CHUNK_MAX;
 use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{
@@ -24,6 +24,8 @@ use crate::rpc::{FAILED_WORKER_KEY, MAX_GRPC_MESSAGE};
 
 /// Longest pipeline accepted (one hop per replica).
 const MAX_PIPELINE: usize = 16;
+/// Most chunks one WriteSmallChunks call may carry (the message size bounds their bytes).
+pub const MAX_SMALL_BATCH: usize = 64;
 
 /// The service object handed to tonic.
 pub struct WorkerService {
@@ -375,6 +377,39 @@ impl WorkerService {
     }
 }
 
+impl WorkerService {
+    /// Checks and appends one chunk of a WriteSmallChunks call (the checks of a pipelined
+    /// write with no downstream), without waiting for its fsync: the call appends every
+    /// chunk first so that one fsync covers them all.
+    fn append_small(
+        &self,
+        c: pb::SmallChunk,
+    ) -> Result<(Appended, Reservation, String, u64), WorkerError> {
+        let w = &self.worker;
+        let start = WriteStart {
+            header: c.header,
+            downstream: Vec::new(),
+            token: c.token,
+        };
+        let (header, id) = validate_start(&start, &w.address)?;
+        if header.length > SMALL_CHUNK_MAX {
+            return Err(WorkerError::InvalidArgument(format!(
+                "chunk {id} is {} bytes; a small write carries at most {SMALL_CHUNK_MAX}",
+                header.length
+            )));
+        }
+        w.authorize(&start.token, &id, crate::security::ChunkOps::WRITE)?;
+        let length = header.length;
+        let reservation = w.store.reserve(length)?;
+        let mut writer = w.store.create(header)?;
+        writer.write(&c.data)?;
+        w.bytes_written
+            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        let appended = writer.append_small(c.crc32c)?;
+        Ok((appended, reservation, id.to_string(), length))
+    }
+}
+
 /// A chunk opened for reading: small ones already read and verified.
 enum Opened {
     Small(Vec<Result<ReadChunkResponse, Status>>),
@@ -394,14 +429,71 @@ impl pb::worker_server::Worker for WorkerService {
         let _g = Gauge::enter(&self.worker.active_writes);
         match self.write(req.into_inner()).await {
             Ok((r, chunk, bytes)) => {
-                tracing::info!(op = "write_chunk", %chunk, bytes, %peer, replicas = r.stored_on.len(), ms = started.elapsed().as_millis() as u64, outcome = "ok");
+                tracing::info!(op = "write_chunk", %chunk, bytes, %peer, replicas = r.stored_on.len(), ms = crate::rpc::elapsed_ms(started), outcome = "ok");
                 Ok(Response::new(r))
             }
             Err(e) => {
-                tracing::warn!(op = "write_chunk", %peer, ms = started.elapsed().as_millis() as u64, outcome = "error", error = %e);
+                tracing::warn!(op = "write_chunk", %peer, ms = crate::rpc::elapsed_ms(started), outcome = "error", error = %e);
                 Err(e.into())
             }
         }
+    }
+
+    async fn write_small_chunks(
+        &self,
+        req: Request<pb::WriteSmallChunksRequest>,
+    ) -> Result<Response<pb::WriteSmallChunksResponse>, Status> {
+        let started = Instant::now();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _g = Gauge::enter(&self.worker.active_writes);
+        let chunks = req.into_inner().chunks;
+        if chunks.len() > MAX_SMALL_BATCH {
+            let e = WorkerError::InvalidArgument(format!(
+                "at most {MAX_SMALL_BATCH} chunks per call, not {}",
+                chunks.len()
+            ));
+            tracing::warn!(op = "write_small_chunks", %peer, outcome = "error", error = %e);
+            return Err(e.into());
+        }
+        // One transfer slot for the call: its bytes are bounded by the message size.
+        let _slot = self.worker.transfer_slot().inspect_err(
+            |e| tracing::warn!(op = "write_small_chunks", %peer, outcome = "error", error = %e),
+        )?;
+        let n = chunks.len();
+        let appended: Vec<_> = chunks.into_iter().map(|c| self.append_small(c)).collect();
+        let outcomes = futures::future::join_all(appended.into_iter().map(|a| async move {
+            let (appended, reservation, chunk, length) = a?;
+            appended.durable().await?;
+            drop(reservation);
+            Ok::<_, WorkerError>((chunk, length))
+        }))
+        .await;
+        let ms = crate::rpc::elapsed_ms(started);
+        let mut bytes = 0;
+        let results = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok((chunk, len)) => {
+                    bytes += len;
+                    tracing::debug!(op = "write_chunk", %chunk, bytes = len, %peer, ms, outcome = "ok");
+                    pb::SmallChunkResult {
+                        stored: true,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(op = "write_chunk", %peer, ms, outcome = "error", error = %e);
+                    let s = Status::from(e);
+                    pb::SmallChunkResult {
+                        stored: false,
+                        code: s.code() as i32,
+                        message: s.message().to_string(),
+                    }
+                }
+            })
+            .collect();
+        tracing::info!(op = "write_small_chunks", chunks = n, bytes, %peer, ms, outcome = "ok");
+        Ok(Response::new(pb::WriteSmallChunksResponse { results }))
     }
 
     async fn replicate_chunk(

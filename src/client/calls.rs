@@ -1,0 +1,209 @@
+//! The calls a client batches (see [`super::batch`]): to the master, lookups (`stat`, and the
+//! first step of every read), upload starts and upload commits; to each worker, the writes of
+//! small chunks.
+
+use std::future::Future;
+
+use tonic::Status;
+
+use super::batch::{Batched, Batcher, item};
+use crate::master::service::MAX_BATCH;
+use crate::rpc::pb::{self, FileInfo, write_chunk_request};
+use crate::rpc::{MasterRpc, WorkerRpc};
+use crate::worker::service::MAX_SMALL_BATCH;
+
+/// `GetFile`, batched as `GetFiles`.
+pub(crate) struct Lookups(pub(crate) MasterRpc);
+/// `StartUpload`, batched as `StartUploads`.
+pub(crate) struct Starts(pub(crate) MasterRpc);
+/// `CommitUpload`, batched as `CommitUploads`.
+pub(crate) struct Commits(pub(crate) MasterRpc);
+
+/// The client's three batching tasks.
+#[derive(Clone)]
+pub(crate) struct MasterBatches {
+    pub(crate) lookups: Batcher<Lookups>,
+    pub(crate) starts: Batcher<Starts>,
+    pub(crate) commits: Batcher<Commits>,
+}
+
+impl MasterBatches {
+    /// Starts the batching tasks on the current runtime.
+    pub(crate) fn start(master: &MasterRpc) -> MasterBatches {
+        MasterBatches {
+            lookups: Batcher::start(Lookups(master.clone())),
+            starts: Batcher::start(Starts(master.clone())),
+            commits: Batcher::start(Commits(master.clone())),
+        }
+    }
+}
+
+impl Batched for Lookups {
+    type Req = String;
+    type Resp = FileInfo;
+    const MAX: usize = MAX_BATCH;
+
+    fn one(&self, name: String) -> impl Future<Output = Result<FileInfo, Status>> + Send {
+        let mut m = self.0.clone();
+        async move {
+            m.get_file(pb::GetFileRequest { name })
+                .await?
+                .into_inner()
+                .file
+                .ok_or_else(|| Status::internal("master answered without a file"))
+        }
+    }
+
+    fn many(
+        &self,
+        names: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Result<FileInfo, Status>>, Status>> + Send {
+        let mut m = self.0.clone();
+        async move {
+            let resp = m.get_files(pb::GetFilesRequest { names }).await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| item(r.file, r.code, r.message))
+                .collect())
+        }
+    }
+}
+
+impl Batched for Starts {
+    type Req = pb::StartUploadRequest;
+    type Resp = pb::StartUploadResponse;
+    const MAX: usize = MAX_BATCH;
+
+    fn one(
+        &self,
+        req: pb::StartUploadRequest,
+    ) -> impl Future<Output = Result<pb::StartUploadResponse, Status>> + Send {
+        let mut m = self.0.clone();
+        async move { Ok(m.start_upload(req).await?.into_inner()) }
+    }
+
+    fn many(
+        &self,
+        uploads: Vec<pb::StartUploadRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<pb::StartUploadResponse, Status>>, Status>> + Send
+    {
+        let mut m = self.0.clone();
+        async move {
+            let resp = m.start_uploads(pb::StartUploadsRequest { uploads }).await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| item(r.upload, r.code, r.message))
+                .collect())
+        }
+    }
+}
+
+impl Batched for Commits {
+    type Req = pb::CommitUploadRequest;
+    type Resp = pb::CommitUploadResponse;
+    const MAX: usize = MAX_BATCH;
+
+    fn one(
+        &self,
+        req: pb::CommitUploadRequest,
+    ) -> impl Future<Output = Result<pb::CommitUploadResponse, Status>> + Send {
+        let mut m = self.0.clone();
+        async move { Ok(m.commit_upload(req).await?.into_inner()) }
+    }
+
+    fn many(
+        &self,
+        commits: Vec<pb::CommitUploadRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<pb::CommitUploadResponse, Status>>, Status>> + Send
+    {
+        let mut m = self.0.clone();
+        async move {
+            let resp = m
+                .commit_uploads(pb::CommitUploadsRequest { commits })
+                .await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| item(r.commit, r.code, r.message))
+                .collect())
+        }
+    }
+}
+
+/// A small chunk's write to one worker (no forwarding), batched as `WriteSmallChunks`.
+pub(crate) struct SmallWrites(pub(crate) WorkerRpc);
+
+/// The bytes one `WriteSmallChunks` call may carry: half of a worker's default message limit.
+const SMALL_WRITE_BUDGET: usize = 2 << 20;
+
+/// A call to a worker that does not answer in time fails rather than holding its batch.
+async fn within<T>(
+    limit: std::time::Duration,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "no answer within {}s",
+            limit.as_secs()
+        )))
+    })
+}
+
+impl Batched for SmallWrites {
+    type Req = pb::SmallChunk;
+    type Resp = ();
+    const MAX: usize = MAX_SMALL_BATCH;
+    const BUDGET: usize = SMALL_WRITE_BUDGET;
+
+    fn cost(c: &pb::SmallChunk) -> usize {
+        // The data, and a generous allowance for the header and token around it.
+        c.data.len() + 1024
+    }
+
+    fn one(&self, c: pb::SmallChunk) -> impl Future<Output = Result<(), Status>> + Send {
+        let mut w = self.0.clone();
+        let limit = crate::rpc::transfer_limit(c.data.len() as u64);
+        let messages = [
+            write_chunk_request::Msg::Start(pb::WriteStart {
+                header: c.header,
+                downstream: Vec::new(),
+                token: c.token,
+            }),
+            write_chunk_request::Msg::Data(c.data),
+            write_chunk_request::Msg::Finish(pb::WriteFinish { crc32c: c.crc32c }),
+        ]
+        .map(|m| pb::WriteChunkRequest { msg: Some(m) });
+        async move {
+            within(limit, w.write_chunk(tokio_stream::iter(messages)))
+                .await
+                .map(|_| ())
+        }
+    }
+
+    fn many(
+        &self,
+        chunks: Vec<pb::SmallChunk>,
+    ) -> impl Future<Output = Result<Vec<Result<(), Status>>, Status>> + Send {
+        let mut w = self.0.clone();
+        let bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
+        let limit = crate::rpc::transfer_limit(bytes);
+        async move {
+            let resp = within(
+                limit,
+                w.write_small_chunks(pb::WriteSmallChunksRequest { chunks }),
+            )
+            .await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| item(r.stored.then_some(()), r.code, r.message))
+                .collect())
+        }
+    }
+}
