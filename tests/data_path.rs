@@ -857,3 +857,101 @@ async fn concurrent_small_uploads_all_land_byte_exact() {
         "\"same\" holds none of the uploaded versions"
     );
 }
+
+/// `ReadSmallChunks` answers each chunk on its own (bytes, a missing chunk, a corrupt copy);
+/// small reads that wait together share it, and a corrupt copy is failed over and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_small_chunk_reads_answer_each_chunk_and_fail_over_a_corrupt_copy() {
+    let mut cfg = small_chunks(3);
+    cfg.repair = false;
+    let t = TestCluster::start(cfg).await;
+    let dir = t.scratch();
+    let mut files = Vec::new();
+    for i in 0..12u64 {
+        let path = make_file(&dir.join(format!("r{i}")), 4096 + i, 50 + i);
+        t.must_upload(&path, &format!("r{i}")).await;
+        files.push(path);
+    }
+    // Corrupt r0 on the replica a reader tries first.
+    let st = t.client.stat("r0").await.unwrap();
+    let c = &st.chunks[0];
+    let first = c.replicas[c.index as usize % c.replicas.len()]
+        .worker
+        .clone();
+    let idx = t
+        .cluster
+        .worker_addrs()
+        .iter()
+        .position(|a| *a == first)
+        .unwrap();
+    let wdir = t.cluster.worker_dir(idx).unwrap().to_path_buf();
+    corrupt_stored(&chunk_path(&wdir, &c.chunk_id).unwrap(), 100, 0x08).unwrap();
+    let big = make_file(&dir.join("big"), 300_000, 99);
+    t.must_upload(&big, "big").await;
+    let big = t.client.stat("big").await.unwrap().chunks[0]
+        .chunk_id
+        .clone();
+    let r1 = t.client.stat("r1").await.unwrap().chunks[0].clone();
+    let holds_r1 = r1.replicas.iter().any(|r| r.worker == first);
+    assert!(
+        holds_r1,
+        "three workers, three replicas: every worker holds r1"
+    );
+
+    let mut w = dfs::rpc::worker_client(dfs::rpc::data_channel(&first).unwrap());
+    let read = |id: &str| pb::ReadChunkRequest {
+        chunk_id: id.to_string(),
+        ..Default::default()
+    };
+    let r = w
+        .read_small_chunks(pb::ReadSmallChunksRequest {
+            chunks: vec![
+                read(&r1.chunk_id),
+                read(&c.chunk_id),
+                read(&"f".repeat(32)),
+                read("junk"),
+                read(&big),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(r.len(), 5);
+    assert_eq!(r[4].code, tonic::Code::InvalidArgument as i32, "{:?}", r[4]);
+    assert_eq!(r[0].data, std::fs::read(&files[1]).unwrap());
+    assert_eq!(r[0].header.as_ref().unwrap().crc32c, r1.crc32c);
+    assert_eq!(r[1].code, tonic::Code::DataLoss as i32, "{:?}", r[1]);
+    assert!(r[1].header.is_none() && r[1].data.is_empty());
+    assert_eq!(r[2].code, tonic::Code::NotFound as i32, "{:?}", r[2]);
+    assert_eq!(r[3].code, tonic::Code::InvalidArgument as i32, "{:?}", r[3]);
+    let e = w
+        .read_small_chunks(pb::ReadSmallChunksRequest {
+            chunks: vec![read(&r1.chunk_id); 65],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Through the client, all at once: byte-exact, r0 from another replica.
+    let reads: Vec<_> = (0..12)
+        .map(|i| {
+            let client = t.client.clone();
+            tokio::spawn(async move { client.read(&format!("r{i}")).await })
+        })
+        .collect();
+    for (i, r) in reads.into_iter().enumerate() {
+        assert_eq!(
+            r.await.unwrap().unwrap(),
+            std::fs::read(&files[i]).unwrap(),
+            "r{i}"
+        );
+    }
+    let reported = wait_until(Duration::from_secs(10), || {
+        t.cluster.master().cluster_status().corrupt_replicas == 1
+    })
+    .await;
+    assert!(reported, "the corrupt copy was never reported");
+    let st = t.client.stat("r0").await.unwrap();
+    assert!(st.chunks[0].replicas.iter().all(|r| r.worker != first));
+}

@@ -459,6 +459,20 @@ async fn workers_serve_chunks_only_with_a_valid_capability() {
         tried += 1;
         let r = w.read_chunk(read(tok.clone())).await;
         assert_eq!(r.err().map(|s| s.code()), Some(*want), "read with {what}");
+        // The same through the batched small-chunk read: refused item by item, no bytes.
+        tried += 1;
+        let r = w
+            .read_small_chunks(pb::ReadSmallChunksRequest {
+                chunks: vec![read(tok.clone()), read(tok.clone())],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        for item in r {
+            assert_eq!(item.code, *want as i32, "small read with {what}");
+            assert!(item.data.is_empty() && item.header.is_none());
+        }
     }
     // The master's own capability works.
     let mut s = w

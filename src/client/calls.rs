@@ -1,6 +1,6 @@
 //! The calls a client batches (see [`super::batch`]): to the master, lookups (`stat`, and the
-//! first step of every read), upload starts and upload commits; to each worker, the writes of
-//! small chunks.
+//! first step of every read), upload starts and upload commits; to each worker, the writes and
+//! reads of small chunks.
 
 use std::future::Future;
 
@@ -203,6 +203,85 @@ impl Batched for SmallWrites {
                 .results
                 .into_iter()
                 .map(|r| item(r.stored.then_some(()), r.code, r.message))
+                .collect())
+        }
+    }
+}
+
+/// A small chunk's read from one worker, batched as `ReadSmallChunks`.
+pub(crate) struct SmallReads(pub(crate) WorkerRpc);
+
+/// One small chunk to read, and its expected length (what its answer weighs).
+#[derive(Clone)]
+pub(crate) struct SmallRead {
+    pub(crate) req: pb::ReadChunkRequest,
+    pub(crate) length: u64,
+}
+
+impl Batched for SmallReads {
+    type Req = SmallRead;
+    /// The chunk's header as the worker stores it, and its bytes (checked by the caller).
+    type Resp = (pb::ChunkHeader, bytes::Bytes);
+    const MAX: usize = MAX_SMALL_BATCH;
+    const BUDGET: usize = SMALL_WRITE_BUDGET;
+
+    fn cost(r: &SmallRead) -> usize {
+        r.length as usize + 1024
+    }
+
+    fn one(
+        &self,
+        r: SmallRead,
+    ) -> impl Future<Output = Result<(pb::ChunkHeader, bytes::Bytes), Status>> + Send {
+        let mut w = self.0.clone();
+        let limit = crate::rpc::transfer_limit(r.length);
+        let read = async move {
+            let mut stream = w.read_chunk(r.req).await?.into_inner();
+            let mut header = None;
+            let mut data = bytes::BytesMut::new();
+            while let Some(m) = stream.message().await? {
+                match m.msg {
+                    Some(pb::read_chunk_response::Msg::Header(h)) => header = Some(h),
+                    Some(pb::read_chunk_response::Msg::Data(b)) => {
+                        // A replica sending more than it should is cut off here; the
+                        // caller checks the length exactly.
+                        if data.len() as u64 + b.len() as u64 > r.length {
+                            return Err(Status::data_loss(
+                                "replica sent more bytes than the chunk holds",
+                            ));
+                        }
+                        data.extend_from_slice(&b);
+                    }
+                    None => {}
+                }
+            }
+            let header = header.ok_or_else(|| Status::unknown("the replica sent no header"))?;
+            Ok((header, data.freeze()))
+        };
+        within(limit, read)
+    }
+
+    fn many(
+        &self,
+        reads: Vec<SmallRead>,
+    ) -> impl Future<Output = Result<Vec<Result<Self::Resp, Status>>, Status>> + Send {
+        let mut w = self.0.clone();
+        let limit = crate::rpc::transfer_limit(reads.iter().map(|r| r.length).sum());
+        let chunks = reads.into_iter().map(|r| r.req).collect();
+        async move {
+            let resp = within(
+                limit,
+                w.read_small_chunks(pb::ReadSmallChunksRequest { chunks }),
+            )
+            .await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| {
+                    let data = r.data;
+                    item(r.header, r.code, r.message).map(|h| (h, data))
+                })
                 .collect())
         }
     }

@@ -17,6 +17,7 @@ use tonic::Code;
 use super::{Client, ClientError, Progress};
 use crate::chunk;
 use crate::rpc::pb::{self, ChunkInfo, FileInfo, read_chunk_response};
+use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// How long a download waits for a chunk with no known replica (e.g. just after a master
 /// restart, before workers have re-registered).
@@ -181,7 +182,7 @@ impl Client {
     pub async fn read(&self, name: &str) -> Result<Vec<u8>, ClientError> {
         let file = self.stat_with_replicas(name).await?;
         if let [c] = file.chunks.as_slice()
-            && c.length <= crate::worker::volume::SMALL_CHUNK_MAX
+            && c.length <= SMALL_CHUNK_MAX
         {
             // One small chunk: fetched and checked right here, with no task or thread hop.
             let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
@@ -323,6 +324,9 @@ impl Client {
         got: &mut u64,
     ) -> Result<Vec<Bytes>, Result<ReplicaError, ClientError>> {
         let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError { bad, message }));
+        if c.length <= SMALL_CHUNK_MAX {
+            return self.read_small_replica(c, worker, progress, got).await;
+        }
         let mut client = match self.worker(worker) {
             Ok(c) => c,
             Err(e) => return replica_err(false, e.to_string()),
@@ -403,6 +407,63 @@ impl Client {
             );
         }
         Ok(pieces)
+    }
+}
+
+impl Client {
+    /// [`Client::read_replica`] for a small chunk: one whole answer, batched with the other
+    /// small reads waiting for the same worker, held to the same checks.
+    async fn read_small_replica(
+        &self,
+        c: &ChunkInfo,
+        worker: &str,
+        progress: &Progress,
+        got: &mut u64,
+    ) -> Result<Vec<Bytes>, Result<ReplicaError, ClientError>> {
+        let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError { bad, message }));
+        let reads = match self.small_reads(worker) {
+            Ok(r) => r,
+            Err(e) => return replica_err(false, e.to_string()),
+        };
+        let read = super::calls::SmallRead {
+            req: pb::ReadChunkRequest {
+                chunk_id: c.chunk_id.clone(),
+                token: c.token.clone(),
+            },
+            length: c.length,
+        };
+        let (h, data) = match reads.call(read).await {
+            Ok(v) => v,
+            Err(s) => return replica_err(s.code() == Code::DataLoss, s.message().into()),
+        };
+        if progress.is_cancelled() {
+            return Err(Err(ClientError::Cancelled));
+        }
+        if h.length != c.length || h.crc32c != c.crc32c {
+            return replica_err(
+                true,
+                format!(
+                    "replica describes {} bytes with CRC {:08x}; expected {} bytes with {:08x}",
+                    h.length, h.crc32c, c.length, c.crc32c
+                ),
+            );
+        }
+        *got = data.len() as u64;
+        if *got != c.length {
+            return replica_err(true, format!("replica sent {} of {} bytes", *got, c.length));
+        }
+        let crc = chunk::crc32c_append(0, &data);
+        if crc != c.crc32c {
+            return replica_err(
+                true,
+                format!(
+                    "checksum mismatch: got {crc:08x}, expected {:08x}",
+                    c.crc32c
+                ),
+            );
+        }
+        progress.done.fetch_add(*got, Ordering::Relaxed);
+        Ok(vec![data])
     }
 }
 

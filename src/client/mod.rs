@@ -57,8 +57,9 @@ pub struct Client {
     master: MasterRpc,
     batches: calls::MasterBatches,
     workers: Arc<Mutex<HashMap<String, Channel>>>,
-    /// Per worker address: the task that batches small chunk writes to it.
+    /// Per worker address: the tasks that batch small chunk writes and reads to it.
     small_writes: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallWrites>>>>,
+    small_reads: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallReads>>>>,
     transport: Transport,
 }
 
@@ -99,6 +100,7 @@ impl Client {
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             small_writes: Arc::new(Mutex::new(HashMap::new())),
+            small_reads: Arc::new(Mutex::new(HashMap::new())),
             transport,
         })
     }
@@ -156,19 +158,28 @@ impl Client {
 
     /// The batching task for small chunk writes to the worker at `addr` (started on first use).
     fn small_writes(&self, addr: &str) -> Result<batch::Batcher<calls::SmallWrites>, ClientError> {
-        if let Some(b) = self
-            .small_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
-        {
+        self.per_worker(&self.small_writes, addr, calls::SmallWrites)
+    }
+
+    /// The batching task for small chunk reads from the worker at `addr` (started on first use).
+    fn small_reads(&self, addr: &str) -> Result<batch::Batcher<calls::SmallReads>, ClientError> {
+        self.per_worker(&self.small_reads, addr, calls::SmallReads)
+    }
+
+    fn per_worker<B: batch::Batched>(
+        &self,
+        map: &Mutex<HashMap<String, batch::Batcher<B>>>,
+        addr: &str,
+        make: impl FnOnce(crate::rpc::WorkerRpc) -> B,
+    ) -> Result<batch::Batcher<B>, ClientError> {
+        if let Some(b) = map.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
             return Ok(b.clone());
         }
         let rpc = self.worker(addr)?;
-        let mut map = self.small_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map
             .entry(addr.to_string())
-            .or_insert_with(|| batch::Batcher::start(calls::SmallWrites(rpc)))
+            .or_insert_with(|| batch::Batcher::start(make(rpc)))
             .clone())
     }
 

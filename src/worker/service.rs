@@ -410,6 +410,29 @@ impl WorkerService {
     }
 }
 
+impl WorkerService {
+    /// Reads one small chunk whole from disk and verifies it (the blocking half of
+    /// ReadSmallChunks, for chunks not already in the page cache).
+    fn read_small_blocking(
+        worker: &Worker,
+        id: &ChunkId,
+    ) -> Result<(ChunkHeader, Bytes), WorkerError> {
+        let (mut file, header) = worker.store.open_read(id)?;
+        if header.length > SMALL_CHUNK_MAX {
+            return Err(WorkerError::InvalidArgument(format!(
+                "chunk {id} is {} bytes; a small read takes at most {SMALL_CHUNK_MAX}",
+                header.length
+            )));
+        }
+        let mut data = bytes::BytesMut::with_capacity(header.length as usize);
+        worker.read_verified(id, &mut file, header.length, header.crc32c, |b| {
+            data.extend_from_slice(&b);
+            true
+        })?;
+        Ok((header, data.freeze()))
+    }
+}
+
 /// A chunk opened for reading: small ones already read and verified.
 enum Opened {
     Small(Vec<Result<ReadChunkResponse, Status>>),
@@ -523,6 +546,103 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     type ReadChunkStream = ReadStream;
+
+    async fn read_small_chunks(
+        &self,
+        req: Request<pb::ReadSmallChunksRequest>,
+    ) -> Result<Response<pb::ReadSmallChunksResponse>, Status> {
+        let started = Instant::now();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let chunks = req.into_inner().chunks;
+        if chunks.len() > MAX_SMALL_BATCH {
+            let e = WorkerError::InvalidArgument(format!(
+                "at most {MAX_SMALL_BATCH} chunks per call, not {}",
+                chunks.len()
+            ));
+            tracing::warn!(op = "read_small_chunks", %peer, outcome = "error", error = %e);
+            return Err(e.into());
+        }
+        let _slot = self.worker.transfer_slot().inspect_err(
+            |e| tracing::warn!(op = "read_small_chunks", %peer, outcome = "error", error = %e),
+        )?;
+        let _g = Gauge::enter(&self.worker.active_reads);
+        let n = chunks.len();
+        // Chunks in the page cache are served here; the rest in one blocking step.
+        let mut results: Vec<Option<Result<(ChunkHeader, Bytes), WorkerError>>> =
+            Vec::with_capacity(n);
+        let mut uncached = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let read = c
+                .chunk_id
+                .parse::<ChunkId>()
+                .map_err(|e| WorkerError::InvalidArgument(e.to_string()))
+                .and_then(|id| {
+                    self.worker
+                        .authorize(&c.token, &id, crate::security::ChunkOps::READ)?;
+                    Ok(id)
+                });
+            results.push(match read {
+                Err(e) => Some(Err(e)),
+                Ok(id) => match self.worker.store.read_small_cached(&id) {
+                    Some(hit) => {
+                        // (The blocking reads count their own bytes.)
+                        self.worker
+                            .bytes_read
+                            .fetch_add(hit.1.len() as u64, Ordering::Relaxed);
+                        Some(Ok(hit))
+                    }
+                    None => {
+                        uncached.push((i, id));
+                        None
+                    }
+                },
+            });
+        }
+        if !uncached.is_empty() {
+            let worker = self.worker.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                uncached
+                    .into_iter()
+                    .map(|(i, id)| (i, Self::read_small_blocking(&worker, &id)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| Status::internal(format!("reader task failed: {e}")))?;
+            for (i, r) in read {
+                results[i] = Some(r);
+            }
+        }
+        let ms = crate::rpc::elapsed_ms(started);
+        let mut bytes = 0u64;
+        let results = results
+            .into_iter()
+            .zip(&chunks)
+            .map(|(r, c)| {
+                match r.unwrap_or_else(|| Err(WorkerError::Startup("chunk not read".into()))) {
+                    Ok((header, data)) => {
+                        bytes += data.len() as u64;
+                        tracing::debug!(op = "read_chunk", chunk = %c.chunk_id, %peer, ms, outcome = "sent");
+                        pb::SmallChunkData {
+                            header: Some(header),
+                            data,
+                            ..Default::default()
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(op = "read_chunk", chunk = %c.chunk_id, %peer, ms, outcome = "error", error = %e);
+                        let s = Status::from(e);
+                        pb::SmallChunkData {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                            ..Default::default()
+                        }
+                    }
+                }
+            })
+            .collect();
+        tracing::info!(op = "read_small_chunks", chunks = n, bytes, %peer, ms, outcome = "ok");
+        Ok(Response::new(pb::ReadSmallChunksResponse { results }))
+    }
 
     async fn read_chunk(
         &self,
