@@ -7,16 +7,18 @@
 //! the work of a small file. Here each kind of call goes to one task that sends whatever is
 //! waiting as one batched call (one request alone still goes as the plain call), as
 //! FoundationDB's client batches the read-version requests of concurrent transactions. Only
-//! one call is in flight at a time, so a request never waits for a timer: the batch is
-//! simply what queued while the previous call was out, and a request alone costs one channel
-//! hop more.
+//! one call is in flight at a time (by default), so a request never waits for a timer: the
+//! batch is simply what queued while the previous call was out. A request that finds nothing
+//! queued and no call out is sent at once from its caller's task, so one client doing one
+//! thing at a time pays nothing for the batching.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
 /// One kind of master call that can travel alone or in a batch.
@@ -48,12 +50,23 @@ type Reply<T> = oneshot::Sender<Result<T, Status>>;
 /// The handle callers use; the batching task ends when the last handle is dropped.
 pub(crate) struct Batcher<B: Batched> {
     tx: mpsc::UnboundedSender<(B::Req, Reply<B::Resp>)>,
+    shared: Arc<Shared<B>>,
+}
+
+/// What callers and the batching task share.
+struct Shared<B: Batched> {
+    calls: B,
+    /// One permit per call that may be in flight ([`Batched::IN_FLIGHT`]).
+    slots: Arc<Semaphore>,
+    /// Requests handed to the task and not yet taken into a call (an upper bound).
+    queued: AtomicUsize,
 }
 
 impl<B: Batched> Clone for Batcher<B> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -66,14 +79,31 @@ impl<B: Batched> Batcher<B> {
     /// Starts the batching task on the current runtime.
     pub(crate) fn start(calls: B) -> Batcher<B> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(pump(calls, rx));
-        Batcher { tx }
+        let shared = Arc::new(Shared {
+            calls,
+            slots: Arc::new(Semaphore::new(B::IN_FLIGHT)),
+            queued: AtomicUsize::new(0),
+        });
+        tokio::spawn(pump(shared.clone(), rx));
+        Batcher { tx, shared }
     }
 
-    /// Sends `req`, batched with whatever other requests wait at the same time.
+    /// Sends `req`, batched with whatever other requests wait at the same time. When nothing
+    /// waits and a call slot is free (one client doing one thing at a time), the request goes
+    /// out at once from the caller's own task: the hand-offs to the batching task and back
+    /// would be two thread wake-ups added to every call.
     pub(crate) async fn call(&self, req: B::Req) -> Result<B::Resp, Status> {
+        if self.shared.queued.load(Ordering::Acquire) == 0
+            && let Ok(_slot) = self.shared.slots.try_acquire()
+        {
+            return self.shared.calls.one(req).await;
+        }
         let (reply, rx) = oneshot::channel();
-        self.tx.send((req, reply)).map_err(|_| stopped())?;
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send((req, reply)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(stopped());
+        }
         rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -98,26 +128,56 @@ struct Support {
     confirmed: AtomicBool,
 }
 
-async fn pump<B: Batched>(calls: B, mut rx: mpsc::UnboundedReceiver<(B::Req, Reply<B::Resp>)>) {
+async fn pump<B: Batched>(
+    shared: Arc<Shared<B>>,
+    mut rx: mpsc::UnboundedReceiver<(B::Req, Reply<B::Resp>)>,
+) {
     let support = Support::default();
     let mut waiting = Vec::new();
     let mut in_flight = FuturesUnordered::new();
     loop {
-        tokio::select! {
-            n = rx.recv_many(&mut waiting, B::MAX), if in_flight.len() < B::IN_FLIGHT => {
-                if n == 0 {
-                    break;
+        // Requests to send (finishing calls meanwhile).
+        if waiting.is_empty() {
+            tokio::select! {
+                n = rx.recv_many(&mut waiting, B::MAX) => {
+                    if n == 0 {
+                        break;
+                    }
+                    shared.queued.fetch_sub(n, Ordering::AcqRel);
                 }
-                while !waiting.is_empty() {
-                    let take = within_budget::<B>(&waiting);
-                    let group: Vec<_> = waiting.drain(..take).collect();
-                    in_flight.push(send(&calls, &support, group));
-                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
+        // A free slot for them (finishing calls meanwhile).
+        let slot = tokio::select! {
+            slot = shared.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+        };
+        // Whatever else queued while waiting for the slot goes in the same call.
+        while waiting.len() < B::MAX {
+            match rx.try_recv() {
+                Ok(r) => {
+                    shared.queued.fetch_sub(1, Ordering::AcqRel);
+                    waiting.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let take = within_budget::<B>(&waiting);
+        let group: Vec<_> = waiting.drain(..take).collect();
+        let shared = &shared;
+        let support = &support;
+        in_flight.push(async move {
+            send(&shared.calls, support, group).await;
+            drop(slot);
+        });
     }
     while in_flight.next().await.is_some() {}
+    // Callers still waiting (the channel closed with requests taken): none can be answered.
+    drop(waiting);
 }
 
 /// Sends one group of waiting requests (batched if more than one) and answers each caller.
