@@ -359,14 +359,8 @@ impl Client {
             };
             match msg.msg {
                 Some(read_chunk_response::Msg::Header(h)) => {
-                    if h.length != c.length || h.crc32c != c.crc32c {
-                        return replica_err(
-                            true,
-                            format!(
-                                "replica describes {} bytes with CRC {:08x}; expected {} bytes with {:08x}",
-                                h.length, h.crc32c, c.length, c.crc32c
-                            ),
-                        );
+                    if let Some(why) = header_mismatch(&h, c) {
+                        return replica_err(true, why);
                     }
                     saw_header = true;
                 }
@@ -397,20 +391,12 @@ impl Client {
                 format!("stream ended after {} of {} bytes", *got, c.length),
             );
         }
-        if crc != c.crc32c {
-            return replica_err(
-                true,
-                format!(
-                    "checksum mismatch: got {crc:08x}, expected {:08x}",
-                    c.crc32c
-                ),
-            );
+        if let Some(why) = crc_mismatch(crc, c) {
+            return replica_err(true, why);
         }
         Ok(pieces)
     }
-}
 
-impl Client {
     /// [`Client::read_replica`] for a small chunk: one whole answer, batched with the other
     /// small reads waiting for the same worker, held to the same checks.
     async fn read_small_replica(
@@ -439,32 +425,39 @@ impl Client {
         if progress.is_cancelled() {
             return Err(Err(ClientError::Cancelled));
         }
-        if h.length != c.length || h.crc32c != c.crc32c {
-            return replica_err(
-                true,
-                format!(
-                    "replica describes {} bytes with CRC {:08x}; expected {} bytes with {:08x}",
-                    h.length, h.crc32c, c.length, c.crc32c
-                ),
-            );
+        if let Some(why) = header_mismatch(&h, c) {
+            return replica_err(true, why);
         }
         *got = data.len() as u64;
         if *got != c.length {
             return replica_err(true, format!("replica sent {} of {} bytes", *got, c.length));
         }
-        let crc = chunk::crc32c_append(0, &data);
-        if crc != c.crc32c {
-            return replica_err(
-                true,
-                format!(
-                    "checksum mismatch: got {crc:08x}, expected {:08x}",
-                    c.crc32c
-                ),
-            );
+        if let Some(why) = crc_mismatch(chunk::crc32c_append(0, &data), c) {
+            return replica_err(true, why);
         }
         progress.done.fetch_add(*got, Ordering::Relaxed);
         Ok(vec![data])
     }
+}
+
+/// Why a replica's header does not describe chunk `c`, if it does not (a bad replica).
+fn header_mismatch(h: &pb::ChunkHeader, c: &ChunkInfo) -> Option<String> {
+    (h.length != c.length || h.crc32c != c.crc32c).then(|| {
+        format!(
+            "replica describes {} bytes with CRC {:08x}; expected {} bytes with {:08x}",
+            h.length, h.crc32c, c.length, c.crc32c
+        )
+    })
+}
+
+/// Why the CRC32C computed over a replica's bytes is not chunk `c`'s, if it is not.
+fn crc_mismatch(crc: u32, c: &ChunkInfo) -> Option<String> {
+    (crc != c.crc32c).then(|| {
+        format!(
+            "checksum mismatch: got {crc:08x}, expected {:08x}",
+            c.crc32c
+        )
+    })
 }
 
 /// Aborts a spawned task when dropped (an abandoned read stops fetching).

@@ -378,6 +378,27 @@ impl WorkerService {
 }
 
 impl WorkerService {
+    /// Admits a batched call of `n` chunks: at most [`MAX_SMALL_BATCH`], and one transfer
+    /// slot for the whole call (its bytes are bounded by the message size).
+    fn admit_batch(
+        &self,
+        op: &'static str,
+        peer: &str,
+        n: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let admitted = if n > MAX_SMALL_BATCH {
+            Err(WorkerError::InvalidArgument(format!(
+                "at most {MAX_SMALL_BATCH} chunks per call, not {n}"
+            )))
+        } else {
+            self.worker.transfer_slot()
+        };
+        admitted.map_err(|e| {
+            tracing::warn!(op, %peer, outcome = "error", error = %e);
+            Status::from(e)
+        })
+    }
+
     /// Checks and appends one chunk of a WriteSmallChunks call (the checks of a pipelined
     /// write with no downstream), without waiting for its fsync: the call appends every
     /// chunk first so that one fsync covers them all.
@@ -470,18 +491,7 @@ impl pb::worker_server::Worker for WorkerService {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let _g = Gauge::enter(&self.worker.active_writes);
         let chunks = req.into_inner().chunks;
-        if chunks.len() > MAX_SMALL_BATCH {
-            let e = WorkerError::InvalidArgument(format!(
-                "at most {MAX_SMALL_BATCH} chunks per call, not {}",
-                chunks.len()
-            ));
-            tracing::warn!(op = "write_small_chunks", %peer, outcome = "error", error = %e);
-            return Err(e.into());
-        }
-        // One transfer slot for the call: its bytes are bounded by the message size.
-        let _slot = self.worker.transfer_slot().inspect_err(
-            |e| tracing::warn!(op = "write_small_chunks", %peer, outcome = "error", error = %e),
-        )?;
+        let _slot = self.admit_batch("write_small_chunks", &peer, chunks.len())?;
         let n = chunks.len();
         let appended: Vec<_> = chunks.into_iter().map(|c| self.append_small(c)).collect();
         let outcomes = futures::future::join_all(appended.into_iter().map(|a| async move {
@@ -554,17 +564,7 @@ impl pb::worker_server::Worker for WorkerService {
         let started = Instant::now();
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let chunks = req.into_inner().chunks;
-        if chunks.len() > MAX_SMALL_BATCH {
-            let e = WorkerError::InvalidArgument(format!(
-                "at most {MAX_SMALL_BATCH} chunks per call, not {}",
-                chunks.len()
-            ));
-            tracing::warn!(op = "read_small_chunks", %peer, outcome = "error", error = %e);
-            return Err(e.into());
-        }
-        let _slot = self.worker.transfer_slot().inspect_err(
-            |e| tracing::warn!(op = "read_small_chunks", %peer, outcome = "error", error = %e),
-        )?;
+        let _slot = self.admit_batch("read_small_chunks", &peer, chunks.len())?;
         let _g = Gauge::enter(&self.worker.active_reads);
         let n = chunks.len();
         // Chunks in the page cache are served here; the rest in one blocking step.
