@@ -113,7 +113,7 @@ pub(crate) fn item<T>(value: Option<T>, code: i32, message: String) -> Result<T,
     match value {
         Some(v) => Ok(v),
         None if code == 0 => Err(Status::internal(
-            "the master answered an item with neither a value nor an error",
+            "the server answered an item with neither a value nor an error",
         )),
         None => Err(Status::new(code.into(), message)),
     }
@@ -176,8 +176,6 @@ async fn pump<B: Batched>(
         });
     }
     while in_flight.next().await.is_some() {}
-    // Callers still waiting (the channel closed with requests taken): none can be answered.
-    drop(waiting);
 }
 
 /// Sends one group of waiting requests (batched if more than one) and answers each caller.

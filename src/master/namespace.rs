@@ -326,7 +326,7 @@ impl Master {
         req: pb::CommitUploadRequest,
     ) -> Result<pb::CommitUploadResponse, MasterError> {
         self.commit_uploads(vec![req])
-            .await?
+            .await
             .pop()
             .unwrap_or_else(|| Err(MasterError::Internal("a commit went unanswered".into())))
     }
@@ -338,7 +338,7 @@ impl Master {
     pub async fn commit_uploads(
         self: &Arc<Self>,
         reqs: Vec<pb::CommitUploadRequest>,
-    ) -> Result<Vec<Result<pb::CommitUploadResponse, MasterError>>, MasterError> {
+    ) -> Vec<Result<pb::CommitUploadResponse, MasterError>> {
         let mut answers: Vec<Option<Result<pb::CommitUploadResponse, MasterError>>> =
             reqs.iter().map(|_| None).collect();
         // Rounds of distinct names, in the callers' order.
@@ -396,12 +396,12 @@ impl Master {
                 }
             }
         }
-        Ok(answers
+        answers
             .into_iter()
             .map(|a| {
                 a.unwrap_or_else(|| Err(MasterError::Internal("a commit went unanswered".into())))
             })
-            .collect())
+            .collect()
     }
 
     /// One transaction of [`Master::commit_uploads`] (uploads of distinct names) and its

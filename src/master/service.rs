@@ -210,27 +210,26 @@ impl pb::master_server::Master for MasterService {
             return finish("commit_uploads", &p, "", t, Err(too_many("commits", n)));
         }
         let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
-        let res = self.master.commit_uploads(r.commits).await.map(|answers| {
-            let results = answers
-                .into_iter()
-                .zip(&ids)
-                .map(|(a, id)| match a {
-                    Ok(commit) => pb::CommitUploadResult {
-                        commit: Some(commit),
-                        ..Default::default()
-                    },
-                    Err(e) => {
-                        let (code, message) = item_error("commit_upload", &p, id, e);
-                        pb::CommitUploadResult {
-                            commit: None,
-                            code,
-                            message,
-                        }
+        let answers = self.master.commit_uploads(r.commits).await;
+        let results = answers
+            .into_iter()
+            .zip(&ids)
+            .map(|(a, id)| match a {
+                Ok(commit) => pb::CommitUploadResult {
+                    commit: Some(commit),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let (code, message) = item_error("commit_upload", &p, id, e);
+                    pb::CommitUploadResult {
+                        commit: None,
+                        code,
+                        message,
                     }
-                })
-                .collect();
-            pb::CommitUploadsResponse { results }
-        });
+                }
+            })
+            .collect();
+        let res = Ok(pb::CommitUploadsResponse { results });
         finish("commit_uploads", &p, &format!("{n} commits"), t, res)
     }
 
