@@ -155,6 +155,7 @@ async fn out_of_range_requests_are_invalid() {
                 upload_id: plan.upload_id.clone(),
                 chunks,
                 sha256: "a".repeat(64),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -127,6 +127,7 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
                 upload_id: open_upload.upload_id.clone(),
                 chunks: vec![],
                 sha256: "0".repeat(64),
+                ..Default::default()
             })
             .await
         })

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use dfs::client::{DownloadOptions, UploadOptions};
+use dfs::cluster::LocalClusterConfig;
 use dfs::rpc::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +289,7 @@ async fn an_abandoned_upload_never_appears_and_its_chunks_are_removed() {
             upload_id: plan.upload_id.clone(),
             chunks: vec![],
             sha256: "0".repeat(64),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -598,6 +600,7 @@ fn commit_for(plan: &pb::StartUploadResponse, data: &[u8]) -> pb::CommitUploadRe
             workers: p.workers.clone(),
         }],
         sha256: hex::encode(sha2::Sha256::digest(data)),
+        ..Default::default()
     }
 }
 
@@ -954,4 +957,260 @@ async fn batched_small_chunk_reads_answer_each_chunk_and_fail_over_a_corrupt_cop
     assert!(reported, "the corrupt copy was never reported");
     let st = t.client.stat("r0").await.unwrap();
     assert!(st.chunks[0].replicas.iter().all(|r| r.worker != first));
+}
+
+/// Reserves `count` uploads through one `ReserveUploads` call.
+async fn reserve(
+    m: &mut pb::master_client::MasterClient<tonic::transport::Channel>,
+    count: u32,
+) -> pb::ReserveUploadsResponse {
+    m.reserve_uploads(pb::ReserveUploadsRequest { count, replicas: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Commits one upload alone and returns its answer.
+async fn commit_one(
+    m: &mut pb::master_client::MasterClient<tonic::transport::Channel>,
+    commit: pb::CommitUploadRequest,
+) -> pb::CommitUploadResult {
+    let mut r = m
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits: vec![commit],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(r.len(), 1);
+    r.remove(0)
+}
+
+/// A reserved upload is placed ahead with no name; its commit names it. A commit that leaves
+/// out the name or gives a bad size or name is refused (the reservation stays usable), a
+/// started upload cannot be renamed at commit, a new version through a reservation keeps the
+/// file's id, and a reservation older than a version committed since is refused as a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_uploads_are_named_at_commit_and_refused_when_misused() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let r = reserve(&mut m, 4).await;
+    assert_eq!(r.uploads.len(), 4);
+    assert_eq!(r.max_size, 128 << 10);
+    assert!(r.lease_ms >= 1000, "{}", r.lease_ms);
+    let mut versions: Vec<u64> = r.uploads.iter().map(|u| u.version).collect();
+    versions.dedup();
+    assert_eq!(versions.len(), 4, "every reservation has its own version");
+    for u in &r.uploads {
+        assert_eq!(u.file_id, 0);
+        assert_eq!(u.chunks.len(), 1);
+        assert_eq!(u.chunks[0].workers.len(), 3);
+    }
+    let plans = r.uploads;
+    let data: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| vec![b'k' + i; 1000 + i as usize])
+        .collect();
+    for (plan, d) in plans.iter().zip(&data) {
+        write_chunk_direct(&plan.chunks[0], "x", d, None)
+            .await
+            .unwrap();
+    }
+    let named = |i: usize, name: &str, size: u64| pb::CommitUploadRequest {
+        name: name.into(),
+        size,
+        ..commit_for(&plans[i], &data[i])
+    };
+    let len0 = data[0].len() as u64;
+    for (bad, why) in [
+        (named(0, "", len0), "no name"),
+        (named(0, "a", 0), "no size"),
+        (named(0, "a", (128 << 10) + 1), "too large"),
+        (named(0, "../a", len0), "a bad name"),
+        (named(0, "a", len0 + 1), "a size its chunk does not have"),
+    ] {
+        let r = commit_one(&mut m, bad).await;
+        assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{why}: {r:?}");
+    }
+    let r = commit_one(&mut m, named(0, "a", len0)).await;
+    let f = r.commit.expect("committed").file.unwrap();
+    assert_eq!(
+        (f.version, f.file_id, f.size),
+        (plans[0].version, plans[0].version, len0)
+    );
+    assert_eq!(t.client.read("a").await.unwrap(), data[0]);
+    let again = commit_one(&mut m, named(0, "a", len0)).await;
+    assert_eq!(again.code, tonic::Code::NotFound as i32, "{again:?}");
+
+    // A new version of "a" through another reservation keeps its id.
+    let r = commit_one(&mut m, named(1, "a", data[1].len() as u64)).await;
+    let c = r.commit.expect("committed");
+    assert!(c.replaced);
+    let f = c.file.unwrap();
+    assert_eq!((f.version, f.file_id), (plans[1].version, plans[0].version));
+    assert_eq!(t.client.read("a").await.unwrap(), data[1]);
+
+    // A started upload is of its own name and size.
+    let started = start_uploads(&mut m, &["b", "d"], 10).await;
+    let b = started[0].upload.clone().unwrap();
+    let d = started[1].upload.clone().unwrap();
+    let ten = vec![7u8; 10];
+    write_chunk_direct(&b.chunks[0], "b", &ten, None)
+        .await
+        .unwrap();
+    write_chunk_direct(&d.chunks[0], "d", &ten, None)
+        .await
+        .unwrap();
+    for (name, size) in [("c", 0), ("b", 11)] {
+        let bad = pb::CommitUploadRequest {
+            name: name.into(),
+            size,
+            ..commit_for(&b, &ten)
+        };
+        let r = commit_one(&mut m, bad).await;
+        assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{r:?}");
+    }
+    let ok = pb::CommitUploadRequest {
+        name: "b".into(),
+        size: 10,
+        ..commit_for(&b, &ten)
+    };
+    assert!(commit_one(&mut m, ok).await.commit.is_some());
+
+    // "d" was started after reservation 2: committed first, it wins.
+    assert!(
+        commit_one(&mut m, commit_for(&d, &ten))
+            .await
+            .commit
+            .is_some()
+    );
+    let late = commit_one(&mut m, named(2, "d", data[2].len() as u64)).await;
+    assert_eq!(late.code, tonic::Code::Aborted as i32, "{late:?}");
+    assert_eq!(t.client.read("d").await.unwrap(), ten);
+
+    let e = m
+        .reserve_uploads(pb::ReserveUploadsRequest {
+            count: 1025,
+            replicas: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+/// Reservations have their own cap per client and never take an open upload's place; past
+/// their short lease they are forgotten, and one committed after that is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_are_capped_apart_from_uploads_and_expire_unused() {
+    let t = TestCluster::start(LocalClusterConfig {
+        upload_lease: Duration::from_secs(1),
+        ..small_chunks(3)
+    })
+    .await;
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let first = reserve(&mut m, 1000).await;
+    assert_eq!(first.uploads.len(), 1000);
+    assert_eq!(first.lease_ms, 1000);
+    let rest = reserve(&mut m, 100).await;
+    assert_eq!(rest.uploads.len(), 24, "the cap is 1,024 per client");
+    assert!(reserve(&mut m, 1).await.uploads.is_empty());
+    // Uploads still start (the cap of open uploads is apart).
+    let started = start_uploads(&mut m, &["s"], 10).await;
+    assert!(started[0].upload.is_some(), "{:?}", started[0]);
+
+    let data = vec![1u8; 100];
+    let plan = &first.uploads[0];
+    write_chunk_direct(&plan.chunks[0], "late", &data, None)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let dir = t.cluster.worker_dir(i).unwrap();
+        assert!(chunk_path(dir, &plan.chunks[0].chunk_id).is_some());
+    }
+    let master = t.cluster.master().clone();
+    let gone = wait_until(Duration::from_secs(10), || {
+        master.cluster_status().open_uploads == 0
+    })
+    .await;
+    assert!(gone, "reservations never expired");
+    let late = commit_one(
+        &mut m,
+        pb::CommitUploadRequest {
+            name: "late".into(),
+            size: 100,
+            ..commit_for(plan, &data)
+        },
+    )
+    .await;
+    assert_eq!(late.code, tonic::Code::NotFound as i32, "{late:?}");
+    assert_eq!(reserve(&mut m, 5).await.uploads.len(), 5);
+    // Expired, it was aborted as an abandoned upload is: its chunk is deleted everywhere.
+    let id = plan.chunks[0].chunk_id.clone();
+    let cluster = &t.cluster;
+    let deleted = wait_until(Duration::from_secs(10), || {
+        (0..3).all(|i| chunk_path(cluster.worker_dir(i).unwrap(), &id).is_none())
+    })
+    .await;
+    assert!(
+        deleted,
+        "the chunk of an expired reservation stayed on a worker"
+    );
+}
+
+/// A client writing many small files takes them through reserved uploads once the demand is
+/// there: every file lands byte-exact on three workers. When a worker dies under a reserved
+/// placement (with three workers, every placement holds it), the upload is sent again the
+/// usual way and lands on the two left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_small_uploads_goes_through_reservations_and_survives_a_dead_worker() {
+    let mut t = TestCluster::start(small_chunks(3)).await;
+    let dir = t.scratch();
+    let sizes = [1u64, 4096, 100_000, 131_072, 0, 77];
+    let mut files = Vec::new();
+    for i in 0..120u64 {
+        let name = format!("r{i}");
+        let path = make_file(&dir.join(&name), sizes[i as usize % sizes.len()], i);
+        t.must_upload(&path, &name).await;
+        files.push((name, path));
+    }
+    let stats = t.client.reservations();
+    assert!(stats.committed >= 50, "{stats:?}");
+    assert_eq!(stats.fell_back, 0, "{stats:?}");
+    for (name, path) in &files {
+        assert_eq!(
+            t.client.read(name).await.unwrap(),
+            std::fs::read(path).unwrap(),
+            "{name}"
+        );
+        let f = t.client.stat(name).await.unwrap();
+        assert!(f.chunks.iter().all(|c| c.replicas.len() == 3), "{name}");
+    }
+
+    // Uploads keep the pool filled; then a worker dies under it.
+    let ready = wait_until(Duration::from_secs(5), || t.client.reservations().ready > 0).await;
+    assert!(ready, "the pool was empty after a stream of uploads");
+    t.cluster.kill_worker(0).unwrap();
+    let dead = t.cluster.worker_addrs()[0].clone();
+    for i in 0..10u64 {
+        let name = format!("after-{i}");
+        let path = make_file(&dir.join(&name), 2000 + i, 500 + i);
+        let r = t.must_upload(&path, &name).await;
+        assert_eq!(r.replicas_achieved, 2, "{name}");
+        assert_eq!(
+            t.client.read(&name).await.unwrap(),
+            std::fs::read(&path).unwrap()
+        );
+        let f = t.client.stat(&name).await.unwrap();
+        assert!(
+            f.chunks[0].replicas.iter().all(|r| r.worker != dead),
+            "{name}"
+        );
+    }
+    let stats = t.client.reservations();
+    assert!(
+        stats.fell_back >= 1,
+        "no reserved upload was tried: {stats:?}"
+    );
 }

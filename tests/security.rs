@@ -120,6 +120,16 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "ReserveUploads",
+            code(
+                m.reserve_uploads(pb::ReserveUploadsRequest {
+                    count: 2,
+                    replicas: 1,
+                })
+                .await,
+            ),
+        ),
+        (
             "AllocateChunk",
             code(
                 m.allocate_chunk(pb::AllocateChunkRequest {

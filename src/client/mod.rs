@@ -6,6 +6,7 @@ mod batch;
 mod calls;
 mod download;
 mod error;
+mod reserve;
 mod upload;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use tonic::transport::Channel;
 
 pub use download::{DownloadOptions, DownloadReport};
 pub use error::ClientError;
+pub use reserve::ReservationStats;
 pub use upload::{UploadOptions, UploadReport};
 
 use crate::rpc::pb::{
@@ -60,6 +62,8 @@ pub struct Client {
     /// Per worker address: the tasks that batch small chunk writes and reads to it.
     small_writes: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallWrites>>>>,
     small_reads: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallReads>>>>,
+    /// Uploads opened ahead for small files.
+    reservations: Arc<reserve::Reservations>,
     transport: Transport,
 }
 
@@ -97,12 +101,18 @@ impl Client {
         Ok(Client {
             addr: addr.to_string(),
             batches: calls::MasterBatches::start(&master),
+            reservations: reserve::Reservations::new(master.clone()),
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             small_writes: Arc::new(Mutex::new(HashMap::new())),
             small_reads: Arc::new(Mutex::new(HashMap::new())),
             transport,
         })
+    }
+
+    /// What the uploads reserved ahead for small files did (see `ReserveUploads`).
+    pub fn reservations(&self) -> ReservationStats {
+        self.reservations.stats()
     }
 
     /// The master address this client talks to.

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Client, ClientError, Progress};
+use super::{Client, ClientError, Progress, reserve};
 use crate::chunk;
 use crate::rpc::pb::{
     self, ChunkHeader, ChunkPlacement, CommittedChunk, FileInfo, WriteChunkRequest, WriteFinish,
@@ -111,6 +111,34 @@ impl Client {
         progress.total.store(size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
+        if size > 0
+            && size <= SMALL_CHUNK_MAX
+            && crate::names::validate(&name).is_ok()
+            && let Some(slot) = self.reservations.take(opts.replicas.unwrap_or(0))
+            && size <= slot.max_size
+        {
+            match self
+                .upload_reserved(slot, &name, size, &file, &progress, started)
+                .await
+            {
+                Ok(report) => {
+                    self.reservations.record(true);
+                    return Ok(report);
+                }
+                Err(Reserved::Failed(e, upload_id)) => {
+                    self.give_up_reservation(upload_id).await;
+                    return Err(e);
+                }
+                Err(Reserved::Retry(why, upload_id)) => {
+                    self.reservations.record(false);
+                    // Aborted as a failed upload is, so that what reached some of its workers
+                    // is deleted now rather than found later as an orphan.
+                    self.give_up_reservation(upload_id).await;
+                    progress.done.store(0, Ordering::Relaxed);
+                    tracing::debug!(name = %name, error = %why, "a reserved upload failed; uploading again as usual");
+                }
+            }
+        }
         let plan = self
             .batches
             .starts
@@ -167,20 +195,85 @@ impl Client {
                 upload_id: plan.upload_id.clone(),
                 chunks,
                 sha256: sha,
+                name: String::new(),
+                size: 0,
             })
             .await
             .map_err(|s| self.err(s))?;
-        let file = commit
-            .file
-            .ok_or_else(|| ClientError::Integrity("master committed without a file".into()))?;
-        tracing::info!(name = %name, size, chunks = file.chunk_count, replicas = replicas_achieved, ms = started.elapsed().as_millis() as u64, "upload committed");
-        Ok(UploadReport {
-            file,
-            replaced: commit.replaced,
-            replicas_achieved,
-            attempts_retried: retried,
-            elapsed: started.elapsed(),
-        })
+        committed(&name, commit, replicas_achieved, retried, started)
+    }
+
+    /// Aborts a reserved upload that did not land. Best effort: if the master cannot be told,
+    /// the reservation expires and is aborted there.
+    async fn give_up_reservation(&self, upload_id: String) {
+        let _ = self
+            .master()
+            .abort_upload(pb::AbortUploadRequest { upload_id })
+            .await;
+    }
+
+    /// Uploads a small file through a reserved upload: one write to each of its workers, then
+    /// the commit that names it. Anything that goes wrong short of reading the local file is
+    /// `Retry`: the caller then uploads the file the usual way, with its retries on fresh
+    /// placements. A chunk written here but never committed is collected as an orphan.
+    async fn upload_reserved(
+        &self,
+        slot: reserve::Slot,
+        name: &str,
+        size: u64,
+        file: &std::fs::File,
+        progress: &Arc<Progress>,
+        started: std::time::Instant,
+    ) -> Result<UploadReport, Reserved> {
+        let plan = slot.plan;
+        let id = plan.upload_id.clone();
+        let placement = plan.chunks.first().ok_or_else(|| {
+            Reserved::Retry("the reservation holds no placement".into(), id.clone())
+        })?;
+        let header = ChunkHeader {
+            format_version: chunk::FORMAT_VERSION,
+            chunk_id: placement.chunk_id.clone(),
+            // Fixed by the master at commit (a new version of a name keeps its id).
+            file_id: 0,
+            file_name: name.to_string(),
+            chunk_index: 0,
+            file_version: plan.version,
+            length: size,
+            crc32c: 0,
+            created_unix_ms: now_unix_ms(),
+            file_size: size,
+            chunk_size: plan.chunk_size,
+        };
+        let (stored_on, crc, sha) = self
+            .send_small_chunk(placement, header, file, 0, Sha256::new(), progress)
+            .await
+            .map_err(|e| match e.local {
+                Some(local) => Reserved::Failed(local, id.clone()),
+                None => Reserved::Retry(e.message, id.clone()),
+            })?;
+        if progress.is_cancelled() {
+            return Err(Reserved::Failed(ClientError::Cancelled, id));
+        }
+        let replicas_achieved = stored_on.len() as u32;
+        let commit = self
+            .batches
+            .commits
+            .call(pb::CommitUploadRequest {
+                upload_id: plan.upload_id.clone(),
+                chunks: vec![CommittedChunk {
+                    index: 0,
+                    chunk_id: placement.chunk_id.clone(),
+                    length: size,
+                    crc32c: crc,
+                    workers: stored_on,
+                }],
+                sha256: hex::encode(sha.finalize()),
+                name: name.to_string(),
+                size,
+            })
+            .await
+            .map_err(|s| Reserved::Retry(s.message().to_string(), id.clone()))?;
+        committed(name, commit, replicas_achieved, 0, started).map_err(|e| Reserved::Failed(e, id))
     }
 
     async fn send_chunks(
@@ -317,7 +410,7 @@ impl Client {
         let len = header.length;
         if len <= SMALL_CHUNK_MAX {
             return self
-                .send_small_chunk(placement, header, file, offset, sha, progress)
+                .send_small_chunk(placement, header, &file, offset, sha, progress)
                 .await;
         }
         let mut client = self.worker(&first).map_err(|e| AttemptError {
@@ -418,7 +511,7 @@ impl Client {
         &self,
         placement: &ChunkPlacement,
         header: ChunkHeader,
-        file: Arc<std::fs::File>,
+        file: &std::fs::File,
         offset: u64,
         mut sha: Sha256,
         progress: &Arc<Progress>,
@@ -471,6 +564,35 @@ impl Client {
         progress.done.fetch_add(len, Ordering::Relaxed);
         Ok((stored_on, crc, sha))
     }
+}
+
+/// Why an upload through a reservation (the upload id) did not land.
+enum Reserved {
+    /// Reading the local file failed, or the upload was cancelled: the upload fails.
+    Failed(ClientError, String),
+    /// Anything else: upload the file the usual way.
+    Retry(String, String),
+}
+
+/// The report of a committed upload.
+fn committed(
+    name: &str,
+    commit: pb::CommitUploadResponse,
+    replicas_achieved: u32,
+    retried: u32,
+    started: std::time::Instant,
+) -> Result<UploadReport, ClientError> {
+    let file = commit
+        .file
+        .ok_or_else(|| ClientError::Integrity("master committed without a file".into()))?;
+    tracing::info!(name = %name, size = file.size, chunks = file.chunk_count, replicas = replicas_achieved, ms = started.elapsed().as_millis() as u64, "upload committed");
+    Ok(UploadReport {
+        file,
+        replaced: commit.replaced,
+        replicas_achieved,
+        attempts_retried: retried,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// The workers that stored a chunk, if every one of its placement did.

@@ -122,7 +122,21 @@ pub(crate) struct OpenUpload {
     pub owner: String,
     /// When it last showed a sign of life (its lease).
     pub last_seen: Instant,
+    /// Opened ahead by `ReserveUploads`: no name or size until its commit, a shorter lease,
+    /// its own per-client cap, and nothing written to the store if it expires.
+    pub reserved: bool,
 }
+
+impl Master {
+    /// How long a reserved upload lives: short, since a client takes one for its next small
+    /// file and drops those it did not use within half of this.
+    pub(crate) fn reservation_lease(&self) -> Duration {
+        self.cfg.upload_lease.min(RESERVATION_LEASE)
+    }
+}
+
+/// The longest a reserved upload lives (less if `upload_lease` is shorter).
+const RESERVATION_LEASE: Duration = Duration::from_secs(60);
 
 /// In-memory state guarded by one mutex that is never held across an `.await`.
 #[derive(Default)]

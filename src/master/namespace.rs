@@ -20,6 +20,7 @@ use crate::config::human_bytes;
 use crate::events::Level;
 use crate::rpc::now_unix_ms;
 use crate::rpc::pb::{self, ChunkInfo, ChunkPlacement, FileInfo, ReplicaInfo};
+use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// Garbage entries written by a transaction, to mirror in memory.
 type Garbage = Vec<(String, GarbageRecord)>;
@@ -36,6 +37,8 @@ struct Installed {
     allocs: Vec<String>,
 }
 
+/// Most uploads one client may hold reserved (`ReserveUploads`), besides its open ones.
+pub const MAX_RESERVED_PER_CLIENT: usize = 1024;
 /// Placements returned with `StartUpload`; later chunks are allocated one by one.
 const FIRST_PLACEMENTS: u64 = 64;
 /// SHA-256 of no bytes.
@@ -159,23 +162,14 @@ impl Master {
             .lock()
             .uploads
             .values()
-            .filter(|u| u.owner == caller)
+            .filter(|u| u.owner == caller && !u.reserved)
             .count();
         if open >= cap {
             return Err(MasterError::LimitReached(format!(
                 "{caller} already has {open} open uploads (the limit is {cap}); finish or abort some first"
             )));
         }
-        let target = if req.replicas == 0 {
-            self.cfg.default_replicas
-        } else {
-            req.replicas
-        };
-        if target > MAX_REPLICAS {
-            return Err(MasterError::InvalidArgument(format!(
-                "replicas must be between 1 and {MAX_REPLICAS}, not {target}"
-            )));
-        }
+        let target = self.replicas_target(req.replicas)?;
         let cs = self.cfg.chunk_size;
         let n = chunk_count(req.size, cs);
         if n > u32::MAX as u64 {
@@ -246,6 +240,7 @@ impl Master {
                     record: record.clone(),
                     owner: caller.to_string(),
                     last_seen: Instant::now(),
+                    reserved: false,
                 },
             );
             record
@@ -260,6 +255,105 @@ impl Master {
             replicas_target: target,
             replicas_effective: effective,
             chunks: placements,
+        })
+    }
+
+    /// The replication factor an upload asking for `replicas` gets (0 = the default).
+    fn replicas_target(&self, replicas: u32) -> Result<u32, MasterError> {
+        let target = if replicas == 0 {
+            self.cfg.default_replicas
+        } else {
+            replicas
+        };
+        if target > MAX_REPLICAS {
+            return Err(MasterError::InvalidArgument(format!(
+                "replicas must be between 1 and {MAX_REPLICAS}, not {target}"
+            )));
+        }
+        Ok(target)
+    }
+
+    /// Opens up to `req.count` uploads ahead of time, each one placed chunk with no name yet,
+    /// so that a client writing many small files needs one call to the master per file (the
+    /// commit) instead of two. The caller's reserved uploads are capped on their own
+    /// ([`MAX_RESERVED_PER_CLIENT`]) and never count against its open uploads: past the cap
+    /// fewer (or none) come back, and the client starts its uploads as usual. Reserving
+    /// touches no store (as starting does); one that is never committed expires after
+    /// [`Master::reservation_lease`] and is aborted like an abandoned upload, so a chunk
+    /// written to it is deleted.
+    pub fn reserve_uploads(
+        &self,
+        req: pb::ReserveUploadsRequest,
+        caller: &str,
+    ) -> Result<pb::ReserveUploadsResponse, MasterError> {
+        self.check_not_rebuilding()?;
+        let target = self.replicas_target(req.replicas)?;
+        let cs = self.cfg.chunk_size;
+        let max_size = SMALL_CHUNK_MAX.min(cs);
+        // The write capabilities must outlive the time the client may still use them.
+        let mut lease = self.reservation_lease();
+        if self.cfg.cluster_secret.is_some() {
+            lease = lease.min(self.cfg.chunk_token_ttl);
+        }
+        let lease_ms = lease.as_millis() as u64;
+        let mut inner = self.lock();
+        let held = inner
+            .uploads
+            .values()
+            .filter(|u| u.owner == caller && u.reserved)
+            .count();
+        let n = (req.count as usize).min(MAX_RESERVED_PER_CLIENT.saturating_sub(held));
+        let mut uploads = Vec::with_capacity(n);
+        for _ in 0..n {
+            let placement =
+                match self.placement(&mut inner, 0, ChunkId::generate(), max_size, target, &[]) {
+                    Ok(p) => p,
+                    Err(e) if uploads.is_empty() => return Err(e),
+                    // Out of space part way: what was placed is still good.
+                    Err(_) => break,
+                };
+            let version = inner.next_version;
+            inner.next_version += 1;
+            let upload_id = format!("{:032x}", random_u128());
+            inner.upload_chunks.insert(placement.chunk_id.clone());
+            let record = UploadRecord {
+                upload_id: upload_id.clone(),
+                name: String::new(),
+                file_id: 0,
+                version,
+                size: 0,
+                chunk_size: cs,
+                replicas: target,
+                created_unix_ms: now_unix_ms(),
+                allocations: vec![Allocation {
+                    index: 0,
+                    chunk_id: placement.chunk_id.clone(),
+                    workers: placement.workers.clone(),
+                }],
+            };
+            inner.uploads.insert(
+                upload_id.clone(),
+                OpenUpload {
+                    record,
+                    owner: caller.to_string(),
+                    last_seen: Instant::now(),
+                    reserved: true,
+                },
+            );
+            uploads.push(pb::StartUploadResponse {
+                upload_id,
+                file_id: 0,
+                version,
+                chunk_size: cs,
+                replicas_target: target,
+                replicas_effective: placement.workers.len() as u32,
+                chunks: vec![placement],
+            });
+        }
+        Ok(pb::ReserveUploadsResponse {
+            uploads,
+            lease_ms,
+            max_size,
         })
     }
 
@@ -351,14 +445,18 @@ impl Master {
                 )));
                 continue;
             }
-            let name = self
+            let bound = self
                 .lock()
                 .uploads
                 .get(&req.upload_id)
-                .map(|u| u.record.name.clone());
-            let Some(name) = name else {
-                answers[i] = Some(Err(MasterError::UploadNotFound(req.upload_id.clone())));
-                continue;
+                .map(|u| bind(u, &req))
+                .unwrap_or_else(|| Err(MasterError::UploadNotFound(req.upload_id.clone())));
+            let name = match bound {
+                Ok(upload) => upload.name,
+                Err(e) => {
+                    answers[i] = Some(Err(e));
+                    continue;
+                }
             };
             // The first round after the last one that already holds this name.
             let r = round_names
@@ -412,22 +510,27 @@ impl Master {
         round: Vec<(usize, pb::CommitUploadRequest)>,
     ) -> Result<(RoundAnswers, CommitSeq), MasterError> {
         // Under the namespace lock: no other commit or abort of these uploads runs meanwhile.
-        let uploads: Vec<Option<UploadRecord>> = {
+        let uploads: Vec<Result<UploadRecord, MasterError>> = {
             let inner = self.lock();
             round
                 .iter()
-                .map(|(_, req)| inner.uploads.get(&req.upload_id).map(|u| u.record.clone()))
+                .map(|(_, req)| {
+                    inner
+                        .uploads
+                        .get(&req.upload_id)
+                        .map(|u| bind(u, req))
+                        .unwrap_or_else(|| Err(MasterError::UploadNotFound(req.upload_id.clone())))
+                })
                 .collect()
         };
         let (outcomes, seq) = self.store.write_deferred_with(
             |t| -> Result<Vec<Result<Installed, MasterError>>, MasterError> {
                 let mut outcomes = Vec::with_capacity(round.len());
-                for ((_, req), upload) in round.iter().zip(&uploads) {
-                    let Some(upload) = upload else {
-                        outcomes.push(Err(MasterError::UploadNotFound(req.upload_id.clone())));
-                        continue;
-                    };
-                    outcomes.push(self.install_commit(t, upload, req)?);
+                for ((_, req), upload) in round.iter().zip(uploads) {
+                    match upload {
+                        Ok(upload) => outcomes.push(self.install_commit(t, &upload, req)?),
+                        Err(e) => outcomes.push(Err(e)),
+                    }
                 }
                 Ok(outcomes)
             },
@@ -499,11 +602,15 @@ impl Master {
         upload: &UploadRecord,
         req: &pb::CommitUploadRequest,
     ) -> Result<Result<Installed, MasterError>, MasterError> {
-        let file = match validate_commit(upload, req) {
+        let mut file = match validate_commit(upload, req) {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
         let old = t.get_file(&file.name)?;
+        // A reserved upload learns its name only now: a new version keeps the file's id.
+        if file.file_id == 0 {
+            file.file_id = old.as_ref().map_or(upload.version, |o| o.file_id);
+        }
         if let Some(o) = &old
             && o.version > upload.version
         {
@@ -515,7 +622,7 @@ impl Master {
         t.put_file(&file)?;
         // Versions are handed out from memory; the store keeps a bound above every
         // committed one, so none is reused after a restart.
-        t.ensure_file_id_above(upload.version.max(upload.file_id))?;
+        t.ensure_file_id_above(upload.version.max(file.file_id))?;
         let committed: std::collections::HashSet<&str> =
             file.chunks.iter().map(|c| c.chunk_id.as_str()).collect();
         let mut garbage = Vec::new();
@@ -588,8 +695,8 @@ impl Master {
             .lock()
             .uploads
             .remove(upload_id)
-            .ok_or_else(|| MasterError::UploadNotFound(upload_id.to_string()))?
-            .record;
+            .ok_or_else(|| MasterError::UploadNotFound(upload_id.to_string()))?;
+        let (upload, reserved) = (upload.record, upload.reserved);
         // Deferred: if the garbage records are lost in a crash, the chunks are orphans and
         // collected as such.
         let allocated: Vec<String> = upload
@@ -629,6 +736,12 @@ impl Master {
             inner.garbage.extend(garbage);
             upload
         };
+        // A reservation was given up (by a client that sends the file again the usual way)
+        // or not needed: no news for the console.
+        if reserved {
+            tracing::debug!(upload = %upload_id, "reserved upload aborted");
+            return Ok(());
+        }
         self.events.record(
             Level::Warn,
             format!(
@@ -883,6 +996,38 @@ fn validate_batch(names: &[String]) -> Result<(), MasterError> {
 }
 
 /// Checks a commit against its upload and builds the file record it would install.
+/// The upload a commit completes: a reserved one takes its name and size from the commit
+/// (checked here, as `StartUpload` checks them); a started one must not be given others.
+fn bind(upload: &OpenUpload, req: &pb::CommitUploadRequest) -> Result<UploadRecord, MasterError> {
+    let mut record = upload.record.clone();
+    if upload.reserved {
+        crate::names::validate(&req.name)?;
+        let max = SMALL_CHUNK_MAX.min(record.chunk_size);
+        if req.size == 0 || req.size > max {
+            return Err(MasterError::InvalidArgument(format!(
+                "a reserved upload holds 1 to {max} bytes, not {}",
+                req.size
+            )));
+        }
+        record.name = req.name.clone();
+        record.size = req.size;
+        return Ok(record);
+    }
+    if !req.name.is_empty() && req.name != record.name {
+        return Err(MasterError::InvalidArgument(format!(
+            "upload {} is of {:?}, not {:?}",
+            record.upload_id, record.name, req.name
+        )));
+    }
+    if req.size != 0 && req.size != record.size {
+        return Err(MasterError::InvalidArgument(format!(
+            "upload {} is of {} bytes, not {}",
+            record.upload_id, record.size, req.size
+        )));
+    }
+    Ok(record)
+}
+
 fn validate_commit(
     upload: &UploadRecord,
     req: &pb::CommitUploadRequest,
@@ -947,7 +1092,7 @@ fn validate_commit(
 
 /// Aborts uploads whose lease ran out (the client died or gave up without saying so).
 pub(crate) async fn upload_expiry(master: Arc<Master>, mut stop: watch::Receiver<bool>) {
-    let period = (master.cfg.upload_lease / 4).clamp(
+    let period = (master.reservation_lease() / 4).clamp(
         std::time::Duration::from_millis(100),
         std::time::Duration::from_secs(30),
     );
@@ -956,17 +1101,27 @@ pub(crate) async fn upload_expiry(master: Arc<Master>, mut stop: watch::Receiver
             _ = stop.changed() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let expired: Vec<String> = {
-            let inner = master.lock();
-            inner
-                .uploads
-                .iter()
-                .filter(|(_, u)| u.last_seen.elapsed() > master.cfg.upload_lease)
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        for id in expired {
-            tracing::warn!(upload = %id, "upload lease expired");
+        let mut expired = Vec::new();
+        let mut reserved = 0;
+        for (id, u) in master.lock().uploads.iter() {
+            let lease = if u.reserved {
+                master.reservation_lease()
+            } else {
+                master.cfg.upload_lease
+            };
+            if u.last_seen.elapsed() > lease {
+                reserved += usize::from(u.reserved);
+                expired.push((id.clone(), u.reserved));
+            }
+        }
+        if reserved > 0 {
+            // Most were simply not needed: the client that reserved them stopped writing.
+            tracing::debug!(count = reserved, "reserved uploads expired");
+        }
+        for (id, reserved) in expired {
+            if !reserved {
+                tracing::warn!(upload = %id, "upload lease expired");
+            }
             if let Err(e) = master.abort_upload(&id).await {
                 tracing::warn!(upload = %id, error = %e, "could not expire upload");
             }

@@ -64,7 +64,13 @@ pub fn decide(
                 .or_default()
                 .entry(h.file_version)
                 .or_default();
-            cand.file_id = h.file_id;
+            // 0: written through a reserved upload, whose id the commit fixed; a new name's
+            // id is its first version, the best guess left.
+            cand.file_id = if h.file_id != 0 {
+                h.file_id
+            } else {
+                h.file_version
+            };
             cand.size = h.file_size;
             cand.chunk_size = h.chunk_size;
             cand.created_unix_ms = cand.created_unix_ms.max(h.created_unix_ms);
@@ -283,5 +289,22 @@ mod tests {
         assert_eq!(o.files[0].chunks.len(), 2);
         assert_eq!(o.incomplete, vec![("a".to_string(), 2, 1, 3)]);
         assert_eq!(o.chunks_seen, 6);
+    }
+
+    #[test]
+    fn a_chunk_written_through_a_reserved_upload_takes_its_version_as_file_id() {
+        let mut r: HashMap<String, Vec<ChunkReport>> = HashMap::new();
+        let mut reserved = rep("s", 9, 0, 4, "s9-0");
+        if let Some(h) = reserved.header.as_mut() {
+            h.file_id = 0;
+        }
+        r.insert("w1".into(), vec![reserved, rep("t", 3, 0, 4, "t3-0")]);
+        let o = decide(&r, 3);
+        let ids: Vec<(&str, u64, u64)> = o
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.version, f.file_id))
+            .collect();
+        assert_eq!(ids, [("s", 9, 9), ("t", 3, 1)]);
     }
 }

@@ -167,6 +167,21 @@ impl pb::master_server::Master for MasterService {
         finish("start_uploads", &p, &what, t, res)
     }
 
+    async fn reserve_uploads(
+        &self,
+        req: Request<pb::ReserveUploadsRequest>,
+    ) -> Result<Response<pb::ReserveUploadsResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let caller = crate::security::guard::Caller::of(&req);
+        let r = req.into_inner();
+        let n = r.count as usize;
+        if n > MAX_BATCH {
+            return finish("reserve_uploads", &p, "", t, Err(too_many("uploads", n)));
+        }
+        let res = self.master.reserve_uploads(r, &caller.subject);
+        finish("reserve_uploads", &p, &format!("{n} uploads"), t, res)
+    }
+
     async fn allocate_chunk(
         &self,
         req: Request<pb::AllocateChunkRequest>,

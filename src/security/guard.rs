@@ -30,9 +30,9 @@ pub enum Need {
 pub fn master_need(method: &str) -> Option<Need> {
     Some(match method {
         "Register" | "Heartbeat" => Need::Worker,
-        "StartUpload" | "StartUploads" | "AllocateChunk" | "CommitUpload" | "CommitUploads"
-        | "RenewUpload" | "AbortUpload" | "DeleteFile" | "CreateEmpty" | "DeleteMany"
-        | "SetDraining" => Need::Write,
+        "StartUpload" | "StartUploads" | "ReserveUploads" | "AllocateChunk" | "CommitUpload"
+        | "CommitUploads" | "RenewUpload" | "AbortUpload" | "DeleteFile" | "CreateEmpty"
+        | "DeleteMany" | "SetDraining" => Need::Write,
         "GetFile" | "GetFiles" | "ListFiles" | "ReportBadReplica" | "ClusterStatus"
         | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" => Need::Read,
         _ => return None,
