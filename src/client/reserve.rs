@@ -33,6 +33,8 @@ const BACK_OFF: Duration = Duration::from_secs(1);
 pub(crate) struct Slot {
     pub plan: pb::StartUploadResponse,
     pub max_size: u64,
+    /// The replication factor asked for (its pool).
+    pub replicas: u32,
     use_by: Instant,
 }
 
@@ -162,6 +164,7 @@ impl Reservations {
                 pool.slots.extend(r.uploads.into_iter().map(|plan| Slot {
                     plan,
                     max_size: r.max_size,
+                    replicas,
                     use_by,
                 }));
             }
@@ -173,6 +176,13 @@ impl Reservations {
                 tracing::debug!(error = %s.message(), "could not reserve uploads");
                 pool.off_until = Some(now + BACK_OFF);
             }
+        }
+    }
+
+    /// Drops every reservation of one pool (the master forgot them: it restarted).
+    pub fn forget(&self, replicas: u32) {
+        if let Some(pool) = self.pools().get_mut(&replicas) {
+            pool.slots.clear();
         }
     }
 

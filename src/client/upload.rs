@@ -225,7 +225,7 @@ impl Client {
         progress: &Arc<Progress>,
         started: std::time::Instant,
     ) -> Result<UploadReport, Reserved> {
-        let plan = slot.plan;
+        let (plan, replicas) = (slot.plan, slot.replicas);
         let id = plan.upload_id.clone();
         let placement = plan.chunks.first().ok_or_else(|| {
             Reserved::Retry("the reservation holds no placement".into(), id.clone())
@@ -272,7 +272,14 @@ impl Client {
                 size,
             })
             .await
-            .map_err(|s| Reserved::Retry(s.message().to_string(), id.clone()))?;
+            .map_err(|s| {
+                // The master no longer knows it: it restarted (it keeps reservations in
+                // memory only), so the others in the pool are gone too.
+                if s.code() == tonic::Code::NotFound {
+                    self.reservations.forget(replicas);
+                }
+                Reserved::Retry(s.message().to_string(), id.clone())
+            })?;
         committed(name, commit, replicas_achieved, 0, started).map_err(|e| Reserved::Failed(e, id))
     }
 
