@@ -1214,3 +1214,40 @@ async fn a_stream_of_small_uploads_goes_through_reservations_and_survives_a_dead
         "no reserved upload was tried: {stats:?}"
     );
 }
+
+/// A download into a pipe (a FIFO here; `-o /dev/null` and `-o /dev/stdout` take the same
+/// path) streams into it in place: the reader gets every byte, and the pipe is still a pipe
+/// afterwards (a finished file renamed over it would have replaced it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_into_a_pipe_streams_in_place_and_leaves_it_a_pipe() {
+    use std::os::unix::fs::FileTypeExt;
+    let t = TestCluster::start(small_chunks(3)).await;
+    let src = make_file(&t.scratch().join("src"), 3 * MIB + 5, 77);
+    t.must_upload(&src, "piped").await;
+    let fifo = t.scratch().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        t.client
+            .download("piped", &fifo, DownloadOptions::default()),
+    )
+    .await
+    .expect("download finished")
+    .unwrap();
+    assert_eq!(r.file.size, 3 * MIB + 5);
+    let got = reader.join().unwrap();
+    assert_eq!(got, std::fs::read(&src).unwrap());
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(meta.file_type().is_fifo(), "the pipe was replaced");
+    // Nothing was left beside it.
+    let names: Vec<String> = std::fs::read_dir(t.scratch())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("dfs-part")), "{names:?}");
+}

@@ -93,6 +93,21 @@ impl Client {
         opts: DownloadOptions,
     ) -> Result<DownloadReport, ClientError> {
         let started = std::time::Instant::now();
+        // A device or pipe (`-o /dev/null`, `-o /dev/stdout`, a FIFO) is written in place, as
+        // `cp` or `curl -o` would: renaming a finished file over it would replace the device.
+        if let Ok(meta) = std::fs::metadata(dest) {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_char_device() || t.is_fifo() {
+                return self.download_in_place(name, dest, started, opts).await;
+            }
+            if t.is_block_device() || t.is_socket() {
+                return Err(ClientError::InvalidInput(format!(
+                    "{} is a block device or socket; refusing to write a download to it",
+                    dest.display()
+                )));
+            }
+        }
         if !opts.force && dest.symlink_metadata().is_ok() {
             return Err(ClientError::DestinationExists(dest.to_path_buf()));
         }
@@ -162,6 +177,50 @@ impl Client {
         {
             let _ = d.sync_all();
         }
+        tracing::info!(
+            name,
+            bytes = file.size,
+            failovers,
+            ms = started.elapsed().as_millis() as u64,
+            "download complete"
+        );
+        Ok(DownloadReport {
+            file,
+            path: dest.to_path_buf(),
+            failovers,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Streams `name` into a device or pipe that already exists. Each chunk is checked before
+    /// it is written; the whole file's SHA-256 can only be checked at the end, so a mismatch
+    /// there is reported after the bytes went out (a reader of the pipe sees the error as the
+    /// command's exit status).
+    async fn download_in_place(
+        &self,
+        name: &str,
+        dest: &Path,
+        started: std::time::Instant,
+        opts: DownloadOptions,
+    ) -> Result<DownloadReport, ClientError> {
+        let local_err = |source: std::io::Error| ClientError::LocalIo {
+            op: "write",
+            path: dest.to_path_buf(),
+            source,
+        };
+        let file = self.stat_with_replicas(name).await?;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dest)
+            .map_err(local_err)?;
+        let progress = opts.progress.clone().unwrap_or_default();
+        let (_, failovers) =
+            self.read_file_to(&file, out, &progress)
+                .await
+                .map_err(|e| match e {
+                    ClientError::LocalIo { source, .. } => local_err(source),
+                    e => e,
+                })?;
         tracing::info!(
             name,
             bytes = file.size,
