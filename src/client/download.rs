@@ -177,19 +177,7 @@ impl Client {
         {
             let _ = d.sync_all();
         }
-        tracing::info!(
-            name,
-            bytes = file.size,
-            failovers,
-            ms = started.elapsed().as_millis() as u64,
-            "download complete"
-        );
-        Ok(DownloadReport {
-            file,
-            path: dest.to_path_buf(),
-            failovers,
-            elapsed: started.elapsed(),
-        })
+        Ok(downloaded(name, dest, file, failovers, started))
     }
 
     /// Streams `name` into a device or pipe that already exists. Each chunk is checked before
@@ -221,19 +209,7 @@ impl Client {
                     ClientError::LocalIo { source, .. } => local_err(source),
                     e => e,
                 })?;
-        tracing::info!(
-            name,
-            bytes = file.size,
-            failovers,
-            ms = started.elapsed().as_millis() as u64,
-            "download complete"
-        );
-        Ok(DownloadReport {
-            file,
-            path: dest.to_path_buf(),
-            failovers,
-            elapsed: started.elapsed(),
-        })
+        Ok(downloaded(name, dest, file, failovers, started))
     }
 
     /// Reads `name` whole into memory, verified. For small files (benchmarks, tools); large
@@ -496,6 +472,29 @@ impl Client {
         }
         progress.done.fetch_add(*got, Ordering::Relaxed);
         Ok(vec![data])
+    }
+}
+
+/// The report of a finished download, logged.
+fn downloaded(
+    name: &str,
+    dest: &Path,
+    file: FileInfo,
+    failovers: u32,
+    started: std::time::Instant,
+) -> DownloadReport {
+    tracing::info!(
+        name,
+        bytes = file.size,
+        failovers,
+        ms = started.elapsed().as_millis() as u64,
+        "download complete"
+    );
+    DownloadReport {
+        file,
+        path: dest.to_path_buf(),
+        failovers,
+        elapsed: started.elapsed(),
     }
 }
 

@@ -123,7 +123,7 @@ pub(crate) struct OpenUpload {
     /// When it last showed a sign of life (its lease).
     pub last_seen: Instant,
     /// Opened ahead by `ReserveUploads`: no name or size until its commit, a shorter lease,
-    /// its own per-client cap, and nothing written to the store if it expires.
+    /// its own per-client cap, and no event when it is aborted or expires.
     pub reserved: bool,
 }
 

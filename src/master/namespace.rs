@@ -995,7 +995,6 @@ fn validate_batch(names: &[String]) -> Result<(), MasterError> {
     Ok(())
 }
 
-/// Checks a commit against its upload and builds the file record it would install.
 /// The upload a commit completes: a reserved one takes its name and size from the commit
 /// (checked here, as `StartUpload` checks them); a started one must not be given others.
 fn bind(upload: &OpenUpload, req: &pb::CommitUploadRequest) -> Result<UploadRecord, MasterError> {
@@ -1028,6 +1027,7 @@ fn bind(upload: &OpenUpload, req: &pb::CommitUploadRequest) -> Result<UploadReco
     Ok(record)
 }
 
+/// Checks a commit against its upload and builds the file record it would install.
 fn validate_commit(
     upload: &UploadRecord,
     req: &pb::CommitUploadRequest,
