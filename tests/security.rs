@@ -1256,3 +1256,43 @@ async fn streams_per_connection_are_capped() {
     .await;
     assert!(matches!(freed, Ok(Ok(_))), "{freed:?}");
 }
+
+/// With a cluster secret, reserved uploads carry write capabilities that the workers accept:
+/// a stream of small uploads by one client goes through them, and every file reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_uploads_carry_capabilities_the_workers_accept() {
+    let tc = start_secured(small_chunks(3)).await;
+    let dir = tc.scratch();
+    let mut files = Vec::new();
+    for i in 0..40u64 {
+        let name = format!("res-{i}");
+        let path = make_file(&dir.join(&name), 500 + i * 101, 900 + i);
+        tc.must_upload(&path, &name).await;
+        files.push((name, path));
+    }
+    let stats = tc.client.reservations();
+    assert!(stats.committed >= 20, "{stats:?}");
+    assert_eq!(stats.fell_back, 0, "{stats:?}");
+    for (name, path) in &files {
+        assert_eq!(
+            tc.client.read(name).await.unwrap(),
+            std::fs::read(path).unwrap(),
+            "{name}"
+        );
+    }
+    // Every reserved placement carries a capability for its own chunk.
+    let mut m = master_as(
+        tc.cluster.master_addr(),
+        Some(&token(TokenKind::ReadWrite, "owner")),
+    );
+    let r = m
+        .reserve_uploads(pb::ReserveUploadsRequest {
+            count: 3,
+            replicas: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.uploads.len(), 3);
+    assert!(r.uploads.iter().all(|u| !u.chunks[0].token.is_empty()));
+}
