@@ -51,6 +51,9 @@ pub struct OpStats {
     /// Creates committed through an upload reserved ahead (one master call instead of two);
     /// 0 for the other phases.
     pub reserved: u64,
+    /// For reads: the page cache they started with (`cold` after a drop, as MooseFS's
+    /// side-by-side script reads); empty for the other phases.
+    pub cache: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -384,6 +387,13 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
     for &c in concurrency {
         let c = c.max(1);
         for phase in ["create", "read", "stat", "delete"] {
+            // Reads start cold where permitted: the workers' page cache is dropped, so each
+            // read goes to the disk, as a cold read of any file system does.
+            let cache = if phase == "read" {
+                drop_caches(cfg.warm)
+            } else {
+                String::new()
+            };
             let res = phase_start(client).await;
             let reserved_before = client.reservations().committed;
             progress(&format!(
@@ -447,6 +457,7 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                 p50_ms: percentile(&lat, 0.5),
                 p99_ms: percentile(&lat, 0.99),
                 reserved: client.reservations().committed - reserved_before,
+                cache,
             });
             phase_end(
                 client,
@@ -594,6 +605,9 @@ pub fn render(r: &BenchReport) -> String {
                 "creates through reserved uploads: {}",
                 reserved.join(", ")
             );
+        }
+        if let Some(o) = r.small.iter().find(|o| o.phase == "read") {
+            let _ = writeln!(s, "reads began with the page cache {}", o.cache);
         }
     }
     if let Some(m) = &r.meta {
