@@ -1112,6 +1112,8 @@ async fn reservations_are_capped_apart_from_uploads_and_expire_unused() {
         dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
     let first = reserve(&mut m, 1000).await;
     assert_eq!(first.uploads.len(), 1000);
+    let s = t.cluster.master().cluster_status();
+    assert_eq!((s.open_uploads, s.reserved_uploads), (0, 1000));
     assert_eq!(first.lease_ms, 1000);
     let rest = reserve(&mut m, 100).await;
     assert_eq!(rest.uploads.len(), 24, "the cap is 1,024 per client");
@@ -1131,7 +1133,8 @@ async fn reservations_are_capped_apart_from_uploads_and_expire_unused() {
     }
     let master = t.cluster.master().clone();
     let gone = wait_until(Duration::from_secs(10), || {
-        master.cluster_status().open_uploads == 0
+        let s = master.cluster_status();
+        s.open_uploads == 0 && s.reserved_uploads == 0
     })
     .await;
     assert!(gone, "reservations never expired");

@@ -306,8 +306,8 @@ pub fn status(st: &ClusterStatusResponse, as_json: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "pending:    {} chunk deletion(s), {} orphan chunk(s), {} open upload(s)",
-        st.pending_deletions, st.orphan_chunks, st.open_uploads
+        "pending:    {} chunk deletion(s), {} orphan chunk(s), {} open upload(s), {} reserved",
+        st.pending_deletions, st.orphan_chunks, st.open_uploads, st.reserved_uploads
     );
     if !st.matrix.is_empty() {
         let max_live = st.matrix.iter().map(|c| c.live).max().unwrap_or(0);

@@ -64,7 +64,8 @@ impl Master {
             repair_bytes_per_sec: inner.repair.rate(now),
             orphan_chunks: inner.orphans.len() as u64,
             pending_deletions: inner.garbage.len() as u64,
-            open_uploads: inner.uploads.len() as u64,
+            open_uploads: inner.uploads.values().filter(|u| !u.reserved).count() as u64,
+            reserved_uploads: inner.uploads.values().filter(|u| u.reserved).count() as u64,
             chunk_size: self.cfg.chunk_size,
             default_replicas: self.cfg.default_replicas,
             ..Default::default()
