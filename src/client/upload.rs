@@ -214,8 +214,8 @@ impl Client {
 
     /// Uploads a small file through a reserved upload: one write to each of its workers, then
     /// the commit that names it. Anything that goes wrong short of reading the local file is
-    /// `Retry`: the caller then uploads the file the usual way, with its retries on fresh
-    /// placements. A chunk written here but never committed is collected as an orphan.
+    /// `Retry`: the caller then aborts the reservation (so a chunk written here is deleted)
+    /// and uploads the file the usual way, with its retries on fresh placements.
     async fn upload_reserved(
         &self,
         slot: reserve::Slot,
