@@ -505,11 +505,7 @@ fn secure_cluster_from_the_command_line() {
 fn reserved_uploads_survive_kill9_of_the_master() {
     let mut b = Binaries::start_with(3, &["--gc-grace", "200ms"]);
     b.wait_alive(3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = rt
         .block_on(dfs::client::Client::connect(&b.master_addr()))
         .unwrap();

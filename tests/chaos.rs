@@ -230,11 +230,7 @@ fn chaos() {
     let model: Arc<Mutex<HashMap<String, Possible>>> = Arc::default();
     let summary: Arc<Mutex<Summary>> = Arc::default();
     let until = Instant::now() + Duration::from_secs(secs);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let clients: Vec<_> = (0..3)
         .map(|i| {
             rt.spawn(client_loop(

@@ -250,11 +250,7 @@ fn fsck_exits_non_zero_when_a_chunk_has_no_live_replica() {
 fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master() {
     let mut b = Binaries::start_with(3, &["--gc-grace", "500ms", "--upload-lease", "3s"]);
     b.wait_alive(3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let src = b.cwd().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let until = Instant::now() + Duration::from_secs(8);

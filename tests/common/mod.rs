@@ -302,6 +302,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A two-thread runtime for tests that drive the client library beside real binaries (the
+/// test itself stays synchronous so its process guards run on every exit path).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}
+
 /// A port that was free a moment ago (bind to 0, read, release).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
