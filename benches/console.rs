@@ -33,7 +33,7 @@ fn files(n: usize) -> Vec<FileInfo> {
             replicas_target: 3,
             replicas_min_live: if i % 1000 == 0 { 2 } else { 3 },
             modified_unix_ms: 1_795_000_000_000 + i as i64,
-            sha256: format!("{i:064x}"),
+            blake3: format!("{i:064x}"),
             ..Default::default()
         })
         .collect()

@@ -10,14 +10,15 @@
 //!   downloads verified end to end, with retries and replica fail-over.
 //! - [`cluster`]: a whole cluster in one process (master + N workers on port 0).
 //! - [`cli`]: the scriptable `dfs-tui --cmd` front end.
-//! - Small shared modules: [`chunk`] (ids, checksums, on-disk format), [`names`], [`config`],
-//!   [`events`], [`logging`], [`server`].
+//! - Small shared modules: [`chunk`] (ids, checksums, on-disk format), [`digest`] (whole-file
+//!   digests), [`names`], [`config`], [`events`], [`logging`], [`server`].
 
 pub mod chunk;
 pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod digest;
 pub mod events;
 pub mod groupsync;
 pub mod logging;

@@ -62,7 +62,8 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
     }
     let stat = b.cli(&["--cmd", "stat", "photo.jpg"]);
     assert!(
-        stat.stdout.contains(&sha256_file(&files[0])),
+        stat.stdout
+            .contains(&format!("blake3:     {}", blake3_file(&files[0]))),
         "{}",
         stat.stdout
     );

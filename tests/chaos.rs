@@ -64,7 +64,7 @@ fn content(dir: &Path, name: &str, version: u64) -> (PathBuf, String) {
     let size = if version.is_multiple_of(7) { 0 } else { size };
     let p = dir.join(format!("{name}.v{version}"));
     make_file(&p, size, version * 31 + name.len() as u64);
-    let h = sha256_file(&p);
+    let h = blake3_file(&p);
     (p, h)
 }
 
@@ -112,7 +112,7 @@ async fn client_loop(
             match r {
                 Ok(rep) => {
                     assert_eq!(
-                        rep.file.sha256, hash,
+                        rep.file.blake3, hash,
                         "upload of {name} stored another digest"
                     );
                     *entry = vec![Some(hash)];
@@ -145,9 +145,9 @@ async fn client_loop(
             s.downloads += 1;
             match r {
                 Ok(rep) => {
-                    let got = sha256_file(&dest);
+                    let got = blake3_file(&dest);
                     assert_eq!(
-                        got, rep.file.sha256,
+                        got, rep.file.blake3,
                         "download of {name} returned wrong bytes"
                     );
                     assert!(
@@ -328,7 +328,7 @@ fn chaos() {
         ));
         match r {
             Ok(rep) => {
-                let got = sha256_file(&dest);
+                let got = blake3_file(&dest);
                 assert!(
                     possible.contains(&Some(got.clone())),
                     "{name}: final {got} not in {possible:?}"

@@ -70,7 +70,7 @@ fn file(name: &str, size: u64, live: u32) -> FileInfo {
         replicas_target: 3,
         replicas_min_live: live,
         modified_unix_ms: 1_795_000_000_000,
-        sha256: "ab".repeat(32),
+        blake3: "ab".repeat(32),
         version: 7,
         file_id: 3,
         ..Default::default()

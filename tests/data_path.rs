@@ -21,7 +21,8 @@ async fn round_trips_are_byte_exact_at_chunk_boundaries() {
         let r = t.must_upload(&path, &name).await;
         assert_eq!(r.file.size, size);
         assert_eq!(r.file.chunk_count, size.div_ceil(cs));
-        assert_eq!(r.file.sha256, sha256_file(&path), "digest of {name}");
+        assert_eq!(r.file.blake3, blake3_file(&path), "digest of {name}");
+        assert!(r.file.sha256.is_empty(), "new files record BLAKE3 only");
         if size > 0 {
             assert_eq!(r.replicas_achieved, 3);
         }
@@ -602,6 +603,114 @@ fn commit_for(plan: &pb::StartUploadResponse, data: &[u8]) -> pb::CommitUploadRe
         sha256: hex::encode(sha2::Sha256::digest(data)),
         ..Default::default()
     }
+}
+
+/// Whole-file digests: a commit needs one (BLAKE3 from current clients, SHA-256 from older
+/// ones), well formed; a download checks the one recorded, and a file whose bytes do not
+/// match it fails as an integrity error with nothing left at the destination, even though
+/// every chunk's CRC is right (the master never sees the bytes, so only the reader can tell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_check_the_recorded_blake3_or_legacy_sha256_digest() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let names = [
+        "legacy",
+        "current",
+        "wrong-b3",
+        "wrong-sha",
+        "none",
+        "bad-hex",
+    ];
+    let plans: Vec<pb::StartUploadResponse> = start_uploads(&mut m, &names, 10)
+        .await
+        .into_iter()
+        .map(|r| r.upload.expect("started"))
+        .collect();
+    let data = b"ten bytes!";
+    for plan in &plans {
+        write_chunk_direct(&plan.chunks[0], "x", data, None)
+            .await
+            .unwrap();
+    }
+    let b3 = blake3::hash(data).to_hex().to_string();
+    let with = |i: usize, blake3: &str, sha256: Option<&str>| {
+        let mut c = commit_for(&plans[i], data);
+        c.blake3 = blake3.to_string();
+        if let Some(s) = sha256 {
+            c.sha256 = s.to_string();
+        }
+        c
+    };
+    let commits = vec![
+        with(0, "", None), // commit_for fills in the right SHA-256
+        with(1, &b3, Some("")),
+        with(2, &"0".repeat(64), Some("")),
+        with(3, "", Some(&"0".repeat(64))),
+        with(4, "", Some("")),
+        with(5, &b3.to_uppercase(), Some("")),
+    ];
+    let r = m
+        .commit_uploads(pb::CommitUploadsRequest { commits })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for i in 0..4 {
+        assert!(r[i].commit.is_some(), "{}: {:?}", names[i], r[i]);
+    }
+    for refused in &r[4..6] {
+        assert_eq!(
+            refused.code,
+            tonic::Code::InvalidArgument as i32,
+            "{refused:?}"
+        );
+    }
+    assert!(
+        r[4].message.contains("needs the file's blake3"),
+        "{:?}",
+        r[4]
+    );
+    assert!(r[5].message.contains("blake3 must be"), "{:?}", r[5]);
+
+    let legacy = t.client.stat("legacy").await.unwrap();
+    assert!(legacy.blake3.is_empty() && legacy.sha256.len() == 64);
+    assert_eq!(t.client.read("legacy").await.unwrap(), data);
+    assert_eq!(t.client.stat("current").await.unwrap().blake3, b3);
+    assert_eq!(t.client.read("current").await.unwrap(), data);
+
+    let dir = t.scratch();
+    for (name, alg) in [("wrong-b3", "blake3"), ("wrong-sha", "sha256")] {
+        let e = t.client.read(name).await.unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("file {alg} is")),
+            "{name}: {e}"
+        );
+        let dest = dir.join(name);
+        let e = t
+            .client
+            .download(name, &dest, DownloadOptions::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("expected"), "{name}: {e}");
+        assert!(
+            !dest.exists(),
+            "a download that failed its digest left {name}"
+        );
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 0, "no part file is left behind");
+    }
+    // The refused commits left their uploads open; a well-formed digest goes through.
+    let again = m
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits: vec![with(4, &b3, Some("")), with(5, &b3, Some(""))],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(again.iter().all(|a| a.commit.is_some()), "{again:?}");
+    assert_eq!(t.client.read("bad-hex").await.unwrap(), data);
 }
 
 /// `StartUploads` and `CommitUploads` answer each item on its own: a refused commit does not

@@ -348,7 +348,7 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
         let res = phase_start(client).await;
         progress(&format!("downloading {}…", human_bytes(cfg.size)));
         let t = Instant::now();
-        // Read and verified (CRC32C per chunk, SHA-256 of the file) into a sink, as `dd
+        // Read and verified (CRC32C per chunk, BLAKE3 of the file) into a sink, as `dd
         // of=/dev/null` reads a mounted file system: this measures the cluster, not the
         // client's disk.
         let info = client.stat(&name).await?;

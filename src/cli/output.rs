@@ -5,6 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::client::{DownloadReport, UploadReport};
 use crate::config::human_bytes;
+use crate::digest::Recorded;
 use crate::rpc::pb::{
     ClusterStatusResponse, DrainPlanResponse, FileInfo, FsckResponse, GcStatusResponse,
     WorkerStatus,
@@ -90,13 +91,18 @@ pub fn download(r: &DownloadReport, as_json: bool) -> String {
             "name": r.file.name,
             "path": r.path.display().to_string(),
             "size": r.file.size,
+            "blake3": r.file.blake3,
             "sha256": r.file.sha256,
             "failovers": r.failovers,
             "elapsed_ms": r.elapsed.as_millis() as u64,
         }));
     }
+    let checked = match Recorded::of(&r.file).algorithm() {
+        Some(alg) => format!("{alg} verified"),
+        None => "chunk CRCs verified".to_string(),
+    };
     let mut s = format!(
-        "downloaded {} to {} ({}, sha256 verified)\n",
+        "downloaded {} to {} ({}, {checked})\n",
         r.file.name,
         r.path.display(),
         human_bytes(r.file.size)
@@ -169,13 +175,20 @@ pub fn stat(f: &FileInfo, as_json: bool) -> String {
         "replicas:   {} live (minimum over chunks) / {} target",
         f.replicas_min_live, f.replicas_target
     );
-    if f.sha256.is_empty() {
-        let _ = writeln!(
-            s,
-            "sha256:     unknown (rebuilt from worker chunk headers; chunk CRCs still verified)"
-        );
-    } else {
-        let _ = writeln!(s, "sha256:     {}", f.sha256);
+    match Recorded::of(f) {
+        Recorded::None => {
+            let _ = writeln!(
+                s,
+                "digest:     unknown (rebuilt from worker chunk headers; chunk CRCs still verified)"
+            );
+        }
+        // Aligned with the other labels; `b3sum FILE` / `sha256sum FILE` print the same hex.
+        Recorded::Blake3(h) => {
+            let _ = writeln!(s, "blake3:     {h}");
+        }
+        Recorded::Sha256(h) => {
+            let _ = writeln!(s, "sha256:     {h}");
+        }
     }
     let _ = writeln!(s, "version:    {} (file id {})", f.version, f.file_id);
     let _ = writeln!(s, "modified:   {}", time(f.modified_unix_ms));

@@ -1,7 +1,7 @@
 //! Verified reads. Several chunks are fetched at once (each from the first replica that
 //! delivers it intact, starting at a different replica per chunk to spread load), each is
 //! CRC32C-checked whole before it is used, and the bytes are handed on in file order so the
-//! file's SHA-256 can be checked. A download appears at its destination only after that check.
+//! file's whole digest (BLAKE3, or SHA-256 for older files) can be checked. A download appears at its destination only after that check.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tonic::Code;
 
 use super::{Client, ClientError, Progress};
 use crate::chunk;
+use crate::digest::FileHasher;
 use crate::rpc::pb::{self, ChunkInfo, FileInfo, read_chunk_response};
 use crate::worker::volume::SMALL_CHUNK_MAX;
 
@@ -181,7 +181,7 @@ impl Client {
     }
 
     /// Streams `name` into a device or pipe that already exists. Each chunk is checked before
-    /// it is written; the whole file's SHA-256 can only be checked at the end, so a mismatch
+    /// it is written; the whole file's digest can only be checked at the end, so a mismatch
     /// there is reported after the bytes went out (a reader of the pipe sees the error as the
     /// command's exit status).
     async fn download_in_place(
@@ -221,13 +221,13 @@ impl Client {
         {
             // One small chunk: fetched and checked right here, with no task or thread hop.
             let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
-            let mut sha = Sha256::new();
+            let mut hash = FileHasher::verifying(&file);
             let mut buf = Vec::with_capacity(c.length as usize);
             for p in &fetched.pieces {
-                sha.update(p);
+                hash.update(p);
                 buf.extend_from_slice(p);
             }
-            check_whole(&file, buf.len() as u64, sha)?;
+            check_whole(&file, buf.len() as u64, hash)?;
             return Ok(buf);
         }
         let buf = Vec::with_capacity(file.size.min(64 << 20) as usize);
@@ -236,7 +236,7 @@ impl Client {
     }
 
     /// Streams `file`'s bytes in order into `out` (written off the async threads), fetching
-    /// several chunks at once; checks every chunk's CRC32C and the whole file's SHA-256.
+    /// several chunks at once; checks every chunk's CRC32C and the whole file's digest.
     /// Returns the writer and how many replicas failed over. On error `out` holds a prefix
     /// of the file (or nothing) and must be discarded.
     pub async fn read_file_to<W: Write + Send + 'static>(
@@ -259,24 +259,24 @@ impl Client {
             }
         }))
         .buffered(in_flight(file.chunk_size));
-        let mut state = Some((out, Sha256::new()));
+        let mut state = Some((out, FileHasher::verifying(file)));
         let mut failovers = 0;
         let mut written = 0u64;
         while let Some(fetched) = fetches.next().await {
             let fetched = fetched?;
             failovers += fetched.failovers;
-            let (mut out, mut sha) = state.take().ok_or_else(|| {
+            let (mut out, mut hash) = state.take().ok_or_else(|| {
                 ClientError::Integrity("download writer lost after an error".into())
             })?;
             let pieces = fetched.pieces;
-            let (out, sha, n) = tokio::task::spawn_blocking(move || {
+            let (out, hash, n) = tokio::task::spawn_blocking(move || {
                 let mut n = 0u64;
                 for p in &pieces {
-                    sha.update(p);
+                    hash.update(p);
                     out.write_all(p)?;
                     n += p.len() as u64;
                 }
-                Ok::<_, std::io::Error>((out, sha, n))
+                Ok::<_, std::io::Error>((out, hash, n))
             })
             .await
             .map_err(|e| ClientError::Integrity(format!("download writer failed: {e}")))?
@@ -286,11 +286,11 @@ impl Client {
                 source,
             })?;
             written += n;
-            state = Some((out, sha));
+            state = Some((out, hash));
         }
-        let (mut out, sha) =
+        let (mut out, hash) =
             state.ok_or_else(|| ClientError::Integrity("download writer lost".into()))?;
-        check_whole(file, written, sha)?;
+        check_whole(file, written, hash)?;
         out.flush().map_err(|source| ClientError::LocalIo {
             op: "write",
             path: PathBuf::new(),
@@ -527,22 +527,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Checks a whole file's length and SHA-256 once every chunk has been read.
-fn check_whole(file: &FileInfo, written: u64, sha: Sha256) -> Result<(), ClientError> {
+/// Checks a whole file's length and digest once every chunk has been read. A file rebuilt
+/// from worker headers has no recorded digest; its chunks' CRCs were still checked one by one.
+fn check_whole(file: &FileInfo, written: u64, digest: FileHasher) -> Result<(), ClientError> {
     if written != file.size {
         return Err(ClientError::Integrity(format!(
             "read {written} bytes, the file holds {}",
             file.size
         )));
     }
-    let digest = hex::encode(sha.finalize());
-    // A file rebuilt from worker headers has no recorded digest; its chunks' CRCs were
-    // still checked one by one.
-    if !file.sha256.is_empty() && digest != file.sha256 {
-        return Err(ClientError::Integrity(format!(
-            "file SHA-256 is {digest}, expected {}",
-            file.sha256
-        )));
-    }
-    Ok(())
+    digest.check(file).map_err(ClientError::Integrity)
 }

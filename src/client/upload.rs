@@ -1,5 +1,5 @@
 //! Streamed uploads: each chunk goes to the first worker of its pipeline in bounded messages
-//! while its CRC32C and the file's SHA-256 are computed; a failed pipeline is retried on a
+//! while its CRC32C and the file's BLAKE3 digest are computed; a failed pipeline is retried on a
 //! fresh one; the master makes the file visible only when every chunk is durable.
 //!
 //! A small chunk (at most [`SMALL_CHUNK_MAX`]) is sent to all of its workers at once instead
@@ -13,12 +13,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Client, ClientError, Progress, reserve};
 use crate::chunk;
+use crate::digest::FileHasher;
 use crate::rpc::pb::{
     self, ChunkHeader, ChunkPlacement, CommittedChunk, FileInfo, WriteChunkRequest, WriteFinish,
     WriteStart, write_chunk_request,
@@ -170,7 +170,7 @@ impl Client {
 
         let file = Arc::new(file);
         let result = self.send_chunks(&plan, &name, size, file, &progress).await;
-        let (chunks, sha, retried) = match result {
+        let (chunks, digest, retried) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = self
@@ -194,9 +194,10 @@ impl Client {
             .call(pb::CommitUploadRequest {
                 upload_id: plan.upload_id.clone(),
                 chunks,
-                sha256: sha,
+                sha256: String::new(),
                 name: String::new(),
                 size: 0,
+                blake3: digest,
             })
             .await
             .map_err(|s| self.err(s))?;
@@ -244,8 +245,8 @@ impl Client {
             file_size: size,
             chunk_size: plan.chunk_size,
         };
-        let (stored_on, crc, sha) = self
-            .send_small_chunk(placement, header, file, 0, Sha256::new(), progress)
+        let (stored_on, crc, hash) = self
+            .send_small_chunk(placement, header, file, 0, FileHasher::new(), progress)
             .await
             .map_err(|e| match e.local {
                 Some(local) => Reserved::Failed(local, id.clone()),
@@ -267,9 +268,10 @@ impl Client {
                     crc32c: crc,
                     workers: stored_on,
                 }],
-                sha256: hex::encode(sha.finalize()),
+                sha256: String::new(),
                 name: name.to_string(),
                 size,
+                blake3: hash.finalize_hex(),
             })
             .await
             .map_err(|s| {
@@ -293,7 +295,7 @@ impl Client {
     ) -> Result<(Vec<CommittedChunk>, String, u32), ClientError> {
         let cs = plan.chunk_size.max(1);
         let n = size.div_ceil(cs);
-        let mut sha = Sha256::new();
+        let mut hash = FileHasher::new();
         let mut committed = Vec::with_capacity(n as usize);
         let mut retried = 0;
         for index in 0..n {
@@ -329,13 +331,13 @@ impl Client {
                         header,
                         file.clone(),
                         offset,
-                        sha.clone(),
+                        hash.clone(),
                         progress,
                     )
                     .await
                 {
-                    Ok((stored_on, crc, sha_after)) => {
-                        sha = sha_after;
+                    Ok((stored_on, crc, hash_after)) => {
+                        hash = hash_after;
                         committed.push(CommittedChunk {
                             index: index as u32,
                             chunk_id: placement.chunk_id.clone(),
@@ -376,7 +378,7 @@ impl Client {
                 }
             }
         }
-        Ok((committed, hex::encode(sha.finalize()), retried))
+        Ok((committed, hash.finalize_hex(), retried))
     }
 
     async fn allocate(
@@ -406,9 +408,9 @@ impl Client {
         header: ChunkHeader,
         file: Arc<std::fs::File>,
         offset: u64,
-        mut sha: Sha256,
+        mut hash: FileHasher,
         progress: &Arc<Progress>,
-    ) -> Result<(Vec<String>, u32, Sha256), AttemptError> {
+    ) -> Result<(Vec<String>, u32, FileHasher), AttemptError> {
         let first = placement.workers.first().cloned().ok_or(AttemptError {
             blame: None,
             message: "master returned an empty pipeline".into(),
@@ -417,7 +419,7 @@ impl Client {
         let len = header.length;
         if len <= SMALL_CHUNK_MAX {
             return self
-                .send_small_chunk(placement, header, &file, offset, sha, progress)
+                .send_small_chunk(placement, header, &file, offset, hash, progress)
                 .await;
         }
         let mut client = self.worker(&first).map_err(|e| AttemptError {
@@ -436,9 +438,9 @@ impl Client {
         let progress = progress.clone();
         // Reader: pread the chunk in bounded pieces, hashing as it goes.
         let reader =
-            tokio::task::spawn_blocking(move || -> Result<(u32, Sha256), std::io::Error> {
+            tokio::task::spawn_blocking(move || -> Result<(u32, FileHasher), std::io::Error> {
                 if tx.blocking_send(start).is_err() {
-                    return Ok((0, sha));
+                    return Ok((0, hash));
                 }
                 let mut crc = 0u32;
                 let mut pos = 0u64;
@@ -447,7 +449,7 @@ impl Client {
                     let mut buf = BytesMut::zeroed(n);
                     file.read_exact_at(&mut buf, offset + pos)?;
                     crc = chunk::crc32c_append(crc, &buf);
-                    sha.update(&buf);
+                    hash.update(&buf);
                     pos += n as u64;
                     if tx
                         .blocking_send(WriteChunkRequest {
@@ -455,7 +457,7 @@ impl Client {
                         })
                         .is_err()
                     {
-                        return Ok((crc, sha));
+                        return Ok((crc, hash));
                     }
                     progress.done.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -464,7 +466,7 @@ impl Client {
                         crc32c: crc,
                     })),
                 });
-                Ok((crc, sha))
+                Ok((crc, hash))
             });
         // A generous bound: a stalled worker must not hang the upload forever.
         let limit = crate::rpc::transfer_limit(len);
@@ -474,7 +476,7 @@ impl Client {
             message: format!("reader task failed: {e}"),
             local: None,
         })?;
-        let (crc, sha) = match read {
+        let (crc, hash) = match read {
             Ok(v) => v,
             Err(e) => {
                 return Err(AttemptError {
@@ -507,7 +509,7 @@ impl Client {
             }
             Ok(Ok(resp)) => {
                 let stored_on = all_stored(resp.into_inner().stored_on, placement)?;
-                Ok((stored_on, crc, sha))
+                Ok((stored_on, crc, hash))
             }
         }
     }
@@ -520,9 +522,9 @@ impl Client {
         header: ChunkHeader,
         file: &std::fs::File,
         offset: u64,
-        mut sha: Sha256,
+        mut hash: FileHasher,
         progress: &Arc<Progress>,
-    ) -> Result<(Vec<String>, u32, Sha256), AttemptError> {
+    ) -> Result<(Vec<String>, u32, FileHasher), AttemptError> {
         let len = header.length;
         // At most SMALL_CHUNK_MAX bytes: read on this thread, as the file was opened; a
         // hand-off to the blocking pool would cost more than the read.
@@ -530,11 +532,11 @@ impl Client {
             let mut buf = vec![0u8; len as usize];
             file.read_exact_at(&mut buf, offset).map(|()| {
                 let crc = chunk::crc32c_append(0, &buf);
-                sha.update(&buf);
-                (bytes::Bytes::from(buf), crc, sha)
+                hash.update(&buf);
+                (bytes::Bytes::from(buf), crc, hash)
             })
         };
-        let (data, crc, sha) = read.map_err(|e| AttemptError {
+        let (data, crc, hash) = read.map_err(|e| AttemptError {
             blame: None,
             message: e.to_string(),
             local: Some(ClientError::InvalidInput(format!(
@@ -569,7 +571,7 @@ impl Client {
         }
         let stored_on = all_stored(stored_on, placement)?;
         progress.done.fetch_add(len, Ordering::Relaxed);
-        Ok((stored_on, crc, sha))
+        Ok((stored_on, crc, hash))
     }
 }
 

@@ -17,6 +17,7 @@ use super::store::{
 use super::{Inner, MAX_REPLICAS, Master, MasterError, OpenUpload};
 use crate::chunk::{ChunkId, random_u128};
 use crate::config::human_bytes;
+use crate::digest::{EMPTY_BLAKE3, is_hex_digest};
 use crate::events::Level;
 use crate::rpc::now_unix_ms;
 use crate::rpc::pb::{self, ChunkInfo, ChunkPlacement, FileInfo, ReplicaInfo};
@@ -41,8 +42,6 @@ struct Installed {
 pub const MAX_RESERVED_PER_CLIENT: usize = 1024;
 /// Placements returned with `StartUpload`; later chunks are allocated one by one.
 const FIRST_PLACEMENTS: u64 = 64;
-/// SHA-256 of no bytes.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 /// Largest listing page (and batch of names).
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
@@ -57,10 +56,25 @@ pub fn chunk_len(size: u64, chunk_size: u64, index: u64) -> u64 {
     size.saturating_sub(index * chunk_size).min(chunk_size)
 }
 
-fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// Checks a commit's whole-file digests: at least one, each 64 lowercase hex digits.
+fn validate_digests(req: &pb::CommitUploadRequest) -> Result<(), MasterError> {
+    let bad = |alg: &str| {
+        Err(MasterError::InvalidArgument(format!(
+            "{alg} must be 64 lowercase hex digits"
+        )))
+    };
+    if req.blake3.is_empty() && req.sha256.is_empty() {
+        return Err(MasterError::InvalidArgument(
+            "a commit needs the file's blake3 (or sha256) digest".into(),
+        ));
+    }
+    if !req.blake3.is_empty() && !is_hex_digest(&req.blake3) {
+        return bad("blake3");
+    }
+    if !req.sha256.is_empty() && !is_hex_digest(&req.sha256) {
+        return bad("sha256");
+    }
+    Ok(())
 }
 
 /// Adds `workers` to the garbage entry of `chunk_id` (creating it) inside `txn`. A new entry's
@@ -439,10 +453,8 @@ impl Master {
         let mut rounds: Vec<Vec<(usize, pb::CommitUploadRequest)>> = Vec::new();
         let mut round_names: Vec<std::collections::HashSet<String>> = Vec::new();
         for (i, req) in reqs.into_iter().enumerate() {
-            if !is_sha256_hex(&req.sha256) {
-                answers[i] = Some(Err(MasterError::InvalidArgument(
-                    "sha256 must be 64 lowercase hex digits".into(),
-                )));
+            if let Err(e) = validate_digests(&req) {
+                answers[i] = Some(Err(e));
                 continue;
             }
             let bound = self
@@ -902,8 +914,9 @@ impl Master {
                             chunk_size: m.cfg.chunk_size,
                             replicas: m.cfg.default_replicas,
                             modified_unix_ms: now,
-                            sha256: EMPTY_SHA256.to_string(),
+                            sha256: String::new(),
                             chunks: Vec::new(),
+                            blake3: EMPTY_BLAKE3.to_string(),
                         })?;
                     }
                     Ok(())
@@ -977,6 +990,7 @@ impl Master {
             modified_unix_ms: f.modified_unix_ms,
             sha256: f.sha256.clone(),
             chunks,
+            blake3: f.blake3.clone(),
         }
     }
 }
@@ -1087,6 +1101,7 @@ fn validate_commit(
         modified_unix_ms: now_unix_ms(),
         sha256: req.sha256.clone(),
         chunks: refs,
+        blake3: req.blake3.clone(),
     })
 }
 

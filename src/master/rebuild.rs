@@ -113,6 +113,7 @@ pub fn decide(
                 // The whole-file digest is not in the chunk headers; per-chunk CRCs still
                 // protect every read.
                 sha256: String::new(),
+                blake3: String::new(),
                 chunks: c
                     .chunks
                     .values()

@@ -49,10 +49,14 @@ pub struct FileRecord {
     pub replicas: u32,
     #[prost(int64, tag = "7")]
     pub modified_unix_ms: i64,
+    /// Whole-file SHA-256 (files committed by clients before BLAKE3).
     #[prost(string, tag = "8")]
     pub sha256: String,
     #[prost(message, repeated, tag = "9")]
     pub chunks: Vec<ChunkRef>,
+    /// Whole-file BLAKE3 (what current clients record).
+    #[prost(string, tag = "10")]
+    pub blake3: String,
 }
 
 /// A chunk id handed out for an upload, with the workers of its pipeline (who may hold it).

@@ -1060,7 +1060,11 @@ fn render_dialog(f: &mut Frame, app: &App, t: &Theme, area: Rect) {
                         fi.replicas_target,
                         fi.version
                     )));
-                    lines.push(Line::from(format!("sha256 {}", fi.sha256)));
+                    let digest = crate::digest::Recorded::of(fi);
+                    lines.push(Line::from(match digest.algorithm() {
+                        Some(alg) => format!("{alg} {}", digest.hex()),
+                        None => "digest unknown (rebuilt from chunk headers)".to_string(),
+                    }));
                     lines.push(Line::from(format!(
                         "modified {}",
                         modified(fi.modified_unix_ms)

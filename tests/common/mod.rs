@@ -113,6 +113,14 @@ pub fn make_file(path: &Path, size: u64, seed: u64) -> PathBuf {
     path.to_path_buf()
 }
 
+/// The file's BLAKE3, as `b3sum` prints it: what uploads record now.
+pub fn blake3_file(path: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path).expect("open for hashing"))
+        .expect("hash file");
+    h.finalize().to_hex().to_string()
+}
+
 pub fn sha256_file(path: &Path) -> String {
     let mut f = std::fs::File::open(path).expect("open for hashing");
     let mut h = Sha256::new();
