@@ -259,6 +259,14 @@ fn cli_errors_are_one_line_and_non_zero() {
     // Usage errors are one line too.
     let o = b.cli(&["--cmd", "frobnicate"]);
     one_line(&o);
+    let o = b.cli(&["--async-threads", "0", "--cmd", "ls"]);
+    one_line(&o);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--async-threads"), "{}", o.stderr);
+    // More async threads than the default work the same.
+    let o = b.cli(&["--async-threads", "4", "--cmd", "ls"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("a.txt"), "{}", o.stdout);
 
     // Master unreachable: a bounded, clear failure.
     let nobody = format!("127.0.0.1:{}", free_port());

@@ -277,6 +277,16 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
 }
 
+/// Runs a blocking measurement on the blocking pool (whatever the runtime's flavour), so the
+/// cluster's tasks keep running meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(format!("measurement task failed: {e}")))?
+}
+
 /// Runs the benchmark phases against `client`.
 pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, ClientError> {
     std::fs::create_dir_all(&cfg.scratch).map_err(|e| local("create", &cfg.scratch, e))?;
@@ -286,14 +296,20 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
     };
     let big = cfg.scratch.join("dfs-bench-large.bin");
     progress("writing the source file…");
-    let write_secs = tokio::task::block_in_place(|| write_pattern(&big, cfg.size, cfg.limits))
+    let (path, size, sync) = (big.clone(), cfg.size, cfg.limits);
+    let write_secs = off_runtime(move || write_pattern(&path, size, sync))
+        .await
         .map_err(|e| local("write", &big, e))?;
     if cfg.limits {
         progress("measuring the machine's limits…");
         let cache = drop_caches(cfg.warm);
-        let (n, secs) =
-            tokio::task::block_in_place(|| read_all(&big)).map_err(|e| local("read", &big, e))?;
-        let tcp = tokio::task::block_in_place(|| loopback_tcp(cfg.size.max(256 << 20)))
+        let path = big.clone();
+        let (n, secs) = off_runtime(move || read_all(&path))
+            .await
+            .map_err(|e| local("read", &big, e))?;
+        let tcp_bytes = cfg.size.max(256 << 20);
+        let tcp = off_runtime(move || loopback_tcp(tcp_bytes))
+            .await
             .map_err(|e| local("measure loopback with", Path::new("127.0.0.1"), e))?;
         report.limits = Some(Limits {
             write_fsync_mib_s: mib_s(cfg.size, write_secs),
