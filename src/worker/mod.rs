@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod heartbeat;
+pub mod read;
 pub mod replicate;
 pub mod scrub;
 pub mod service;
@@ -186,11 +187,6 @@ impl Worker {
         }
     }
 
-    /// Reads chunk `id`'s data from `file` (positioned after the header) in bounded pieces,
-    /// handing each to `sink`, and verifies it against `expected` CRC32C. A short read or a
-    /// mismatch quarantines the chunk and is returned as an error; the sink has then seen bad
-    /// bytes and must not treat them as a chunk. `Ok(None)` means the sink stopped early.
-    /// Blocking.
     /// Reclaims the space of deleted small chunks off the heartbeat's path (one run at a
     /// time); see [`ChunkStore::compact`].
     pub(crate) fn compact_in_background(&self) {
@@ -209,6 +205,11 @@ impl Worker {
         });
     }
 
+    /// Reads chunk `id`'s data from `file` (positioned after the header) in bounded pieces,
+    /// handing each to `sink`, and verifies it against `expected` CRC32C. A short read or a
+    /// mismatch quarantines the chunk and is returned as an error; the sink has then seen bad
+    /// bytes and must not treat them as a chunk. `Ok(None)` means the sink stopped early.
+    /// Blocking.
     pub(crate) fn read_verified(
         &self,
         id: &crate::chunk::ChunkId,
@@ -217,6 +218,23 @@ impl Worker {
         expected: u32,
         mut sink: impl FnMut(bytes::Bytes) -> bool,
     ) -> Result<Option<u32>, WorkerError> {
+        self.read_verified_framed(id, file, length, expected, 0, |v| {
+            sink(bytes::Bytes::from(v))
+        })
+    }
+
+    /// [`Worker::read_verified`], with each piece handed over as a buffer that starts with
+    /// `headroom` zero bytes before the data, room for framing written in place (see
+    /// `read::ZeroCopyReads`).
+    pub(crate) fn read_verified_framed(
+        &self,
+        id: &crate::chunk::ChunkId,
+        file: &mut std::fs::File,
+        length: u64,
+        expected: u32,
+        headroom: usize,
+        mut sink: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<Option<u32>, WorkerError> {
         use std::io::Read;
         let mut crc = 0u32;
         let mut left = length;
@@ -224,7 +242,8 @@ impl Worker {
             let n = left.min(crate::rpc::MAX_DATA_MESSAGE as u64) as usize;
             // Read into uninitialised capacity: zeroing 1 MiB only to overwrite it cost a
             // few per cent of a download's CPU.
-            let mut buf = Vec::with_capacity(n);
+            let mut buf = Vec::with_capacity(headroom + n);
+            buf.resize(headroom, 0);
             let got = (&mut *file).take(n as u64).read_to_end(&mut buf);
             if let Err(e) = got.and_then(|k| {
                 (k == n)
@@ -238,10 +257,10 @@ impl Worker {
                     reason,
                 });
             }
-            crc = crate::chunk::crc32c_append(crc, &buf);
+            crc = crate::chunk::crc32c_append(crc, &buf[headroom..]);
             left -= n as u64;
             self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            if !sink(bytes::Bytes::from(buf)) {
+            if !sink(buf) {
                 return Ok(None);
             }
         }
@@ -336,7 +355,10 @@ impl Worker {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(crate::server::LimitStatus::new(
-                service::WorkerService::new(self.clone()).into_server(self.limits.max_message),
+                read::ZeroCopyReads::new(
+                    self.clone(),
+                    service::WorkerService::new(self.clone()).into_server(self.limits.max_message),
+                ),
                 None,
             ))
             .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {

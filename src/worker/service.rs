@@ -1,12 +1,10 @@
 //! The `dfs.v1.Worker` service: the pipelined chunk write and the checksum-verified read.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -17,8 +15,8 @@ use super::store::{Appended, ChunkWriter, MAX_CHUNK_LEN, Reservation};
 use super::volume::SMALL_CHUNK_MAX;
 use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{
-    self, ChunkHeader, ReadChunkResponse, WriteChunkRequest, WriteChunkResponse, WriteFinish,
-    WriteStart, read_chunk_response, worker_server::WorkerServer, write_chunk_request,
+    self, ChunkHeader, WriteChunkRequest, WriteChunkResponse, WriteFinish, WriteStart,
+    worker_server::WorkerServer, write_chunk_request,
 };
 use crate::rpc::{FAILED_WORKER_KEY, MAX_GRPC_MESSAGE};
 
@@ -68,10 +66,10 @@ async fn next_message(
     }
 }
 
-struct Gauge<'a>(&'a std::sync::atomic::AtomicU32);
+pub(crate) struct Gauge<'a>(&'a std::sync::atomic::AtomicU32);
 
 impl<'a> Gauge<'a> {
-    fn enter(g: &'a std::sync::atomic::AtomicU32) -> Self {
+    pub(crate) fn enter(g: &'a std::sync::atomic::AtomicU32) -> Self {
         g.fetch_add(1, Ordering::Relaxed);
         Gauge(g)
     }
@@ -454,14 +452,6 @@ impl WorkerService {
     }
 }
 
-/// A chunk opened for reading: small ones already read and verified.
-enum Opened {
-    Small(Vec<Result<ReadChunkResponse, Status>>),
-    Large(std::fs::File, ChunkHeader),
-}
-
-type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadChunkResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
     async fn write_chunk(
@@ -555,7 +545,7 @@ impl pb::worker_server::Worker for WorkerService {
         }
     }
 
-    type ReadChunkStream = ReadStream;
+    type ReadChunkStream = super::read::Messages;
 
     async fn read_small_chunks(
         &self,
@@ -648,124 +638,14 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         req: Request<pb::ReadChunkRequest>,
     ) -> Result<Response<Self::ReadChunkStream>, Status> {
-        let id: ChunkId = req
-            .get_ref()
-            .chunk_id
-            .parse()
-            .map_err(|e: chunk::BadChunkId| Status::invalid_argument(e.to_string()))?;
+        // Served by `read::ZeroCopyReads` in front of this service; this handler answers the
+        // same from the same source when the service runs without it.
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        self.worker
-            .authorize(&req.get_ref().token, &id, crate::security::ChunkOps::READ)
-            .map_err(|e| {
-                tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "refused", error = %e);
-                Status::from(e)
-            })?;
-        let slot = self.worker.transfer_slot()?;
-        // A small chunk already in the page cache is read and verified right here.
-        if let Some((header, data)) = self.worker.store.read_small_cached(&id) {
-            self.worker
-                .bytes_read
-                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let mut messages = vec![Ok(ReadChunkResponse {
-                msg: Some(read_chunk_response::Msg::Header(header)),
-            })];
-            let mut at = 0;
-            while at < data.len() {
-                let end = (at + crate::rpc::MAX_DATA_MESSAGE).min(data.len());
-                messages.push(Ok(ReadChunkResponse {
-                    msg: Some(read_chunk_response::Msg::Data(data.slice(at..end))),
-                }));
-                at = end;
-            }
-            tracing::info!(op = "read_chunk", chunk = %id, %peer, outcome = "sent");
-            drop(slot);
-            return Ok(Response::new(Box::pin(tokio_stream::iter(messages))));
-        }
-        let worker = self.worker.clone();
-        let w2 = worker.clone();
-        // A small chunk is opened, read and verified in this one blocking step and sent from
-        // memory; a large one is streamed by a blocking reader below.
-        let opened = tokio::task::spawn_blocking(move || {
-            let (mut file, header) = w2.store.open_read(&id)?;
-            if header.length > SMALL_CHUNK_MAX {
-                return Ok(Opened::Large(file, header));
-            }
-            let mut messages = Vec::with_capacity(2);
-            let length = header.length;
-            let expected = header.crc32c;
-            messages.push(Ok(ReadChunkResponse {
-                msg: Some(read_chunk_response::Msg::Header(header)),
-            }));
-            if let Err(e) = w2.read_verified(&id, &mut file, length, expected, |b| {
-                messages.push(Ok(ReadChunkResponse {
-                    msg: Some(read_chunk_response::Msg::Data(b)),
-                }));
-                true
-            }) {
-                messages.push(Err(Status::from(e)));
-            }
-            Ok::<_, WorkerError>(Opened::Small(messages))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| {
-            tracing::warn!(op = "read_chunk", chunk = %id, %peer, outcome = "error", error = %e);
-            Status::from(e)
-        })?;
-        let (file, header) = match opened {
-            Opened::Small(messages) => {
-                tracing::info!(op = "read_chunk", chunk = %id, %peer, outcome = "sent");
-                drop(slot);
-                return Ok(Response::new(Box::pin(tokio_stream::iter(messages))));
-            }
-            Opened::Large(file, header) => (file, header),
-        };
-        tracing::info!(op = "read_chunk", chunk = %id, bytes = header.length, %peer, outcome = "started");
-        let (tx, rx) = mpsc::channel(4);
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let _g = Gauge::enter(&worker.active_reads);
-            let idle = worker.limits.idle_timeout;
-            // A reader that stops taking data is cut off after `idle`, freeing the thread.
-            let send = |m: Result<ReadChunkResponse, Status>| match handle
-                .block_on(tokio::time::timeout(idle, tx.send(m)))
-            {
-                Ok(Ok(())) => true,
-                Ok(Err(_)) => false,
-                Err(_) => {
-                    tracing::warn!(op = "read_chunk", chunk = %id, "reader stopped taking data; stream dropped");
-                    false
-                }
-            };
-            stream_chunk(&worker, id, file, header, send);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// Sends a chunk's header, then its data; ends with DataLoss (and quarantines the chunk)
-/// if the bytes on disk do not match the stored checksum.
-fn stream_chunk(
-    worker: &Worker,
-    id: ChunkId,
-    mut file: std::fs::File,
-    header: ChunkHeader,
-    send: impl Fn(Result<ReadChunkResponse, Status>) -> bool,
-) {
-    let (length, expected) = (header.length, header.crc32c);
-    let first = ReadChunkResponse {
-        msg: Some(read_chunk_response::Msg::Header(header)),
-    };
-    if !send(Ok(first)) {
-        return;
-    }
-    let sent = worker.read_verified(&id, &mut file, length, expected, |b| {
-        send(Ok(ReadChunkResponse {
-            msg: Some(read_chunk_response::Msg::Data(b)),
-        }))
-    });
-    if let Err(e) = sent {
-        let _ = send(Err(e.into()));
+        let (id, source) = super::read::open(&self.worker, req.get_ref(), &peer).await?;
+        Ok(Response::new(super::read::messages(
+            &self.worker,
+            id,
+            source,
+        )))
     }
 }
