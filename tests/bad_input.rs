@@ -367,3 +367,88 @@ async fn an_unreachable_master_fails_fast_with_a_clear_message() {
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.to_string().contains("cannot reach the master"), "{e}");
 }
+
+/// `ReadChunk` is answered outside tonic (see `worker::read`), so it gets the checks tonic
+/// would make itself: a body that is not one gRPC message, a compressed or oversized one, or
+/// one that is not a `ReadChunkRequest` gets a clear status, the worker keeps serving, and
+/// the generated client still reads a large chunk byte-exact from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_read_chunk_requests_get_grpc_errors_and_the_generated_client_reads_exactly() {
+    use tower_service::Service;
+    let t = TestCluster::start(small_chunks(1)).await;
+    let path = make_file(&t.scratch().join("big"), 3 << 20, 7);
+    t.must_upload(&path, "big").await;
+    let addr = t.cluster.worker_addrs()[0].clone();
+    let channel = dfs::rpc::data_channel(&addr).unwrap();
+    let call = |body: Vec<u8>, compressed_header: bool| {
+        let mut ch = channel.clone();
+        async move {
+            let mut req = http::Request::builder()
+                .method("POST")
+                .uri("/dfs.v1.Worker/ReadChunk")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if compressed_header {
+                req = req.header("grpc-encoding", "gzip");
+            }
+            let req = req
+                .body(tonic::body::Body::new(http_body_util::Full::new(
+                    bytes::Bytes::from(body),
+                )))
+                .unwrap();
+            std::future::poll_fn(|cx| ch.poll_ready(cx)).await.unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), ch.call(req))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            tonic::Status::from_header_map(resp.headers()).expect("a trailers-only status")
+        }
+    };
+    let framed = |flag: u8, msg: &[u8]| {
+        let mut b = vec![flag];
+        b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        b.extend_from_slice(msg);
+        b
+    };
+    let s = call(vec![], false).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = call(vec![0, 0, 0, 0, 9, 1], false).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = call(framed(1, b"\x0a\x01x"), true).await;
+    assert_eq!(s.code(), Code::Unimplemented, "{s:?}");
+    let s = call(framed(0, &[0xff; 10]), false).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = call(framed(0, &vec![0u8; 100 << 10]), false).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+
+    // The worker kept serving; the generated client reads its chunks byte-exact.
+    let info = t.client.stat("big").await.unwrap();
+    let mut w = dfs::rpc::worker_client(channel.clone());
+    let expected = std::fs::read(&path).unwrap();
+    let mut got = Vec::new();
+    for c in &info.chunks {
+        let mut stream = w
+            .read_chunk(pb::ReadChunkRequest {
+                chunk_id: c.chunk_id.clone(),
+                token: c.token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut saw_header = false;
+        while let Some(m) = stream.message().await.unwrap() {
+            match m.msg {
+                Some(pb::read_chunk_response::Msg::Header(h)) => {
+                    assert_eq!(h.length, c.length);
+                    saw_header = true;
+                }
+                Some(pb::read_chunk_response::Msg::Data(d)) => got.extend_from_slice(&d),
+                None => panic!("an empty message"),
+            }
+        }
+        assert!(saw_header);
+    }
+    assert!(got == expected, "the generated client read other bytes");
+    t.must_download_equal("big", &path).await;
+}

@@ -13,10 +13,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tonic::Code;
 
+use super::read_stream::Piece;
 use super::{Client, ClientError, Progress};
 use crate::chunk;
 use crate::digest::FileHasher;
-use crate::rpc::pb::{self, ChunkInfo, FileInfo, read_chunk_response};
+use crate::rpc::pb::{self, ChunkInfo, FileInfo};
 use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// How long a download waits for a chunk with no known replica (e.g. just after a master
@@ -362,7 +363,7 @@ impl Client {
         if c.length <= SMALL_CHUNK_MAX {
             return self.read_small_replica(c, worker, progress, got).await;
         }
-        let mut client = match self.worker(worker) {
+        let channel = match self.worker_channel(worker) {
             Ok(c) => c,
             Err(e) => return replica_err(false, e.to_string()),
         };
@@ -377,10 +378,11 @@ impl Client {
         let deadline = tokio::time::Instant::now() + limit;
         let timed_out = || replica_err(false, format!("no answer within {}s", limit.as_secs()));
         let failed = |s: tonic::Status| replica_err(s.code() == Code::DataLoss, s.message().into());
-        let mut stream = match tokio::time::timeout_at(deadline, client.read_chunk(req)).await {
+        let call = super::read_stream::read_chunk(&channel, &req);
+        let mut stream = match tokio::time::timeout_at(deadline, call).await {
             Err(_) => return timed_out(),
             Ok(Err(s)) => return failed(s),
-            Ok(Ok(s)) => s.into_inner(),
+            Ok(Ok(s)) => s,
         };
         let mut crc = 0u32;
         let mut saw_header = false;
@@ -392,32 +394,33 @@ impl Client {
                 Ok(Err(s)) => return failed(s),
                 Ok(Ok(Some(m))) => m,
             };
-            match msg.msg {
-                Some(read_chunk_response::Msg::Header(h)) => {
+            match msg {
+                Piece::Header(h) => {
                     if let Some(why) = header_mismatch(&h, c) {
                         return replica_err(true, why);
                     }
                     saw_header = true;
                 }
-                Some(read_chunk_response::Msg::Data(b)) => {
+                Piece::Data(parts) => {
                     if progress.is_cancelled() {
                         return Err(Err(ClientError::Cancelled));
                     }
                     if !saw_header {
                         return replica_err(false, "data before header".into());
                     }
-                    *got += b.len() as u64;
-                    if *got > c.length {
-                        return replica_err(
-                            true,
-                            "replica sent more bytes than the chunk holds".into(),
-                        );
+                    for b in parts {
+                        *got += b.len() as u64;
+                        if *got > c.length {
+                            return replica_err(
+                                true,
+                                "replica sent more bytes than the chunk holds".into(),
+                            );
+                        }
+                        crc = chunk::crc32c_append(crc, &b);
+                        progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        pieces.push(b);
                     }
-                    crc = chunk::crc32c_append(crc, &b);
-                    progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    pieces.push(b);
                 }
-                None => {}
             }
         }
         if *got != c.length {

@@ -6,6 +6,7 @@ mod batch;
 mod calls;
 mod download;
 mod error;
+mod read_stream;
 mod reserve;
 mod upload;
 
@@ -152,8 +153,13 @@ impl Client {
 
     /// A data client for a worker (one cached channel per worker).
     pub(crate) fn worker(&self, addr: &str) -> Result<WorkerClient<Channel>, ClientError> {
+        Ok(crate::rpc::worker_client(self.worker_channel(addr)?))
+    }
+
+    /// The cached data channel to the worker at `addr`.
+    pub(crate) fn worker_channel(&self, addr: &str) -> Result<Channel, ClientError> {
         let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        let ch = match w.get(addr) {
+        Ok(match w.get(addr) {
             Some(c) => c.clone(),
             None => {
                 let c = self.transport.data_channel(addr).map_err(|e| {
@@ -162,8 +168,7 @@ impl Client {
                 w.insert(addr.to_string(), c.clone());
                 c
             }
-        };
-        Ok(crate::rpc::worker_client(ch))
+        })
     }
 
     /// The batching task for small chunk writes to the worker at `addr` (started on first use).
