@@ -452,3 +452,50 @@ async fn raw_read_chunk_requests_get_grpc_errors_and_the_generated_client_reads_
     assert!(got == expected, "the generated client read other bytes");
     t.must_download_equal("big", &path).await;
 }
+
+/// A reader that stops taking a large chunk is cut off after the worker's idle timeout, and
+/// when it reads on it gets an error after the bytes that were queued, never an OK status
+/// after a short chunk; the transfer slot is free again for the next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_chunk_reader_is_cut_off_with_an_error_not_a_short_ok() {
+    let mut cfg = small_chunks(1);
+    cfg.chunk_size = 32 << 20;
+    cfg.worker_limits.idle_timeout = Duration::from_millis(400);
+    let t = TestCluster::start(cfg).await;
+    let path = make_file(&t.scratch().join("big"), 32 << 20, 3);
+    t.must_upload(&path, "big").await;
+    let c = t.client.stat("big").await.unwrap().chunks[0].clone();
+    let addr = t.cluster.worker_addrs()[0].clone();
+    let mut w = dfs::rpc::worker_client(dfs::rpc::data_channel(&addr).unwrap());
+    let mut stream = w
+        .read_chunk(pb::ReadChunkRequest {
+            chunk_id: c.chunk_id.clone(),
+            token: c.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Take nothing for well past the idle timeout: the windows and the queue fill, and the
+    // worker's reader gives up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = 0u64;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the stream ends in time")
+        {
+            Ok(Some(m)) => {
+                if let Some(pb::read_chunk_response::Msg::Data(d)) = m.msg {
+                    got += d.len() as u64;
+                }
+            }
+            Ok(None) => break None,
+            Err(s) => break Some(s),
+        }
+    };
+    assert!(got < c.length, "the whole chunk came through ({got} bytes)");
+    let s = end.expect("a short chunk must end with an error, not OK");
+    assert_eq!(s.code(), Code::Aborted, "{s:?}");
+    // The slot was freed: the file reads back whole.
+    t.must_download_equal("big", &path).await;
+}

@@ -267,6 +267,9 @@ fn trailers(result: Result<(), Status>) -> http::HeaderMap {
 struct ChunkBody {
     ready: std::collections::VecDeque<Bytes>,
     pieces: Option<mpsc::Receiver<Result<Bytes, Status>>>,
+    /// Pieces the reader still owes; if its queue closes before, the stream ends with an
+    /// error rather than an OK status after a short chunk.
+    owed: u64,
     /// The error of a small chunk's read, sent as its trailers.
     failed: Option<Status>,
     done: bool,
@@ -293,8 +296,14 @@ impl http_body::Body for ChunkBody {
             },
             Some(rx) => match rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(b))) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Poll::Ready(Some(Ok(b))) => {
+                    self.owed = self.owed.saturating_sub(1);
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
                 Poll::Ready(Some(Err(s))) => Err(s),
+                Poll::Ready(None) if self.owed > 0 => Err(Status::aborted(
+                    "the worker stopped sending this chunk (the reader took no data for too long)",
+                )),
                 Poll::Ready(None) => Ok(()),
             },
         };
@@ -314,25 +323,27 @@ fn response(
     id: ChunkId,
     source: Source,
 ) -> http::Response<tonic::body::Body> {
-    let (ready, pieces, failed) = match source {
+    let (ready, pieces, owed, failed) = match source {
         Source::Whole(header, pieces, failed) => {
             let mut ready = std::collections::VecDeque::new();
             ready.push_back(grpc_message(&header_message(header)));
             if failed.is_none() {
                 ready.extend(pieces.into_iter().map(|b| grpc_message(&data_message(b))));
             }
-            (ready, None, failed)
+            (ready, None, 0, failed)
         }
         Source::File { file, header, slot } => {
             let ready =
                 std::collections::VecDeque::from([grpc_message(&header_message(header.clone()))]);
+            let owed = header.length.div_ceil(crate::rpc::MAX_DATA_MESSAGE as u64);
             let rx = spawn_reader(worker, id, file, header, slot, HEADROOM, frame_piece);
-            (ready, Some(rx), None)
+            (ready, Some(rx), owed, None)
         }
     };
     let body = ChunkBody {
         ready,
         pieces,
+        owed,
         failed,
         done: false,
     };
@@ -349,10 +360,16 @@ async fn serve(
     worker: Arc<Worker>,
     req: http::Request<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
-    let peer = req
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    // Where tonic's `Request::remote_addr` looks, plaintext or TLS.
+    let ext = req.extensions();
+    let peer = ext
+        .get::<TcpConnectInfo>()
         .and_then(|i| i.remote_addr())
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
         .map(|a| a.to_string())
         .unwrap_or_default();
     let request = match decode_request(req.into_body()).await {
