@@ -193,15 +193,34 @@ pub(crate) fn messages(worker: &Arc<Worker>, id: ChunkId, source: Source) -> Mes
         Source::File { file, header, slot } => {
             let first =
                 futures::stream::once(std::future::ready(Ok(header_message(header.clone()))));
-            let pieces = spawn_reader(worker, id, file, header, slot, 0, |v| {
+            let owed = pieces_of(&header);
+            let rx = spawn_reader(worker, id, file, header, slot, 0, |v| {
                 data_message(Bytes::from(v))
             });
-            Box::pin(futures::StreamExt::chain(
-                first,
-                tokio_stream::wrappers::ReceiverStream::new(pieces),
-            ))
+            // As `ChunkBody` does: a reader that stopped short ends the stream with an error.
+            let pieces = futures::stream::unfold((rx, owed), |(mut rx, owed)| async move {
+                match rx.recv().await {
+                    Some(Ok(m)) => Some((Ok(m), (rx, owed.saturating_sub(1)))),
+                    Some(Err(s)) => Some((Err(s), (rx, 0))),
+                    None if owed > 0 => Some((Err(stopped_short()), (rx, 0))),
+                    None => None,
+                }
+            });
+            Box::pin(futures::StreamExt::chain(first, pieces))
         }
     }
+}
+
+/// How many data messages the blocking reader sends for a chunk (see
+/// `Worker::read_verified_framed`).
+fn pieces_of(header: &ChunkHeader) -> u64 {
+    header.length.div_ceil(crate::rpc::MAX_DATA_MESSAGE as u64)
+}
+
+/// How a stream ends whose reader stopped before the last piece (its reader took no data
+/// for the idle timeout): never with an OK status after a short chunk.
+fn stopped_short() -> Status {
+    Status::aborted("the worker stopped sending this chunk (the reader took no data for too long)")
 }
 
 /// `msg` as one gRPC message: the 5-byte prefix (uncompressed, big-endian length), then the
@@ -301,9 +320,7 @@ impl http_body::Body for ChunkBody {
                     return Poll::Ready(Some(Ok(Frame::data(b))));
                 }
                 Poll::Ready(Some(Err(s))) => Err(s),
-                Poll::Ready(None) if self.owed > 0 => Err(Status::aborted(
-                    "the worker stopped sending this chunk (the reader took no data for too long)",
-                )),
+                Poll::Ready(None) if self.owed > 0 => Err(stopped_short()),
                 Poll::Ready(None) => Ok(()),
             },
         };
@@ -335,7 +352,7 @@ fn response(
         Source::File { file, header, slot } => {
             let ready =
                 std::collections::VecDeque::from([grpc_message(&header_message(header.clone()))]);
-            let owed = header.length.div_ceil(crate::rpc::MAX_DATA_MESSAGE as u64);
+            let owed = pieces_of(&header);
             let rx = spawn_reader(worker, id, file, header, slot, HEADROOM, frame_piece);
             (ready, Some(rx), owed, None)
         }
