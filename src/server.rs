@@ -74,7 +74,8 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for LimitStatus
     const NAME: &'static str = S::NAME;
 }
 
-type HttpResult = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
+/// What the HTTP-level wrappers around tonic services answer.
+pub(crate) type HttpResult = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
 
 fn remap_too_large(r: HttpResult) -> HttpResult {
     r.map(|mut resp| {

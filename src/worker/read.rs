@@ -28,6 +28,7 @@ use super::error::WorkerError;
 use super::volume::SMALL_CHUNK_MAX;
 use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{ChunkHeader, ReadChunkRequest, ReadChunkResponse, read_chunk_response};
+use crate::server::HttpResult;
 
 /// The HTTP/2 path of the call this module serves.
 pub const READ_CHUNK_PATH: &str = "/dfs.v1.Worker/ReadChunk";
@@ -455,8 +456,6 @@ impl<S> ZeroCopyReads<S> {
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ZeroCopyReads<S> {
     const NAME: &'static str = S::NAME;
 }
-
-type HttpResult = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
 
 impl<S> tower_service::Service<http::Request<tonic::body::Body>> for ZeroCopyReads<S>
 where
