@@ -1,7 +1,8 @@
 //! Verified reads. Several chunks are fetched at once (each from the first replica that
 //! delivers it intact, starting at a different replica per chunk to spread load), each is
 //! CRC32C-checked whole before it is used, and the bytes are handed on in file order so the
-//! file's whole digest (BLAKE3, or SHA-256 for older files) can be checked. A download appears at its destination only after that check.
+//! file's whole digest (BLAKE3, or SHA-256 for older files) can be checked. A download
+//! appears at its destination only after that check.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -95,9 +95,10 @@ fn status_of(headers: &http::HeaderMap) -> Option<Status> {
     Status::from_header_map(&h)
 }
 
-/// A transport failure as the status tonic's own client would report.
+/// A transport failure as the status tonic's own client would report, its message naming
+/// the cause (tonic's own says only "transport error").
 fn transport_status(e: tonic::transport::Error) -> Status {
-    let mut s = Status::unavailable(format!("worker unreachable: {e}"));
+    let mut s = Status::unavailable(format!("worker unreachable: {}", super::error_chain(&e)));
     s.set_source(std::sync::Arc::new(e));
     s
 }
@@ -106,7 +107,7 @@ impl ReadStream {
     /// The next message, `None` once the response ended with an OK status.
     pub(crate) async fn message(&mut self) -> Result<Option<Piece>, Status> {
         loop {
-            if let Some(len) = self.ready_message()? {
+            if let Some(len) = self.take_prefix()? {
                 let mut parts = self.take(len);
                 return decode_piece(&mut parts, len).map(Some);
             }
@@ -134,14 +135,14 @@ impl ReadStream {
                             continue;
                         };
                         match status_of(trailers) {
-                            Some(s) if s.code() == tonic::Code::Ok => {
-                                if self.buffered > 0 && self.ready_message()?.is_none() {
-                                    return Err(Status::internal(
-                                        "ReadChunk response ended inside a message",
-                                    ));
-                                }
-                                self.finished = true;
+                            // Whole messages were taken before the body was polled again,
+                            // so anything still buffered is a message cut short.
+                            Some(s) if s.code() == tonic::Code::Ok && self.buffered > 0 => {
+                                return Err(Status::internal(
+                                    "ReadChunk response ended inside a message",
+                                ));
                             }
+                            Some(s) if s.code() == tonic::Code::Ok => self.finished = true,
                             Some(s) => return Err(s),
                             None => {
                                 return Err(Status::internal("ReadChunk trailers carry no status"));
@@ -153,9 +154,9 @@ impl ReadStream {
         }
     }
 
-    /// The length of the next message once it has arrived whole (its 5-byte prefix taken),
-    /// checked against the limits.
-    fn ready_message(&mut self) -> Result<Option<usize>, Status> {
+    /// Once the next message has arrived whole: takes its 5-byte prefix and returns its
+    /// length (checked against the limits). Before that, takes nothing.
+    fn take_prefix(&mut self) -> Result<Option<usize>, Status> {
         if self.buffered < 5 {
             return Ok(None);
         }
