@@ -1,8 +1,9 @@
 //! Process logging: `tracing` to the terminal and to one file per process under the log dir.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
-use crate::logwriter::{FlushGuard, batched};
+use crate::logwriter::{FlushGuard, TeeWriter, batched};
 use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,tonic=warn";
@@ -31,37 +32,59 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
     let stderr_directives = stderr_env
         .as_deref()
         .or(stderr_filter)
-        .unwrap_or(DEFAULT_FILTER);
+        .unwrap_or(DEFAULT_FILTER)
+        .to_string();
+    let file_directives = std::env::var("DFS_LOG").unwrap_or_else(|_| DEFAULT_FILTER.to_string());
+    // Colours only for a terminal: a daemon's stderr is usually a journal or a file, where
+    // escape codes are noise.
+    let stderr_tty = std::io::stderr().is_terminal();
     let (stderr_writer, stderr_guard) = batched("log-stderr", std::io::stderr());
-    let stderr_layer = fmt::layer()
-        .with_writer(stderr_writer)
-        .with_filter(filter(stderr_directives));
-
-    let (file_layer, guard, file_err) = match open_log(log_dir, file_name) {
+    let (file_writer, file_guard, file_err) = match open_log(log_dir, file_name) {
         Ok(file) => {
             let (writer, guard) = batched("log-file", file);
-            let layer = fmt::layer()
-                .with_ansi(false)
-                .with_writer(writer)
-                .with_filter(filter(
-                    std::env::var("DFS_LOG")
-                        .as_deref()
-                        .unwrap_or(DEFAULT_FILTER),
-                ));
-            (Some(layer), Some(guard), None)
+            (Some(writer), Some(guard), None)
         }
         Err(e) => (None, None, Some(e)),
     };
-    let _ = tracing_subscriber::registry()
-        .with(stderr_layer)
-        .with(file_layer)
-        .try_init();
+    let layers = match file_writer {
+        // The same lines, uncoloured, for both: formatted once.
+        Some(file_writer) if !stderr_tty && stderr_directives == file_directives => {
+            let tee = TeeWriter::new(stderr_writer, file_writer);
+            vec![
+                fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(tee)
+                    .with_filter(filter(&file_directives))
+                    .boxed(),
+            ]
+        }
+        file_writer => {
+            let mut layers = vec![
+                fmt::layer()
+                    .with_ansi(stderr_tty)
+                    .with_writer(stderr_writer)
+                    .with_filter(filter(&stderr_directives))
+                    .boxed(),
+            ];
+            if let Some(file_writer) = file_writer {
+                layers.push(
+                    fmt::layer()
+                        .with_ansi(false)
+                        .with_writer(file_writer)
+                        .with_filter(filter(&file_directives))
+                        .boxed(),
+                );
+            }
+            layers
+        }
+    };
+    let _ = tracing_subscriber::registry().with(layers).try_init();
     if let Some(e) = file_err {
         tracing::warn!(dir = %log_dir.display(), error = %e, "cannot open the log file; logging to stderr only");
     }
     Some(LogGuards {
         _stderr: stderr_guard,
-        _file: guard,
+        _file: file_guard,
     })
 }
 

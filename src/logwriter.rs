@@ -89,6 +89,51 @@ impl<'a> MakeWriter<'a> for BatchedWriter {
     }
 }
 
+/// Two batched writers fed the same formatted line: a daemon whose terminal and file logs
+/// take the same lines formats each once instead of twice. Per-operation lines are a tenth
+/// of a busy small-file cluster's CPU when formatted for both (README, Performance).
+#[derive(Clone)]
+pub struct TeeWriter {
+    first: BatchedWriter,
+    second: BatchedWriter,
+}
+
+impl TeeWriter {
+    pub fn new(first: BatchedWriter, second: BatchedWriter) -> TeeWriter {
+        TeeWriter { first, second }
+    }
+}
+
+/// One event's writer for [`TeeWriter`].
+pub struct TeeSink<'a> {
+    first: LineSink<'a>,
+    second: LineSink<'a>,
+}
+
+impl Write for TeeSink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // Each sink takes every byte or drops the line; neither ever fails.
+        self.first.write_all(bytes)?;
+        self.second.write_all(bytes)?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for TeeWriter {
+    type Writer = TeeSink<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        TeeSink {
+            first: self.first.make_writer(),
+            second: self.second.make_writer(),
+        }
+    }
+}
+
 /// Starts the log thread writing to `out`. Returns the writer for the layer and the guard
 /// to keep until exit. If the thread cannot be started, lines are refused: logging must
 /// never take the process down or grow without bound.
@@ -234,6 +279,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hello\n");
+    }
+
+    #[test]
+    fn a_tee_puts_every_line_whole_into_both_outputs() {
+        let (a, b) = (Sink::default(), Sink::default());
+        let (wa, ga) = batched("test-log-a", a.clone());
+        let (wb, gb) = batched("test-log-b", b.clone());
+        let tee = TeeWriter::new(wa, wb);
+        for i in 0..300 {
+            tee.make_writer()
+                .write_all(format!("line {i}\n").as_bytes())
+                .unwrap();
+        }
+        drop((ga, gb));
+        let expected: String = (0..300).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(
+            String::from_utf8(a.0.lock().unwrap().clone()).unwrap(),
+            expected
+        );
+        assert_eq!(
+            String::from_utf8(b.0.lock().unwrap().clone()).unwrap(),
+            expected
+        );
     }
 
     /// An output that blocks forever (a stopped reader of a pipe).

@@ -112,6 +112,14 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
     });
     let old_version = version_of(&b, "one.txt");
 
+    // A daemon's stderr here is a file, not a terminal: no colour codes.
+    let stderr = b.master.as_mut().unwrap().stderr_text();
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in a non-terminal stderr: {stderr}"
+    );
+
     // kill -9 the master and restart it on the same directory: nothing acknowledged is lost.
     b.master.as_mut().unwrap().kill9();
     b.start_master();
@@ -563,4 +571,52 @@ fn reserved_uploads_survive_kill9_of_the_master() {
         "{}",
         st.stdout
     );
+}
+
+/// With the same filter for both (the default), a daemon whose stderr is not a terminal
+/// writes each line once formatted to both outputs: the same text, with no colour codes.
+#[test]
+fn daemon_stderr_off_a_terminal_carries_the_log_file_lines_uncoloured() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut master = Daemon::spawn_logging(MASTER, &["--listen", &listen], dir.path(), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cli(&listen, dir.path(), &["--cmd", "ls"]);
+        if out.code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "master never answered: {}",
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file_lines = |stderr: &str| -> Vec<String> {
+        let file = std::fs::read_to_string(dir.path().join("logs/master.log")).unwrap_or_default();
+        let in_file: std::collections::HashSet<&str> = file.lines().collect();
+        stderr
+            .lines()
+            .filter(|l| !in_file.contains(l))
+            .map(str::to_string)
+            .collect()
+    };
+    // Both outputs are written in batches by threads of their own: wait (bounded) for the
+    // file to hold every line stderr has.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stderr = master.stderr_text();
+        let missing = file_lines(&stderr);
+        if stderr.contains("op=\"list_files\"") && missing.is_empty() {
+            assert!(!stderr.contains('\x1b'), "escape codes: {stderr}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stderr {stderr:?} has lines master.log lacks: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

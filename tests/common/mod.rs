@@ -246,6 +246,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(bin: &str, args: &[&str], cwd: &Path) -> Daemon {
+        Self::spawn_logging(bin, args, cwd, Some("warn"))
+    }
+
+    /// [`Daemon::spawn`] with `RUST_LOG` (the stderr filter) set to `rust_log`, or unset.
+    pub fn spawn_logging(bin: &str, args: &[&str], cwd: &Path, rust_log: Option<&str>) -> Daemon {
         let stderr_path = cwd.join(format!(
             "stderr-{}-{}.log",
             Path::new(bin)
@@ -255,10 +260,15 @@ impl Daemon {
             dfs::chunk::random_u128() as u32
         ));
         let err = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd
             .args(args)
             .current_dir(cwd)
-            .env("RUST_LOG", "warn")
+            .env_remove("DFS_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
