@@ -46,39 +46,37 @@ pub fn init(log_dir: &Path, file_name: &str, stderr_filter: Option<&str>) -> Opt
         }
         Err(e) => (None, None, Some(e)),
     };
-    let layers = match file_writer {
+    // Option layers rather than a boxed list: each stays statically dispatched, so the
+    // callsites every filter disables (h2's and hyper's debug lines) cost nothing.
+    let (tee_layer, stderr_layer, file_layer) = match file_writer {
         // The same lines, uncoloured, for both: formatted once.
         Some(file_writer) if !stderr_tty && stderr_directives == file_directives => {
             let tee = TeeWriter::new(stderr_writer, file_writer);
-            vec![
-                fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(tee)
-                    .with_filter(filter(&file_directives))
-                    .boxed(),
-            ]
+            let layer = fmt::layer()
+                .with_ansi(false)
+                .with_writer(tee)
+                .with_filter(filter(&file_directives));
+            (Some(layer), None, None)
         }
         file_writer => {
-            let mut layers = vec![
+            let stderr_layer = fmt::layer()
+                .with_ansi(stderr_tty)
+                .with_writer(stderr_writer)
+                .with_filter(filter(&stderr_directives));
+            let file_layer = file_writer.map(|w| {
                 fmt::layer()
-                    .with_ansi(stderr_tty)
-                    .with_writer(stderr_writer)
-                    .with_filter(filter(&stderr_directives))
-                    .boxed(),
-            ];
-            if let Some(file_writer) = file_writer {
-                layers.push(
-                    fmt::layer()
-                        .with_ansi(false)
-                        .with_writer(file_writer)
-                        .with_filter(filter(&file_directives))
-                        .boxed(),
-                );
-            }
-            layers
+                    .with_ansi(false)
+                    .with_writer(w)
+                    .with_filter(filter(&file_directives))
+            });
+            (None, Some(stderr_layer), file_layer)
         }
     };
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(tee_layer)
+        .with(stderr_layer)
+        .with(file_layer)
+        .try_init();
     if let Some(e) = file_err {
         tracing::warn!(dir = %log_dir.display(), error = %e, "cannot open the log file; logging to stderr only");
     }
