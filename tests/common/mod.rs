@@ -330,8 +330,17 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("a test runtime")
 }
 
-/// A port that was free a moment ago (bind to 0, read, release).
+/// A port that was free a moment ago, for a daemon started later with `--port`/`--listen`.
+/// Chosen below the kernel's ephemeral range (32768 and up here): a port from `bind(0)`
+/// comes from that range, where any outgoing connection of a parallel test could take it
+/// before the daemon binds it (a worker of a CI run once never started that way).
 pub fn free_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + (dfs::chunk::random_u128() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -477,6 +486,20 @@ impl Binaries {
         cli(&self.master_addr(), self.cwd(), &all)
     }
 
+    /// The end of every worker's stderr (a worker that could not start says why there).
+    pub fn workers_stderr(&self) -> String {
+        let mut out = String::new();
+        for (port, d) in &self.workers {
+            if let Some(d) = d {
+                let text = std::fs::read_to_string(&d.stderr_path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+                out.push_str(&format!("worker {port} stderr:\n{tail}\n"));
+            }
+        }
+        out
+    }
+
     /// Polls `status --json` until `alive` workers are alive (bounded).
     pub fn wait_alive(&self, alive: u64) {
         self.wait_status(
@@ -505,10 +528,11 @@ impl Binaries {
             }
             assert!(
                 started.elapsed() < timeout,
-                "timed out waiting for {what}: {} {}\nmaster.log tail:\n{}",
+                "timed out waiting for {what}: {} {}\nmaster.log tail:\n{}\n{}",
                 out.stdout,
                 out.stderr,
-                self.log_tail("master.log", 40)
+                self.log_tail("master.log", 40),
+                self.workers_stderr()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
