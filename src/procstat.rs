@@ -36,6 +36,16 @@ pub fn current() -> ProcessStats {
     }
 }
 
+/// The answer to a `ProcessStats` call: the figures now, then the peak restarted if asked
+/// (after reading it, so the caller sees the peak of the phase that just ended).
+pub fn answer(reset: bool) -> ProcessStats {
+    let now = current();
+    if reset {
+        reset_peak();
+    }
+    now
+}
+
 /// Restarts the peak-memory count (`VmHWM`) from the current resident size, so that the
 /// next [`current`] reports the peak of what happened in between. Best effort.
 pub fn reset_peak() {

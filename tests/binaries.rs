@@ -397,6 +397,82 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
     assert!(!dir.path().join("dfs-bench").exists());
 }
 
+/// Against real daemons the benchmark's resource rows come from each daemon, asked at the
+/// start and end of every phase (heartbeat figures lag by up to an interval, which showed
+/// workers at 0 CPU through whole phases).
+#[test]
+fn bench_against_real_daemons_asks_each_daemon_for_its_figures() {
+    let b = Binaries::start(3);
+    b.wait_alive(3);
+    let rt = runtime();
+    let (worker_pid, master_pid) = (
+        b.workers[0].1.as_ref().unwrap().child.id(),
+        b.master.as_ref().unwrap().child.id(),
+    );
+    let (w, m) = rt.block_on(async {
+        let addr = format!("127.0.0.1:{}", b.workers[0].0);
+        let mut wc = dfs::rpc::worker_client(dfs::rpc::data_channel(&addr).unwrap());
+        let ask = dfs::rpc::pb::ProcessStatsRequest { reset_peak: true };
+        let w = wc
+            .process_stats(ask)
+            .await
+            .expect("worker answers")
+            .into_inner();
+        let ch = dfs::rpc::data_channel(&b.master_addr()).unwrap();
+        let mut mc = dfs::rpc::master_client(ch);
+        let m = mc
+            .process_stats(ask)
+            .await
+            .expect("master answers")
+            .into_inner();
+        (w, m)
+    });
+    assert_eq!((w.pid, m.pid), (worker_pid, master_pid));
+    for p in [&w, &m] {
+        assert!(p.rss_bytes > 0 && p.peak_rss_bytes >= p.rss_bytes, "{p:?}");
+    }
+
+    let o = b.cli(&[
+        "--cmd",
+        "bench",
+        "--no-large",
+        "--files",
+        "200",
+        "--concurrency",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    let res = v["resources"].as_array().unwrap();
+    let mut workers: Vec<String> = b
+        .workers
+        .iter()
+        .map(|(port, _)| format!("worker 127.0.0.1:{port}"))
+        .collect();
+    workers.sort();
+    for phase in ["create", "read", "stat", "delete"] {
+        let phase = format!("4 KiB {phase}, c=1");
+        let rows: Vec<&serde_json::Value> = res.iter().filter(|r| r["phase"] == phase).collect();
+        let mut names: Vec<&str> = rows
+            .iter()
+            .map(|r| r["process"].as_str().unwrap())
+            .collect();
+        names.sort();
+        let mut want = vec!["client", "master"];
+        want.extend(workers.iter().map(String::as_str));
+        assert_eq!(names, want, "{phase}");
+        assert!(
+            rows.iter().all(|r| r["peak_bytes"].as_u64() > Some(0)),
+            "{rows:?}"
+        );
+    }
+    // 200 fsynced chunk writes cost every worker CPU time in the create phase itself.
+    for r in res.iter().filter(|r| r["phase"] == "4 KiB create, c=1") {
+        assert!(r["cpu_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
 /// The security quick start exactly as the README gives it: `gen-certs`, `gen-secret` and
 /// `token` from the CLI, then daemons and clients with the TLS, secret and token flags.
 #[test]

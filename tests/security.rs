@@ -268,6 +268,13 @@ async fn call_every_rpc(
         ),
         ("Fsck", code(m.fsck(pb::FsckRequest {}).await)),
         ("GcStatus", code(m.gc_status(pb::GcStatusRequest {}).await)),
+        (
+            "ProcessStats",
+            code(
+                m.process_stats(pb::ProcessStatsRequest { reset_peak: true })
+                    .await,
+            ),
+        ),
     ]
 }
 

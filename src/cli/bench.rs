@@ -90,8 +90,8 @@ pub struct ResourceUse {
     pub process: String,
     pub cpu_s: f64,
     pub rss_end_bytes: u64,
-    /// Peak during the phase for this process; for remote daemons, the peak since they
-    /// started (as of their last heartbeat, up to a second old).
+    /// Peak during the phase for this process (each daemon is asked directly at the
+    /// phase's start and end).
     pub peak_bytes: u64,
 }
 
@@ -113,35 +113,65 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    async fn take(client: &Client) -> Snapshot {
-        let me = crate::procstat::current();
-        let status = client.status().await.ok();
-        let master = status.as_ref().and_then(|s| s.master_process);
-        let workers = status
+    /// Asks every daemon directly, all at once (heartbeat figures are up to a second old,
+    /// longer than many phases); `reset_peak` then restarts each one's peak count, so the
+    /// next snapshot's peaks are the phase's own. A daemon that cannot answer is left out
+    /// of the phase's rows rather than shown with stale figures.
+    async fn take(client: &Client, reset_peak: bool) -> Snapshot {
+        let addrs: Vec<String> = client
+            .status()
+            .await
             .map(|s| {
                 s.workers
                     .into_iter()
-                    .filter_map(|w| w.process.map(|p| (w.address, p)))
+                    .filter(|w| w.state != "dead")
+                    .map(|w| w.address)
                     .collect()
             })
             .unwrap_or_default();
+        let (master, workers) = tokio::join!(
+            ask(client.master_process(reset_peak)),
+            futures::future::join_all(
+                addrs
+                    .iter()
+                    .map(|a| ask(client.worker_process(a, reset_peak)))
+            )
+        );
+        let me = crate::procstat::current();
+        if reset_peak {
+            crate::procstat::reset_peak();
+        }
         Snapshot {
             client: me,
             master,
-            workers,
+            workers: addrs
+                .into_iter()
+                .zip(workers)
+                .filter_map(|(a, p)| p.map(|p| (a, p)))
+                .collect(),
         }
     }
 }
 
-/// Starts a phase's resource accounting (resets this process's peak).
+/// A daemon's answer, or `None` if it fails or takes over two seconds: a stopped daemon
+/// must not hang the benchmark, and its row is left out instead.
+async fn ask(
+    call: impl std::future::Future<Output = Result<ProcessStats, ClientError>>,
+) -> Option<ProcessStats> {
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Ok(Ok(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Starts a phase's resource accounting (restarts every process's peak).
 async fn phase_start(client: &Client) -> Snapshot {
-    crate::procstat::reset_peak();
-    Snapshot::take(client).await
+    Snapshot::take(client, true).await
 }
 
 /// Ends a phase: CPU used and memory per process since `before`.
 async fn phase_end(client: &Client, phase: &str, before: Snapshot, out: &mut Vec<ResourceUse>) {
-    let after = Snapshot::take(client).await;
+    let after = Snapshot::take(client, false).await;
     let row = |process: String, b: &ProcessStats, a: &ProcessStats| ResourceUse {
         phase: phase.to_string(),
         process,
@@ -508,7 +538,7 @@ fn meta_names(n: usize) -> impl Iterator<Item = Vec<String>> {
 /// scale and the master's memory growth, then deletes them.
 async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError> {
     let rss = |s: &Snapshot| s.master.map(|m| m.rss_bytes).unwrap_or(0);
-    let before = Snapshot::take(client).await;
+    let before = Snapshot::take(client, false).await;
     let started = Instant::now();
     let mut done = 0usize;
     for batch in meta_names(n) {
@@ -518,7 +548,7 @@ async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError>
     }
     let create_secs = started.elapsed().as_secs_f64();
     // The master's figure is read live by `status` (not from a heartbeat).
-    let after = Snapshot::take(client).await;
+    let after = Snapshot::take(client, false).await;
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {
         rng ^= rng << 13;

@@ -12,6 +12,14 @@ pub enum ClientError {
     /// The master refused or failed a request.
     #[error("{message}")]
     Master { code: Code, message: String },
+    /// A worker refused or failed a call that is not a chunk transfer (those retry and end
+    /// in `WriteFailed` or `ReadFailed`).
+    #[error("worker {addr}: {message}")]
+    Worker {
+        addr: String,
+        code: Code,
+        message: String,
+    },
     #[error("cannot {op} {}: {source}", path.display())]
     LocalIo {
         op: &'static str,
@@ -41,7 +49,7 @@ impl ClientError {
     pub fn code(&self) -> Code {
         match self {
             ClientError::Connect { .. } => Code::Unavailable,
-            ClientError::Master { code, .. } => *code,
+            ClientError::Master { code, .. } | ClientError::Worker { code, .. } => *code,
             ClientError::LocalIo { source, .. }
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -53,6 +61,14 @@ impl ClientError {
             ClientError::WriteFailed { .. } | ClientError::ReadFailed { .. } => Code::Unavailable,
             ClientError::Integrity(_) => Code::DataLoss,
             ClientError::Cancelled => Code::Cancelled,
+        }
+    }
+
+    pub(crate) fn worker(addr: &str, s: tonic::Status) -> ClientError {
+        ClientError::Worker {
+            addr: addr.to_string(),
+            code: s.code(),
+            message: s.message().to_string(),
         }
     }
 

@@ -66,6 +66,10 @@ pub struct Client {
     /// Uploads opened ahead for small files.
     reservations: Arc<reserve::Reservations>,
     transport: Transport,
+    /// Where this client starts in a chunk's list of replicas (random per client): clients
+    /// spread their reads over the replicas, and one client's reads of small files gather
+    /// on fewer workers, where they batch.
+    read_seed: u64,
 }
 
 impl Client {
@@ -108,6 +112,7 @@ impl Client {
             small_writes: Arc::new(Mutex::new(HashMap::new())),
             small_reads: Arc::new(Mutex::new(HashMap::new())),
             transport,
+            read_seed: crate::chunk::random_u128() as u64,
         })
     }
 
@@ -276,6 +281,29 @@ impl Client {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| self.err(s))
+    }
+
+    /// The master's process figures now; `reset_peak` restarts its peak count afterwards.
+    pub async fn master_process(&self, reset_peak: bool) -> Result<pb::ProcessStats, ClientError> {
+        self.master()
+            .process_stats(pb::ProcessStatsRequest { reset_peak })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s))
+    }
+
+    /// The process figures of the worker at `addr` now, asked of it directly (a heartbeat's
+    /// are up to an interval old); `reset_peak` restarts its peak count afterwards.
+    pub async fn worker_process(
+        &self,
+        addr: &str,
+        reset_peak: bool,
+    ) -> Result<pb::ProcessStats, ClientError> {
+        self.worker(addr)?
+            .process_stats(pb::ProcessStatsRequest { reset_peak })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| ClientError::worker(addr, s))
     }
 
     /// Marks a worker draining (or not); returns its status.

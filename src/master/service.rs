@@ -445,6 +445,15 @@ impl pb::master_server::Master for MasterService {
         Ok(Response::new(self.master.gc_status()))
     }
 
+    async fn process_stats(
+        &self,
+        req: Request<pb::ProcessStatsRequest>,
+    ) -> Result<Response<pb::ProcessStats>, Status> {
+        Ok(Response::new(crate::procstat::answer(
+            req.into_inner().reset_peak,
+        )))
+    }
+
     type StreamLogsStream = LogStream;
 
     async fn stream_logs(

@@ -34,7 +34,7 @@ pub fn master_need(method: &str) -> Option<Need> {
         | "CommitUploads" | "RenewUpload" | "AbortUpload" | "DeleteFile" | "CreateEmpty"
         | "DeleteMany" | "SetDraining" => Need::Write,
         "GetFile" | "GetFiles" | "ListFiles" | "ReportBadReplica" | "ClusterStatus"
-        | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" => Need::Read,
+        | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" | "ProcessStats" => Need::Read,
         _ => return None,
     })
 }

@@ -634,6 +634,17 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::ReadSmallChunksResponse { results }))
     }
 
+    /// Open to any caller, like the health service: it reveals only this process's memory
+    /// and CPU figures, and a peak reset changes nothing but the next answer's peak.
+    async fn process_stats(
+        &self,
+        req: Request<pb::ProcessStatsRequest>,
+    ) -> Result<Response<pb::ProcessStats>, Status> {
+        Ok(Response::new(crate::procstat::answer(
+            req.into_inner().reset_peak,
+        )))
+    }
+
     async fn read_chunk(
         &self,
         req: Request<pb::ReadChunkRequest>,
