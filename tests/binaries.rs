@@ -572,6 +572,46 @@ fn secure_cluster_from_the_command_line() {
         );
         assert_eq!(out.stderr.trim().lines().count(), 1);
     }
+    // The benchmark over TLS with tokens: every daemon answers for its figures. With a
+    // read-only token every operation is refused: the table shows it, with the first
+    // error of each phase, and the run ends with a one-line error and exit code 1.
+    let bench = [
+        "--cmd",
+        "bench",
+        "--no-large",
+        "--files",
+        "20",
+        "--concurrency",
+        "1",
+    ];
+    let mut json = bench.to_vec();
+    json.push("--json");
+    let out = b.cli(&json);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let rows = v["resources"].as_array().unwrap();
+    for who in ["client", "master", "worker "] {
+        let n = rows
+            .iter()
+            .filter(|r| r["phase"] == "4 KiB create, c=1")
+            .filter(|r| r["process"].as_str().unwrap().starts_with(who))
+            .count();
+        assert_eq!(n, if who == "worker " { 3 } else { 1 }, "{who}: {rows:?}");
+    }
+    let out = as_reader(&bench);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("create c=1: 20 of 20 failed; the first: a read-only token may not"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("80 of 80 small-file operations failed"),
+        "{}",
+        out.stderr
+    );
     // No token, and no TLS: refused with a message that says what to do.
     let mut no_token = refs(&tls_client);
     no_token.extend(["--cmd", "ls"]);

@@ -43,11 +43,19 @@ pub struct Throughput {
 pub struct OpStats {
     pub phase: String,
     pub concurrency: usize,
+    /// Operations attempted; `failed` of them failed.
     pub ops: usize,
     pub failed: usize,
+    /// Successful operations per second; failures count neither here nor in the latencies
+    /// (a refused call is fast, and would flatter both).
     pub ops_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The first failure's message, empty when nothing failed.
+    pub first_error: String,
+    /// The first failure's code, for the exit status.
+    #[serde(skip)]
+    pub first_code: Option<tonic::Code>,
     /// Creates committed through an upload reserved ahead (one master call instead of two);
     /// 0 for the other phases.
     pub reserved: u64,
@@ -458,9 +466,10 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                 tasks.spawn(async move {
                     let mut lat = Vec::with_capacity(names.len());
                     let mut failed = 0;
+                    let mut first: Option<ClientError> = None;
                     for n in names {
                         let t = Instant::now();
-                        let ok = match phase {
+                        let outcome = match phase {
                             "create" => client
                                 .upload(
                                     &small,
@@ -471,25 +480,49 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
                                     },
                                 )
                                 .await
-                                .is_ok(),
-                            "read" => client.read(&n).await.is_ok_and(|b| b.len() == 4096),
-                            "stat" => client.stat(&n).await.is_ok(),
-                            _ => client.delete(&n).await.is_ok(),
+                                .map(|_| ()),
+                            "read" => client.read(&n).await.and_then(|b| {
+                                if b.len() == 4096 {
+                                    Ok(())
+                                } else {
+                                    Err(ClientError::Integrity(format!(
+                                        "{n} read back {} bytes, not 4096",
+                                        b.len()
+                                    )))
+                                }
+                            }),
+                            "stat" => client.stat(&n).await.map(|_| ()),
+                            _ => client.delete(&n).await.map(|_| ()),
                         };
-                        lat.push(t.elapsed());
-                        if !ok {
-                            failed += 1;
+                        match outcome {
+                            Ok(()) => lat.push(t.elapsed()),
+                            Err(e) => {
+                                failed += 1;
+                                first.get_or_insert(e);
+                            }
                         }
                     }
-                    (lat, failed)
+                    (lat, failed, first)
                 });
             }
             let mut lat = Vec::new();
             let mut failed = 0;
+            let mut first: Option<ClientError> = None;
             while let Some(r) = tasks.join_next().await {
-                if let Ok((l, f)) = r {
-                    lat.extend(l);
-                    failed += f;
+                match r {
+                    Ok((l, f, e)) => {
+                        lat.extend(l);
+                        failed += f;
+                        if first.is_none() {
+                            first = e;
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        first.get_or_insert(ClientError::InvalidInput(format!(
+                            "a benchmark task failed: {e}"
+                        )));
+                    }
                 }
             }
             let secs = started.elapsed().as_secs_f64();
@@ -497,11 +530,16 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
             report.small.push(OpStats {
                 phase: phase.into(),
                 concurrency: c,
-                ops: lat.len(),
+                ops: cfg.files,
                 failed,
                 ops_per_s: lat.len() as f64 / secs.max(1e-9),
                 p50_ms: percentile(&lat, 0.5),
                 p99_ms: percentile(&lat, 0.99),
+                first_error: first
+                    .as_ref()
+                    .map(|e| e.to_string().replace('\n', " "))
+                    .unwrap_or_default(),
+                first_code: first.as_ref().map(ClientError::code),
                 reserved: client.reservations().committed - reserved_before,
                 cache,
             });
@@ -595,6 +633,24 @@ async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError>
 }
 
 /// The report as a table.
+impl BenchReport {
+    /// An error if any small-file operation failed: the figures of such a run do not
+    /// measure the cluster, so the bench exits non-zero after printing them.
+    pub fn failures(&self) -> Option<ClientError> {
+        let failed: usize = self.small.iter().map(|o| o.failed).sum();
+        let first = self.small.iter().find(|o| o.failed > 0)?;
+        Some(ClientError::BenchFailed {
+            failed,
+            total: self.small.iter().map(|o| o.ops).sum(),
+            first: format!(
+                "{} c={}: {}",
+                first.phase, first.concurrency, first.first_error
+            ),
+            code: first.first_code.unwrap_or(tonic::Code::Unknown),
+        })
+    }
+}
+
 pub fn render(r: &BenchReport) -> String {
     use std::fmt::Write as _;
     let mut s = format!("dfs bench against {}\n", r.master);
@@ -637,6 +693,13 @@ pub fn render(r: &BenchReport) -> String {
                 s,
                 "{:<10} {:>11} {:>7} {:>7} {:>10.0} {:>9.2} {:>9.2}",
                 o.phase, o.concurrency, o.ops, o.failed, o.ops_per_s, o.p50_ms, o.p99_ms
+            );
+        }
+        for o in r.small.iter().filter(|o| o.failed > 0) {
+            let _ = writeln!(
+                s,
+                "{} c={}: {} of {} failed; the first: {}",
+                o.phase, o.concurrency, o.failed, o.ops, o.first_error
             );
         }
         let reserved: Vec<String> = r

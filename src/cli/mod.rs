@@ -388,13 +388,17 @@ async fn execute(
             let r = bench::run(&client, &cfg).await;
             let _ = std::fs::remove_dir(&scratch_dir);
             let r = r?;
-            if json {
-                Ok(format!(
-                    "{}\n",
-                    serde_json::to_string(&r).unwrap_or_default()
-                ))
+            let text = if json {
+                format!("{}\n", serde_json::to_string(&r).unwrap_or_default())
             } else {
-                Ok(bench::render(&r))
+                bench::render(&r)
+            };
+            match r.failures() {
+                Some(e) => {
+                    print!("{text}");
+                    Err(e)
+                }
+                None => Ok(text),
             }
         }
         Op::GenCerts { .. } | Op::GenSecret { .. } | Op::Token { .. } => Err(

@@ -42,6 +42,14 @@ pub enum ClientError {
     Integrity(String),
     #[error("cancelled")]
     Cancelled,
+    /// Some benchmark operations failed (the report is printed before this error).
+    #[error("{failed} of {total} small-file operations failed; the first was {first}")]
+    BenchFailed {
+        failed: usize,
+        total: usize,
+        first: String,
+        code: Code,
+    },
 }
 
 impl ClientError {
@@ -61,6 +69,7 @@ impl ClientError {
             ClientError::WriteFailed { .. } | ClientError::ReadFailed { .. } => Code::Unavailable,
             ClientError::Integrity(_) => Code::DataLoss,
             ClientError::Cancelled => Code::Cancelled,
+            ClientError::BenchFailed { code, .. } => *code,
         }
     }
 
