@@ -473,6 +473,34 @@ fn bench_against_real_daemons_asks_each_daemon_for_its_figures() {
     }
 }
 
+/// A bench that stops on an error removes what it made: here the cluster has no room for
+/// the large file, so the run fails with the cluster's error and leaves neither the scratch
+/// file (`--size` bytes) nor any name behind.
+#[test]
+fn a_failed_bench_leaves_nothing_behind() {
+    let b = Binaries::start_with_args(3, &[], &["--capacity", "4MiB"], &[]);
+    b.wait_alive(3);
+    let o = b.cli(&[
+        "--cmd",
+        "bench",
+        "--size",
+        "24MiB",
+        "--files",
+        "5",
+        "--concurrency",
+        "1",
+    ]);
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+    assert!(
+        !b.cwd().join("dfs-bench").exists(),
+        "scratch dir left behind"
+    );
+    let ls = b.cli(&["--cmd", "ls"]);
+    assert_eq!(ls.code, 0, "{}", ls.stderr);
+    assert!(!ls.stdout.contains("dfs-bench"), "{}", ls.stdout);
+}
+
 /// The security quick start exactly as the README gives it: `gen-certs`, `gen-secret` and
 /// `token` from the CLI, then daemons and clients with the TLS, secret and token flags.
 #[test]

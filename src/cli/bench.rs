@@ -325,8 +325,42 @@ async fn off_runtime<T: Send + 'static>(
         .map_err(|e| std::io::Error::other(format!("measurement task failed: {e}")))?
 }
 
-/// Runs the benchmark phases against `client`.
+/// Runs the benchmark phases against `client`. A run that stops on an error first removes
+/// what it created (its files in the cluster, up to `--meta-files` names, and the scratch
+/// files, one of them `--size` bytes), so a failed run leaves nothing behind either.
 pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, ClientError> {
+    let r = run_phases(client, cfg).await;
+    if r.is_err() {
+        progress("cleaning up after the error…");
+        clean_up(client, cfg).await;
+        progress("");
+    }
+    r
+}
+
+/// Best-effort removal of everything a run may have created; errors are ignored (a name
+/// that was never created is simply not found).
+async fn clean_up(client: &Client, cfg: &BenchConfig) {
+    for f in ["dfs-bench-large.bin", "dfs-bench-4k.bin"] {
+        let _ = std::fs::remove_file(cfg.scratch.join(f));
+    }
+    for replicas in [1, 3] {
+        let _ = client.delete(&format!("dfs-bench-large-r{replicas}")).await;
+    }
+    for &c in &cfg.concurrency {
+        let names: Vec<String> = (0..cfg.files)
+            .map(|i| format!("dfs-bench-small-{}-{i}", c.max(1)))
+            .collect();
+        for batch in names.chunks(10_000) {
+            let _ = client.delete_many(batch.to_vec()).await;
+        }
+    }
+    for batch in meta_names(cfg.meta_files) {
+        let _ = client.delete_many(batch).await;
+    }
+}
+
+async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, ClientError> {
     std::fs::create_dir_all(&cfg.scratch).map_err(|e| local("create", &cfg.scratch, e))?;
     let mut report = BenchReport {
         master: client.master_addr().to_string(),
