@@ -8,7 +8,9 @@
 //! waiting as one batched call (one request alone still goes as the plain call), as
 //! FoundationDB's client batches the read-version requests of concurrent transactions. Only
 //! one call is in flight at a time (by default), so a request never waits for a timer: the
-//! batch is simply what queued while the previous call was out. A request that finds nothing
+//! batch is simply what queued while the previous call was out. One more call may go early,
+//! beside the one out, once as many requests wait as the last full batch held (many
+//! clients moving in step; see `pump`). A request that finds nothing
 //! queued and no call out is sent at once from its caller's task, so one client doing one
 //! thing at a time pays nothing for the batching.
 
@@ -135,6 +137,15 @@ async fn pump<B: Batched>(
     let support = Support::default();
     let mut waiting = Vec::new();
     let mut in_flight = FuturesUnordered::new();
+    // How many requests arrive together (the largest recent call, decaying): with many
+    // clients in step, say 16 writers that all finished their chunk writes, the first one
+    // goes alone at once and the other 15 queue behind it. Waiting for that call to finish
+    // before sending theirs put two calls, and two fsyncs on the other side, one after the
+    // other in every round. A second call in flight was tried and measured no better: it
+    // went as soon as one more request arrived, and the rest still queued. So the second
+    // call (the early slot) goes only with a full herd.
+    let mut herd = 0usize;
+    let early = Arc::new(Semaphore::new(1));
     loop {
         // Requests to send (finishing calls meanwhile).
         if waiting.is_empty() {
@@ -148,13 +159,33 @@ async fn pump<B: Batched>(
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
             }
         }
-        // A free slot for them (finishing calls meanwhile).
-        let slot = tokio::select! {
-            slot = shared.slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+        // A free slot for them (finishing calls meanwhile). While every slot is out, the
+        // requests keep queueing; once as many wait as the last full batch held, they go at
+        // once on the early slot instead of waiting for a call to finish (see `herd`).
+        let slot = loop {
+            if let Ok(s) = shared.slots.clone().try_acquire_owned() {
+                break s;
+            }
+            if herd >= 2
+                && waiting.len() >= herd
+                && let Ok(s) = early.clone().try_acquire_owned()
+            {
+                break s;
+            }
+            let room = B::MAX.saturating_sub(waiting.len());
+            tokio::select! {
+                slot = shared.slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => break slot,
+                    Err(_) => return drain(in_flight).await,
+                },
+                n = rx.recv_many(&mut waiting, room), if room > 0 => {
+                    if n == 0 {
+                        return drain(in_flight).await;
+                    }
+                    shared.queued.fetch_sub(n, Ordering::AcqRel);
+                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            }
         };
         // Whatever else queued while waiting for the slot goes in the same call.
         while waiting.len() < B::MAX {
@@ -168,6 +199,7 @@ async fn pump<B: Batched>(
         }
         let take = within_budget::<B>(&waiting);
         let group: Vec<_> = waiting.drain(..take).collect();
+        herd = group.len().max(herd * 3 / 4);
         let shared = &shared;
         let support = &support;
         in_flight.push(async move {
@@ -175,6 +207,11 @@ async fn pump<B: Batched>(
             drop(slot);
         });
     }
+    drain(in_flight).await
+}
+
+/// Waits for the calls still in flight (their callers get their answers).
+async fn drain<F: Future<Output = ()>>(mut in_flight: FuturesUnordered<F>) {
     while in_flight.next().await.is_some() {}
 }
 
@@ -264,7 +301,10 @@ mod tests {
             self.calls.lock().unwrap().push(1);
             let gate = self.gate.clone();
             async move {
-                let _permit = gate.acquire().await;
+                // Each call uses up a permit, so a test lets calls through one by one.
+                if let Ok(p) = gate.acquire().await {
+                    p.forget();
+                }
                 double(req)
             }
         }
@@ -278,7 +318,10 @@ mod tests {
             }
             let gate = self.gate.clone();
             async move {
-                let _permit = gate.acquire().await;
+                // Each call uses up a permit, so a test lets calls through one by one.
+                if let Ok(p) = gate.acquire().await {
+                    p.forget();
+                }
                 if unimplemented {
                     return Err(Status::unimplemented("no such method"));
                 }
@@ -328,6 +371,57 @@ mod tests {
             sizes.len() < 20,
             "requests that waited together must share a call: {sizes:?}"
         );
+    }
+
+    /// Once a herd of requests has queued behind a call, the next herd of that size goes at
+    /// once beside the call still out, not after it; a smaller group waits as before, and
+    /// never more than two calls are out.
+    #[tokio::test]
+    async fn a_full_herd_goes_beside_the_call_in_flight() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let b = Batcher::start(Doubler {
+            calls: calls.clone(),
+            unimplemented: false,
+            gate: gate.clone(),
+        });
+        let spawn = |range: std::ops::RangeInclusive<u32>| -> Vec<_> {
+            range
+                .map(|n| {
+                    let b = b.clone();
+                    tokio::spawn(async move { (n, b.call(n).await) })
+                })
+                .collect()
+        };
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(50));
+        let sizes = || calls.lock().unwrap().clone();
+        let mut tasks = spawn(0..=0);
+        settle().await;
+        tasks.extend(spawn(1..=7));
+        settle().await;
+        assert_eq!(sizes(), [1], "the first herd waits for the call out");
+        gate.add_permits(1);
+        settle().await;
+        assert_eq!(sizes(), [1, 7]);
+        // The batch of 7 is held at the gate; the next 7 go beside it.
+        tasks.extend(spawn(8..=14));
+        settle().await;
+        assert_eq!(sizes(), [1, 7, 7], "a full herd goes early");
+        tasks.extend(spawn(15..=17));
+        settle().await;
+        assert_eq!(sizes(), [1, 7, 7], "two calls are out: the rest wait");
+        gate.add_permits(1000);
+        for t in tasks {
+            let (n, r) = tokio::time::timeout(std::time::Duration::from_secs(10), t)
+                .await
+                .expect("answered in time")
+                .expect("task ran");
+            match n {
+                13 => assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument),
+                n => assert_eq!(r.unwrap(), n * 2),
+            }
+        }
+        assert_eq!(sizes(), [1, 7, 7, 3]);
     }
 
     #[tokio::test]
