@@ -137,10 +137,9 @@ async fn corrupt_replica_case(chunk: usize, at: u64) {
     let path = make_file(&t.scratch().join("f"), 2 * MIB + 100, 9);
     t.must_upload(&path, "f").await;
     let st = t.client.stat("f").await.unwrap();
-    // Corrupt the chunk on whichever worker the reader will try first (reads start at the
-    // replica at the chunk's index, modulo the replica count, to spread load).
+    // Corrupt the chunk on whichever worker the reader will try first.
     let c = &st.chunks[chunk];
-    let first = &c.replicas[c.index as usize % c.replicas.len()].worker;
+    let first = &t.client.read_order(c)[0].to_string();
     let idx = t
         .cluster
         .worker_addrs()
@@ -176,9 +175,9 @@ async fn reads_fail_over_and_writes_retry_when_a_worker_dies() {
     let mut t = TestCluster::start(t_cfg).await;
     let path = make_file(&t.scratch().join("f"), 3 * MIB, 4);
     t.must_upload(&path, "f").await;
-    // Kill a worker that holds chunk 0 first in line.
+    // Kill the worker this client tries first for chunk 0.
     let st = t.client.stat("f").await.unwrap();
-    let victim = st.chunks[0].replicas[0].worker.clone();
+    let victim = t.client.read_order(&st.chunks[0])[0].to_string();
     let idx = t
         .cluster
         .worker_addrs()
@@ -987,9 +986,7 @@ async fn batched_small_chunk_reads_answer_each_chunk_and_fail_over_a_corrupt_cop
     // Corrupt r0 on the replica a reader tries first.
     let st = t.client.stat("r0").await.unwrap();
     let c = &st.chunks[0];
-    let first = c.replicas[c.index as usize % c.replicas.len()]
-        .worker
-        .clone();
+    let first = t.client.read_order(c)[0].to_string();
     let idx = t
         .cluster
         .worker_addrs()

@@ -314,8 +314,18 @@ impl Client {
         }
     }
 
+    /// The workers this client tries for chunk `c`, in order (each client starts at its own
+    /// place among the alive replicas). For tools and tests that need to know which copy a
+    /// read meets first.
+    pub fn read_order<'a>(&self, c: &'a ChunkInfo) -> Vec<&'a str> {
+        replica_order(c, self.read_seed)
+            .into_iter()
+            .map(|i| c.replicas[i].worker.as_str())
+            .collect()
+    }
+
     /// Fetches chunk `c` whole from the first replica that delivers it intact, in the order
-    /// of [`read_order`].
+    /// of [`replica_order`].
     async fn fetch_chunk(
         &self,
         c: ChunkInfo,
@@ -323,7 +333,7 @@ impl Client {
     ) -> Result<Fetched, ClientError> {
         let mut last = String::from("no replica is known");
         let mut failovers = 0;
-        for i in read_order(&c, self.read_seed) {
+        for i in replica_order(&c, self.read_seed) {
             if progress.is_cancelled() {
                 return Err(ClientError::Cancelled);
             }
@@ -550,7 +560,7 @@ fn check_whole(file: &FileInfo, written: u64, digest: FileHasher) -> Result<(), 
 /// instead cost 10–13 % of the reads at one client and 35–45 % at sixteen on the two-core
 /// bench host (four rounds each): its batches per worker were smaller, and each worker
 /// process woke more often with less to do.
-fn read_order(c: &ChunkInfo, seed: u64) -> Vec<usize> {
+fn replica_order(c: &ChunkInfo, seed: u64) -> Vec<usize> {
     let n = c.replicas.len();
     let alive = c.replicas.iter().take_while(|r| r.state == "alive").count();
     if alive == 0 {
@@ -587,7 +597,7 @@ mod tests {
     fn clients_spread_over_the_alive_replicas_and_each_tries_every_one() {
         let mut first = [0usize; 3];
         for seed in 0..300u64 {
-            let order = read_order(&chunk(0, &["alive", "alive", "alive"]), seed * 7919);
+            let order = replica_order(&chunk(0, &["alive", "alive", "alive"]), seed * 7919);
             let mut sorted = order.clone();
             sorted.sort();
             assert_eq!(sorted, [0, 1, 2], "every replica once: {order:?}");
@@ -596,7 +606,7 @@ mod tests {
         assert_eq!(first, [100, 100, 100]);
         // One client: a large file's chunks start at successive replicas.
         let starts: Vec<usize> = (0..6)
-            .map(|i| read_order(&chunk(i, &["alive", "alive", "alive"]), 41)[0])
+            .map(|i| replica_order(&chunk(i, &["alive", "alive", "alive"]), 41)[0])
             .collect();
         assert_eq!(starts, [2, 0, 1, 2, 0, 1]);
     }
@@ -604,14 +614,14 @@ mod tests {
     #[test]
     fn replicas_not_alive_are_tried_last_in_the_masters_order() {
         for seed in 0..50u64 {
-            let order = read_order(&chunk(3, &["alive", "alive", "suspect", "dead"]), seed);
+            let order = replica_order(&chunk(3, &["alive", "alive", "suspect", "dead"]), seed);
             assert!(
                 order[..2].contains(&0) && order[..2].contains(&1),
                 "{order:?}"
             );
             assert_eq!(&order[2..], [2, 3]);
         }
-        assert_eq!(read_order(&chunk(0, &["suspect", "dead"]), 5), [0, 1]);
-        assert!(read_order(&chunk(0, &[]), 5).is_empty());
+        assert_eq!(replica_order(&chunk(0, &["suspect", "dead"]), 5), [0, 1]);
+        assert!(replica_order(&chunk(0, &[]), 5).is_empty());
     }
 }
