@@ -38,12 +38,15 @@ pub fn current() -> ProcessStats {
 
 /// The answer to a `ProcessStats` call: the figures now, then the peak restarted if asked
 /// (after reading it, so the caller sees the peak of the phase that just ended).
-pub fn answer(reset: bool) -> ProcessStats {
+pub fn answer(
+    req: tonic::Request<crate::rpc::pb::ProcessStatsRequest>,
+) -> tonic::Response<ProcessStats> {
+    let reset = req.into_inner().reset_peak;
     let now = current();
     if reset {
         reset_peak();
     }
-    now
+    tonic::Response::new(now)
 }
 
 /// Restarts the peak-memory count (`VmHWM`) from the current resident size, so that the

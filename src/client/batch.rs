@@ -330,6 +330,22 @@ mod tests {
         }
     }
 
+    type Answer = tokio::task::JoinHandle<(u32, Result<u32, Status>)>;
+
+    /// Every caller got its own answer (13 is refused), each within a bound.
+    async fn expect_answers(tasks: Vec<Answer>) {
+        for t in tasks {
+            let (n, r) = tokio::time::timeout(std::time::Duration::from_secs(10), t)
+                .await
+                .expect("answered in time")
+                .expect("task ran");
+            match n {
+                13 => assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument),
+                n => assert_eq!(r.unwrap(), n * 2),
+            }
+        }
+    }
+
     /// Sends 0..20 (13 among them) while the first call is held at a gate, then opens it;
     /// every caller must get its own answer.
     async fn run(unimplemented: bool) -> Vec<usize> {
@@ -349,16 +365,7 @@ mod tests {
         // Let every request queue behind the first call before it is answered.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         gate.add_permits(1000);
-        for t in tasks {
-            let (n, r) = tokio::time::timeout(std::time::Duration::from_secs(10), t)
-                .await
-                .expect("answered in time")
-                .expect("task ran");
-            match n {
-                13 => assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument),
-                n => assert_eq!(r.unwrap(), n * 2),
-            }
-        }
+        expect_answers(tasks).await;
         calls.lock().unwrap().clone()
     }
 
@@ -411,16 +418,7 @@ mod tests {
         settle().await;
         assert_eq!(sizes(), [1, 7, 7], "two calls are out: the rest wait");
         gate.add_permits(1000);
-        for t in tasks {
-            let (n, r) = tokio::time::timeout(std::time::Duration::from_secs(10), t)
-                .await
-                .expect("answered in time")
-                .expect("task ran");
-            match n {
-                13 => assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument),
-                n => assert_eq!(r.unwrap(), n * 2),
-            }
-        }
+        expect_answers(tasks).await;
         assert_eq!(sizes(), [1, 7, 7, 3]);
     }
 

@@ -449,9 +449,7 @@ impl pb::master_server::Master for MasterService {
         &self,
         req: Request<pb::ProcessStatsRequest>,
     ) -> Result<Response<pb::ProcessStats>, Status> {
-        Ok(Response::new(crate::procstat::answer(
-            req.into_inner().reset_peak,
-        )))
+        Ok(crate::procstat::answer(req))
     }
 
     type StreamLogsStream = LogStream;

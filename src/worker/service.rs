@@ -640,9 +640,7 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         req: Request<pb::ProcessStatsRequest>,
     ) -> Result<Response<pb::ProcessStats>, Status> {
-        Ok(Response::new(crate::procstat::answer(
-            req.into_inner().reset_peak,
-        )))
+        Ok(crate::procstat::answer(req))
     }
 
     async fn read_chunk(
