@@ -666,7 +666,6 @@ async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError>
     })
 }
 
-/// The report as a table.
 impl BenchReport {
     /// An error if any small-file operation failed: the figures of such a run do not
     /// measure the cluster, so the bench exits non-zero after printing them.
@@ -685,6 +684,7 @@ impl BenchReport {
     }
 }
 
+/// The report as a table.
 pub fn render(r: &BenchReport) -> String {
     use std::fmt::Write as _;
     let mut s = format!("dfs bench against {}\n", r.master);

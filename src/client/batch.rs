@@ -146,6 +146,7 @@ async fn pump<B: Batched>(
     // call (the early slot) goes only with a full herd.
     let mut herd = 0usize;
     let early = Arc::new(Semaphore::new(1));
+    let mut closed = false;
     loop {
         // Requests to send (finishing calls meanwhile).
         if waiting.is_empty() {
@@ -178,10 +179,9 @@ async fn pump<B: Batched>(
                     Ok(slot) => break slot,
                     Err(_) => return drain(in_flight).await,
                 },
-                n = rx.recv_many(&mut waiting, room), if room > 0 => {
-                    if n == 0 {
-                        return drain(in_flight).await;
-                    }
+                n = rx.recv_many(&mut waiting, room), if room > 0 && !closed => {
+                    // Closed: the requests already waiting still go once a slot frees.
+                    closed = n == 0;
                     shared.queued.fetch_sub(n, Ordering::AcqRel);
                 }
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
