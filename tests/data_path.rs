@@ -1369,3 +1369,92 @@ async fn a_download_into_a_pipe_streams_in_place_and_leaves_it_a_pipe() {
         .collect();
     assert!(names.iter().all(|n| !n.contains("dfs-part")), "{names:?}");
 }
+
+/// `DeleteFiles` answers each name as `DeleteFile` would, in order, in one transaction; and
+/// concurrent `Client::delete` calls, which travel in such batches, each get their own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_deletes_answer_each_name_on_its_own() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let mut sizes = Vec::new();
+    for i in 0..24u64 {
+        let p = make_file(&t.scratch().join(format!("d{i}")), 100 + i, i);
+        sizes.push(t.must_upload(&p, &format!("d{i}")).await.file.size);
+    }
+    let d0 = t.client.stat("d0").await.unwrap();
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let names = ["d0", "never-existed", "bad/../name", "d1", "d0"];
+    let r = m
+        .delete_files(pb::DeleteFilesRequest {
+            names: names.iter().map(|n| n.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(r.len(), names.len());
+    let deleted = |i: usize| {
+        r[i].file
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: {:?}", names[i], r[i]))
+    };
+    assert_eq!(
+        (deleted(0).name.as_str(), deleted(0).size),
+        ("d0", sizes[0])
+    );
+    assert_eq!(r[1].code, tonic::Code::NotFound as i32, "{:?}", r[1]);
+    assert!(r[1].message.contains("never-existed"), "{:?}", r[1]);
+    assert_eq!(r[2].code, tonic::Code::InvalidArgument as i32, "{:?}", r[2]);
+    assert_eq!(deleted(3).name, "d1");
+    assert_eq!(
+        r[4].code,
+        tonic::Code::NotFound as i32,
+        "a name listed twice is deleted once: {:?}",
+        r[4]
+    );
+    for n in ["d0", "d1"] {
+        assert_eq!(
+            t.client.stat(n).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+    // The deleted file's chunk is garbage on each of its workers.
+    let gc = m
+        .gc_status(pb::GcStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let chunk = &d0.chunks[0].chunk_id;
+    let g = gc
+        .entries
+        .iter()
+        .find(|e| &e.chunk_id == chunk)
+        .expect("the deleted file's chunk is garbage");
+    assert_eq!(g.workers.len(), d0.chunks[0].replicas.len(), "{g:?}");
+    let too_many = (0..1025).map(|i| format!("x{i}")).collect();
+    let e = m
+        .delete_files(pb::DeleteFilesRequest { names: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+    // 46 callers at once on one client: the 22 files left, and 24 names that are gone.
+    let present = (2..24u64).map(|i| (Some(i), format!("d{i}")));
+    let gone = (0..24u64).map(|i| match i {
+        0 | 1 => (None, format!("d{i}")),
+        _ => (None, format!("gone-{i}")),
+    });
+    let calls = present.chain(gone).map(|(i, name)| {
+        let c = t.client.clone();
+        async move { (i, c.delete(&name).await, name) }
+    });
+    for (i, r, name) in futures::future::join_all(calls).await {
+        match (i, r) {
+            (Some(i), Ok(f)) => assert_eq!((f.name, f.size), (name, sizes[i as usize])),
+            (None, Err(e)) => assert_eq!(e.code(), tonic::Code::NotFound, "{name}: {e}"),
+            (i, r) => panic!("{name} ({i:?}): {r:?}"),
+        }
+    }
+    assert!(t.client.list().await.unwrap().is_empty());
+    assert_eq!(t.client.status().await.unwrap().files, 0);
+}

@@ -229,6 +229,15 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "DeleteFiles",
+            code(
+                m.delete_files(pb::DeleteFilesRequest {
+                    names: vec!["victim".into()],
+                })
+                .await,
+            ),
+        ),
+        (
             "ReportBadReplica",
             code(
                 m.report_bad_replica(pb::ReportBadReplicaRequest {
@@ -809,7 +818,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
         "é".repeat(200),
     ];
     for n in &names {
-        tried += 5;
+        tried += 6;
         let r = m
             .start_upload(pb::StartUploadRequest {
                 name: n.clone(),
@@ -851,6 +860,22 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
                         names: vec![n.clone()],
                     })
                     .await,
+                ),
+            ),
+            (
+                "delete_files",
+                code(
+                    m.delete_files(pb::DeleteFilesRequest {
+                        names: vec![n.clone()],
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+                    .and_then(|r| match r.results.first() {
+                        Some(item) if item.code != 0 => {
+                            Err(tonic::Status::new(item.code.into(), item.message.clone()))
+                        }
+                        _ => Ok(r),
+                    }),
                 ),
             ),
         ] {

@@ -1,5 +1,5 @@
 //! The calls a client batches (see [`super::batch`]): to the master, lookups (`stat`, and the
-//! first step of every read), upload starts and upload commits; to each worker, the writes and
+//! first step of every read), upload starts, upload commits and deletes; to each worker, the writes and
 //! reads of small chunks.
 
 use std::future::Future;
@@ -18,13 +18,16 @@ pub(crate) struct Lookups(pub(crate) MasterRpc);
 pub(crate) struct Starts(pub(crate) MasterRpc);
 /// `CommitUpload`, batched as `CommitUploads`.
 pub(crate) struct Commits(pub(crate) MasterRpc);
+/// `DeleteFile`, batched as `DeleteFiles`.
+pub(crate) struct Deletes(pub(crate) MasterRpc);
 
-/// The client's three batching tasks.
+/// The client's batching tasks to the master.
 #[derive(Clone)]
 pub(crate) struct MasterBatches {
     pub(crate) lookups: Batcher<Lookups>,
     pub(crate) starts: Batcher<Starts>,
     pub(crate) commits: Batcher<Commits>,
+    pub(crate) deletes: Batcher<Deletes>,
 }
 
 impl MasterBatches {
@@ -34,6 +37,7 @@ impl MasterBatches {
             lookups: Batcher::start(Lookups(master.clone())),
             starts: Batcher::start(Starts(master.clone())),
             commits: Batcher::start(Commits(master.clone())),
+            deletes: Batcher::start(Deletes(master.clone())),
         }
     }
 }
@@ -61,6 +65,39 @@ impl Batched for Lookups {
         let mut m = self.0.clone();
         async move {
             let resp = m.get_files(pb::GetFilesRequest { names }).await?;
+            Ok(resp
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| item(r.file, r.code, r.message))
+                .collect())
+        }
+    }
+}
+
+impl Batched for Deletes {
+    type Req = String;
+    type Resp = FileInfo;
+    const MAX: usize = MAX_BATCH;
+
+    fn one(&self, name: String) -> impl Future<Output = Result<FileInfo, Status>> + Send {
+        let mut m = self.0.clone();
+        async move {
+            m.delete_file(pb::DeleteFileRequest { name })
+                .await?
+                .into_inner()
+                .file
+                .ok_or_else(|| Status::internal("master answered without a file"))
+        }
+    }
+
+    fn many(
+        &self,
+        names: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Result<FileInfo, Status>>, Status>> + Send {
+        let mut m = self.0.clone();
+        async move {
+            let resp = m.delete_files(pb::DeleteFilesRequest { names }).await?;
             Ok(resp
                 .into_inner()
                 .results

@@ -244,16 +244,13 @@ impl Client {
     }
 
     /// Deletes a file; its chunks are removed from workers in the background.
+    /// Concurrent calls share round trips and fsyncs on the master (see `batch`).
     pub async fn delete(&self, name: &str) -> Result<FileInfo, ClientError> {
-        self.master()
-            .delete_file(pb::DeleteFileRequest {
-                name: name.to_string(),
-            })
+        self.batches
+            .deletes
+            .call(name.to_string())
             .await
-            .map_err(|s| self.err(s))?
-            .into_inner()
-            .file
-            .ok_or_else(|| ClientError::Integrity("master answered without a file".into()))
+            .map_err(|s| self.err(s))
     }
 
     /// Creates empty files, all or none (at most 10,000 per call): the metadata fast path.

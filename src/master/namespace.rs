@@ -816,14 +816,13 @@ impl Master {
     /// Removes `name` from the namespace; its chunks become garbage.
     pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
         crate::names::validate(name)?;
-        let mut deleted = self.delete_names(vec![name.to_string()], true).await?;
-        let (file, info) = deleted
+        let (file, info) = self
+            .delete_names(vec![name.to_string()])
+            .await?
             .pop()
+            .flatten()
             .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
-        self.events.record(
-            Level::Info,
-            format!("deleted {:?} ({})", file.name, human_bytes(file.size)),
-        );
+        self.record_delete(&file);
         Ok(info)
     }
 
@@ -831,35 +830,91 @@ impl Master {
     /// returns how many were deleted.
     pub async fn delete_many(self: &Arc<Self>, names: Vec<String>) -> Result<u64, MasterError> {
         validate_batch(&names)?;
-        let deleted = self.delete_names(names, false).await?;
-        if !deleted.is_empty() {
+        let deleted = self
+            .delete_names(names)
+            .await?
+            .into_iter()
+            .flatten()
+            .count();
+        if deleted > 0 {
             self.events
-                .record(Level::Info, format!("deleted {} file(s)", deleted.len()));
+                .record(Level::Info, format!("deleted {deleted} file(s)"));
         }
-        Ok(deleted.len() as u64)
+        Ok(deleted as u64)
+    }
+
+    /// Deletes `names` in one transaction and one fsync, each answered as
+    /// [`Master::delete_file`] would answer it alone, in order: the deletes of many callers
+    /// at once cost about what one costs. An invalid or missing name fails alone; a store
+    /// error fails them all, since none of them is then known to be durable.
+    pub async fn delete_files(
+        self: &Arc<Self>,
+        names: Vec<String>,
+    ) -> Vec<Result<FileInfo, MasterError>> {
+        let mut answers: Vec<Option<Result<FileInfo, MasterError>>> =
+            names.iter().map(|_| None).collect();
+        let mut valid = Vec::with_capacity(names.len());
+        for (i, name) in names.into_iter().enumerate() {
+            match crate::names::validate(&name) {
+                Ok(()) => valid.push((i, name)),
+                Err(e) => answers[i] = Some(Err(e.into())),
+            }
+        }
+        let (at, valid): (Vec<usize>, Vec<String>) = valid.into_iter().unzip();
+        match self.delete_names(valid.clone()).await {
+            Ok(deleted) => {
+                for ((i, name), d) in at.into_iter().zip(valid).zip(deleted) {
+                    answers[i] = Some(match d {
+                        Some((file, info)) => {
+                            self.record_delete(&file);
+                            Ok(info)
+                        }
+                        None => Err(MasterError::FileNotFound(name)),
+                    });
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let mut e = Some(e);
+                for i in at {
+                    answers[i] = Some(Err(e
+                        .take()
+                        .unwrap_or_else(|| MasterError::Internal(text.clone()))));
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| Err(MasterError::Internal("a delete went unanswered".into())))
+            })
+            .collect()
+    }
+
+    /// The cluster event of a durable delete.
+    fn record_delete(&self, file: &FileRecord) {
+        self.events.record(
+            Level::Info,
+            format!("deleted {:?} ({})", file.name, human_bytes(file.size)),
+        );
     }
 
     /// Removes `names` from the namespace in one transaction; their chunks become garbage.
-    /// With `must_exist`, a missing name fails the whole call.
+    /// One answer per name, in order: `None` where the name did not exist (a name listed
+    /// twice is deleted by its first mention).
     async fn delete_names(
         self: &Arc<Self>,
         names: Vec<String>,
-        must_exist: bool,
-    ) -> Result<Vec<(FileRecord, FileInfo)>, MasterError> {
+    ) -> Result<Vec<Option<(FileRecord, FileInfo)>>, MasterError> {
         self.check_not_rebuilding()?;
         self.mutate_durably(move |m| {
             let ((files, garbage), seq) = m.store.write_deferred_with(
-                |t| -> Result<(Vec<FileRecord>, Garbage), MasterError> {
-                    let mut files = Vec::new();
+                |t| -> Result<(Vec<Option<FileRecord>>, Garbage), MasterError> {
+                    let mut files = Vec::with_capacity(names.len());
                     let mut garbage = Vec::new();
                     for n in &names {
-                        let Some(file) = t.remove_file(n)? else {
-                            if must_exist {
-                                return Err(MasterError::FileNotFound(n.clone()));
-                            }
-                            continue;
-                        };
-                        for c in &file.chunks {
+                        let file = t.remove_file(n)?;
+                        for c in file.iter().flat_map(|f| f.chunks.iter()) {
                             let h = m.lock().holders(&c.chunk_id);
                             garbage.push((
                                 c.chunk_id.clone(),
@@ -874,9 +929,11 @@ impl Master {
             let mut inner = m.lock();
             let mut deleted = Vec::with_capacity(files.len());
             for file in files {
-                let info = m.file_info(&inner, &file, false);
-                inner.forget_file(&file);
-                deleted.push((file, info));
+                deleted.push(file.map(|file| {
+                    let info = m.file_info(&inner, &file, false);
+                    inner.forget_file(&file);
+                    (file, info)
+                }));
             }
             inner.garbage.extend(garbage);
             Ok((deleted, seq))

@@ -69,6 +69,24 @@ fn item_error(op: &'static str, peer: &str, what: &str, e: MasterError) -> (i32,
 }
 
 /// Logs the outcome of a request with its duration and converts the error.
+/// One item of a batched answer: the file, or the status its own call would have had.
+fn file_result(r: Result<pb::FileInfo, MasterError>) -> pb::GetFileResult {
+    match r {
+        Ok(f) => pb::GetFileResult {
+            file: Some(f),
+            ..Default::default()
+        },
+        Err(e) => {
+            let s = Status::from(e);
+            pb::GetFileResult {
+                file: None,
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            }
+        }
+    }
+}
+
 fn finish<T>(
     op: &'static str,
     peer: &str,
@@ -306,20 +324,7 @@ impl pb::master_server::Master for MasterService {
         }
         let mut results = Vec::with_capacity(r.names.len());
         for name in &r.names {
-            results.push(match self.master.get_file(name).await {
-                Ok(f) => pb::GetFileResult {
-                    file: Some(f),
-                    ..Default::default()
-                },
-                Err(e) => {
-                    let s = Status::from(e);
-                    pb::GetFileResult {
-                        file: None,
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                    }
-                }
-            });
+            results.push(file_result(self.master.get_file(name).await));
         }
         let what = format!("{} names", r.names.len());
         finish(
@@ -383,6 +388,33 @@ impl pb::master_server::Master for MasterService {
             .await
             .map(|deleted| pb::DeleteManyResponse { deleted });
         finish("delete_many", &p, &what, t, res)
+    }
+
+    async fn delete_files(
+        &self,
+        req: Request<pb::DeleteFilesRequest>,
+    ) -> Result<Response<pb::DeleteFilesResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        if r.names.len() > MAX_BATCH {
+            let e = Err(too_many("names", r.names.len()));
+            return finish("delete_files", &p, "", t, e);
+        }
+        let what = format!("{} names", r.names.len());
+        let results = self
+            .master
+            .delete_files(r.names)
+            .await
+            .into_iter()
+            .map(file_result)
+            .collect();
+        finish(
+            "delete_files",
+            &p,
+            &what,
+            t,
+            Ok(pb::DeleteFilesResponse { results }),
+        )
     }
 
     async fn report_bad_replica(

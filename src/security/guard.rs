@@ -32,7 +32,7 @@ pub fn master_need(method: &str) -> Option<Need> {
         "Register" | "Heartbeat" => Need::Worker,
         "StartUpload" | "StartUploads" | "ReserveUploads" | "AllocateChunk" | "CommitUpload"
         | "CommitUploads" | "RenewUpload" | "AbortUpload" | "DeleteFile" | "CreateEmpty"
-        | "DeleteMany" | "SetDraining" => Need::Write,
+        | "DeleteMany" | "DeleteFiles" | "SetDraining" => Need::Write,
         "GetFile" | "GetFiles" | "ListFiles" | "ReportBadReplica" | "ClusterStatus"
         | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" | "ProcessStats" => Need::Read,
         _ => return None,
