@@ -380,6 +380,12 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
         );
     }
     assert!(v["limits"]["write_fsync_mib_s"].as_f64().unwrap() > 0.0);
+    assert!(v["limits"]["small_write_fsync_per_s"].as_f64().unwrap() > 0.0);
+    // Creates and deletes are set against the 4 KiB write+fsync rate; reads and stats not.
+    for s in small {
+        let writes = matches!(s["phase"].as_str(), Some("create" | "delete"));
+        assert_eq!(s["of_limit"].is_number(), writes, "{s}");
+    }
     // Metadata scale: 25,000 names in three batches, measured, then deleted.
     let meta = &v["meta"];
     assert_eq!(meta["files"], 25_000);

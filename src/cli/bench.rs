@@ -62,6 +62,9 @@ pub struct OpStats {
     /// For reads: the page cache they started with (`cold` after a drop, as MooseFS's
     /// side-by-side script reads); empty for the other phases.
     pub cache: String,
+    /// Creates and deletes: operations per second as a fraction of the machine's 4 KiB
+    /// write+fsync rate, when `--limits` ran (each durable one needs at least one such).
+    pub of_limit: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -70,6 +73,10 @@ pub struct Limits {
     pub read_mib_s: f64,
     pub read_cache: String,
     pub loopback_tcp_mib_s: f64,
+    /// 4 KiB writes, each followed by `fdatasync`, one at a time into zero-filled space (as
+    /// the workers' volumes and the master's journal are written): what one durable small
+    /// change costs this disk.
+    pub small_write_fsync_per_s: f64,
 }
 
 /// The metadata-scale phase.
@@ -269,6 +276,31 @@ fn read_all(path: &Path) -> std::io::Result<(u64, f64)> {
     Ok((total, started.elapsed().as_secs_f64()))
 }
 
+/// 4 KiB write+`fdatasync` per second, one at a time, into a zero-filled file in `dir`: up to
+/// 2,000 of them or 2 s, whichever ends first (a slow disk does 400 a second).
+fn small_write_fsync(dir: &Path) -> std::io::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    const N: u64 = 2000;
+    let path = dir.join("dfs-bench-fsync.bin");
+    let run = || -> std::io::Result<f64> {
+        let f = std::fs::File::create(&path)?;
+        f.write_all_at(&vec![0u8; (N * 4096) as usize], 0)?;
+        f.sync_all()?;
+        let block = [0x5au8; 4096];
+        let started = Instant::now();
+        let mut done = 0u64;
+        while done < N && started.elapsed() < Duration::from_secs(2) {
+            f.write_all_at(&block, done * 4096)?;
+            f.sync_data()?;
+            done += 1;
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64().max(1e-9))
+    };
+    let r = run();
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
 fn loopback_tcp(bytes: u64) -> std::io::Result<f64> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -341,7 +373,11 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
 /// Best-effort removal of everything a run may have created; errors are ignored (a name
 /// that was never created is simply not found).
 async fn clean_up(client: &Client, cfg: &BenchConfig) {
-    for f in ["dfs-bench-large.bin", "dfs-bench-4k.bin"] {
+    for f in [
+        "dfs-bench-large.bin",
+        "dfs-bench-4k.bin",
+        "dfs-bench-fsync.bin",
+    ] {
         let _ = std::fs::remove_file(cfg.scratch.join(f));
     }
     for replicas in [1, 3] {
@@ -379,6 +415,10 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
         let (n, secs) = off_runtime(move || read_all(&path))
             .await
             .map_err(|e| local("read", &big, e))?;
+        let dir = cfg.scratch.clone();
+        let small = off_runtime(move || small_write_fsync(&dir))
+            .await
+            .map_err(|e| local("measure 4 KiB write+fsync in", &cfg.scratch, e))?;
         let tcp_bytes = cfg.size.max(256 << 20);
         let tcp = off_runtime(move || loopback_tcp(tcp_bytes))
             .await
@@ -388,6 +428,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
             read_mib_s: mib_s(n, secs),
             read_cache: cache,
             loopback_tcp_mib_s: tcp,
+            small_write_fsync_per_s: small,
         });
     }
 
@@ -560,13 +601,14 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
                 }
             }
             let secs = started.elapsed().as_secs_f64();
+            let ops_per_s = lat.len() as f64 / secs.max(1e-9);
             lat.sort();
             report.small.push(OpStats {
                 phase: phase.into(),
                 concurrency: c,
                 ops: cfg.files,
                 failed,
-                ops_per_s: lat.len() as f64 / secs.max(1e-9),
+                ops_per_s,
                 p50_ms: percentile(&lat, 0.5),
                 p99_ms: percentile(&lat, 0.99),
                 first_error: first
@@ -576,6 +618,11 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
                 first_code: first.as_ref().map(ClientError::code),
                 reserved: client.reservations().committed - reserved_before,
                 cache,
+                of_limit: report
+                    .limits
+                    .as_ref()
+                    .filter(|_| matches!(phase, "create" | "delete"))
+                    .map(|l| ops_per_s / l.small_write_fsync_per_s.max(1e-9)),
             });
             phase_end(
                 client,
@@ -684,6 +731,12 @@ impl BenchReport {
     }
 }
 
+/// A fraction as a whole percentage, "-" where there is none.
+fn percent(f: Option<f64>) -> String {
+    f.map(|f| format!("{:.0}%", f * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
 /// The report as a table.
 pub fn render(r: &BenchReport) -> String {
     use std::fmt::Write as _;
@@ -691,8 +744,12 @@ pub fn render(r: &BenchReport) -> String {
     if let Some(l) = &r.limits {
         let _ = writeln!(
             s,
-            "machine limits: write+fsync {:.0} MiB/s, sequential read {:.0} MiB/s ({}), loopback TCP {:.0} MiB/s",
-            l.write_fsync_mib_s, l.read_mib_s, l.read_cache, l.loopback_tcp_mib_s
+            "machine limits: write+fsync {:.0} MiB/s, sequential read {:.0} MiB/s ({}), loopback TCP {:.0} MiB/s, 4 KiB write+fsync {:.0}/s",
+            l.write_fsync_mib_s,
+            l.read_mib_s,
+            l.read_cache,
+            l.loopback_tcp_mib_s,
+            l.small_write_fsync_per_s
         );
     }
     if !r.large.is_empty() {
@@ -709,9 +766,7 @@ pub fn render(r: &BenchReport) -> String {
                 human_bytes(t.bytes),
                 t.seconds,
                 t.mib_per_s,
-                t.of_limit
-                    .map(|f| format!("{:.0}%", f * 100.0))
-                    .unwrap_or_else(|| "-".into()),
+                percent(t.of_limit),
                 t.cache
             );
         }
@@ -719,14 +774,21 @@ pub fn render(r: &BenchReport) -> String {
     if !r.small.is_empty() {
         let _ = writeln!(
             s,
-            "\n{:<10} {:>11} {:>7} {:>7} {:>10} {:>9} {:>9}",
-            "4 KiB files", "concurrency", "ops", "failed", "ops/s", "p50 ms", "p99 ms"
+            "\n{:<10} {:>11} {:>7} {:>7} {:>10} {:>9} {:>9} {:>9}",
+            "4 KiB files", "concurrency", "ops", "failed", "ops/s", "p50 ms", "p99 ms", "of limit"
         );
         for o in &r.small {
             let _ = writeln!(
                 s,
-                "{:<10} {:>11} {:>7} {:>7} {:>10.0} {:>9.2} {:>9.2}",
-                o.phase, o.concurrency, o.ops, o.failed, o.ops_per_s, o.p50_ms, o.p99_ms
+                "{:<10} {:>11} {:>7} {:>7} {:>10.0} {:>9.2} {:>9.2} {:>9}",
+                o.phase,
+                o.concurrency,
+                o.ops,
+                o.failed,
+                o.ops_per_s,
+                o.p50_ms,
+                o.p99_ms,
+                percent(o.of_limit)
             );
         }
         for o in r.small.iter().filter(|o| o.failed > 0) {
