@@ -507,6 +507,57 @@ fn a_failed_bench_leaves_nothing_behind() {
     assert!(!ls.stdout.contains("dfs-bench"), "{}", ls.stdout);
 }
 
+/// Ctrl-C stops a bench cleanly: the operations in flight finish, everything it created is
+/// deleted (so no commit lands after the cleanup), and it exits 130 with one line.
+#[test]
+fn an_interrupted_bench_cleans_up_and_exits_130() {
+    let b = Binaries::start(3);
+    b.wait_alive(3);
+    let master = b.master_addr();
+    let mut bench = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &master,
+            "--cmd",
+            "bench",
+            "--no-large",
+            "--files",
+            "1000000",
+            "--concurrency",
+            "16",
+        ],
+        b.cwd(),
+        None,
+    );
+    // Interrupt it once it is creating files.
+    let mut creating = false;
+    for _ in 0..200 {
+        let ls = b.cli(&["--cmd", "ls"]);
+        if ls.stdout.contains("dfs-bench-small-16-") {
+            creating = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(creating, "the bench never created a file");
+    bench.signal(libc::SIGINT);
+    let status = bench
+        .wait_exit(Duration::from_secs(60))
+        .expect("the bench exits after SIGINT");
+    let stderr = bench.stderr_text();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(
+        !b.cwd().join("dfs-bench").exists(),
+        "scratch dir left behind"
+    );
+    let ls = b.cli(&["--cmd", "ls"]);
+    assert_eq!(ls.code, 0, "{}", ls.stderr);
+    assert!(!ls.stdout.contains("dfs-bench"), "{}", ls.stdout);
+}
+
 /// The security quick start exactly as the README gives it: `gen-certs`, `gen-secret` and
 /// `token` from the CLI, then daemons and clients with the TLS, secret and token flags.
 #[test]

@@ -5,11 +5,12 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::client::{Client, ClientError, UploadOptions};
+use crate::client::{Client, ClientError, Progress, UploadOptions};
 use crate::config::human_bytes;
 use crate::rpc::pb::ProcessStats;
 
@@ -360,14 +361,49 @@ async fn off_runtime<T: Send + 'static>(
 /// Runs the benchmark phases against `client`. A run that stops on an error first removes
 /// what it created (its files in the cluster, up to `--meta-files` names, and the scratch
 /// files, one of them `--size` bytes), so a failed run leaves nothing behind either.
+///
+/// On SIGINT or SIGTERM it stops starting operations, lets the ones in flight finish (so none
+/// lands after the cleanup), cleans up the same way and fails with `Interrupted`. A second
+/// signal stops at once.
 pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, ClientError> {
-    let r = run_phases(client, cfg).await;
+    let stop = Arc::new(Progress::default());
+    let phases = run_phases(client, cfg, &stop);
+    tokio::pin!(phases);
+    let r = tokio::select! {
+        r = &mut phases => r,
+        () = crate::cluster::shutdown_signal() => {
+            progress("interrupted: finishing the operations in flight…");
+            stop.cancel();
+            tokio::select! {
+                _ = &mut phases => {}
+                () = crate::cluster::shutdown_signal() => {
+                    progress("");
+                    return Err(ClientError::Interrupted { cleaned: false });
+                }
+            }
+            Err(ClientError::Interrupted { cleaned: true })
+        }
+    };
     if r.is_err() {
-        progress("cleaning up after the error…");
-        clean_up(client, cfg).await;
+        progress("cleaning up…");
+        tokio::select! {
+            () = clean_up(client, cfg) => {}
+            () = crate::cluster::shutdown_signal() => {
+                progress("");
+                return Err(ClientError::Interrupted { cleaned: false });
+            }
+        }
         progress("");
     }
     r
+}
+
+/// `Interrupted` once the run was asked to stop.
+fn check(stop: &Progress) -> Result<(), ClientError> {
+    if stop.is_cancelled() {
+        return Err(ClientError::Interrupted { cleaned: true });
+    }
+    Ok(())
 }
 
 /// Best-effort removal of everything a run may have created; errors are ignored (a name
@@ -396,7 +432,11 @@ async fn clean_up(client: &Client, cfg: &BenchConfig) {
     }
 }
 
-async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, ClientError> {
+async fn run_phases(
+    client: &Client,
+    cfg: &BenchConfig,
+    stop: &Arc<Progress>,
+) -> Result<BenchReport, ClientError> {
     std::fs::create_dir_all(&cfg.scratch).map_err(|e| local("create", &cfg.scratch, e))?;
     let mut report = BenchReport {
         master: client.master_addr().to_string(),
@@ -408,6 +448,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
     let write_secs = off_runtime(move || write_pattern(&path, size, sync))
         .await
         .map_err(|e| local("write", &big, e))?;
+    check(stop)?;
     if cfg.limits {
         progress("measuring the machine's limits…");
         let cache = drop_caches(cfg.warm);
@@ -435,6 +476,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
     // Large files at replication 1 and 3.
     let large_runs: &[u32] = if cfg.size == 0 { &[] } else { &[1, 3] };
     for &replicas in large_runs {
+        check(stop)?;
         let res = phase_start(client).await;
         let name = format!("dfs-bench-large-r{replicas}");
         progress(&format!(
@@ -448,7 +490,8 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
                 UploadOptions {
                     name: Some(name.clone()),
                     replicas: Some(replicas),
-                    progress: None,
+                    // Only for its cancel flag: an interrupted run stops the transfer.
+                    progress: Some(stop.clone()),
                 },
             )
             .await?;
@@ -481,9 +524,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
         // of=/dev/null` reads a mounted file system: this measures the cluster, not the
         // client's disk.
         let info = client.stat(&name).await?;
-        client
-            .read_file_to(&info, std::io::sink(), &Default::default())
-            .await?;
+        client.read_file_to(&info, std::io::sink(), stop).await?;
         let secs = t.elapsed().as_secs_f64();
         let mbs = mib_s(cfg.size, secs);
         report.large.push(Throughput {
@@ -516,6 +557,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
     for &c in concurrency {
         let c = c.max(1);
         for phase in ["create", "read", "stat", "delete"] {
+            check(stop)?;
             // Reads start cold where permitted: the workers' page cache is dropped, so each
             // read goes to the disk, as a cold read of any file system does.
             let cache = if phase == "read" {
@@ -538,11 +580,15 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
                     .step_by(c)
                     .map(|i| format!("dfs-bench-small-{c}-{i}"))
                     .collect();
+                let stop = stop.clone();
                 tasks.spawn(async move {
                     let mut lat = Vec::with_capacity(names.len());
                     let mut failed = 0;
                     let mut first: Option<ClientError> = None;
                     for n in names {
+                        if stop.is_cancelled() {
+                            break;
+                        }
                         let t = Instant::now();
                         let outcome = match phase {
                             "create" => client
@@ -600,6 +646,8 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
                     }
                 }
             }
+            // An interrupted phase measured nothing whole.
+            check(stop)?;
             let secs = started.elapsed().as_secs_f64();
             let ops_per_s = lat.len() as f64 / secs.max(1e-9);
             lat.sort();
@@ -636,7 +684,7 @@ async fn run_phases(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, C
     let _ = std::fs::remove_file(&small);
     if cfg.meta_files > 0 {
         let res = phase_start(client).await;
-        report.meta = Some(meta_phase(client, cfg.meta_files).await?);
+        report.meta = Some(meta_phase(client, cfg.meta_files, stop).await?);
         phase_end(client, "metadata scale", res, &mut report.resources).await;
     }
     progress("");
@@ -655,12 +703,13 @@ fn meta_names(n: usize) -> impl Iterator<Item = Vec<String>> {
 
 /// Creates `n` empty files through the batch fast path, measures listing and stat at that
 /// scale and the master's memory growth, then deletes them.
-async fn meta_phase(client: &Client, n: usize) -> Result<MetaStats, ClientError> {
+async fn meta_phase(client: &Client, n: usize, stop: &Progress) -> Result<MetaStats, ClientError> {
     let rss = |s: &Snapshot| s.master.map(|m| m.rss_bytes).unwrap_or(0);
     let before = Snapshot::take(client, false).await;
     let started = Instant::now();
     let mut done = 0usize;
     for batch in meta_names(n) {
+        check(stop)?;
         done += batch.len();
         client.create_empty(batch).await?;
         progress(&format!("metadata: {done} of {n} names created…"));

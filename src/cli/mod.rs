@@ -250,7 +250,12 @@ pub async fn run(master: &str, transport: crate::rpc::Transport, op: Op, json: b
                 );
             }
             eprintln!("error: {msg}");
-            1
+            // As a shell reports a process stopped by SIGINT.
+            if matches!(e, ClientError::Interrupted { .. }) {
+                130
+            } else {
+                1
+            }
         }
     }
 }

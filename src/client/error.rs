@@ -42,6 +42,10 @@ pub enum ClientError {
     Integrity(String),
     #[error("cancelled")]
     Cancelled,
+    /// The benchmark stopped on SIGINT or SIGTERM (after cleaning up, unless `cleaned` is
+    /// false: a second signal skipped that).
+    #[error("{}", if *cleaned { "interrupted; the benchmark's files were deleted" } else { "interrupted twice; the benchmark's files may be left behind (names dfs-bench-*)" })]
+    Interrupted { cleaned: bool },
     /// Some benchmark operations failed (the report is printed before this error).
     #[error("{failed} of {total} small-file operations failed; the first was {first}")]
     BenchFailed {
@@ -68,7 +72,7 @@ impl ClientError {
             ClientError::InvalidInput(_) => Code::InvalidArgument,
             ClientError::WriteFailed { .. } | ClientError::ReadFailed { .. } => Code::Unavailable,
             ClientError::Integrity(_) => Code::DataLoss,
-            ClientError::Cancelled => Code::Cancelled,
+            ClientError::Cancelled | ClientError::Interrupted { .. } => Code::Cancelled,
             ClientError::BenchFailed { code, .. } => *code,
         }
     }
