@@ -42,6 +42,19 @@ impl MasterBatches {
     }
 }
 
+/// The file of a single call's answer.
+fn the_file(file: Option<FileInfo>) -> Result<FileInfo, Status> {
+    file.ok_or_else(|| Status::internal("master answered without a file"))
+}
+
+/// The items of a batched answer that holds files.
+fn file_results(results: Vec<pb::GetFileResult>) -> Vec<Result<FileInfo, Status>> {
+    results
+        .into_iter()
+        .map(|r| item(r.file, r.code, r.message))
+        .collect()
+}
+
 impl Batched for Lookups {
     type Req = String;
     type Resp = FileInfo;
@@ -50,11 +63,12 @@ impl Batched for Lookups {
     fn one(&self, name: String) -> impl Future<Output = Result<FileInfo, Status>> + Send {
         let mut m = self.0.clone();
         async move {
-            m.get_file(pb::GetFileRequest { name })
-                .await?
-                .into_inner()
-                .file
-                .ok_or_else(|| Status::internal("master answered without a file"))
+            the_file(
+                m.get_file(pb::GetFileRequest { name })
+                    .await?
+                    .into_inner()
+                    .file,
+            )
         }
     }
 
@@ -64,13 +78,12 @@ impl Batched for Lookups {
     ) -> impl Future<Output = Result<Vec<Result<FileInfo, Status>>, Status>> + Send {
         let mut m = self.0.clone();
         async move {
-            let resp = m.get_files(pb::GetFilesRequest { names }).await?;
-            Ok(resp
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| item(r.file, r.code, r.message))
-                .collect())
+            Ok(file_results(
+                m.get_files(pb::GetFilesRequest { names })
+                    .await?
+                    .into_inner()
+                    .results,
+            ))
         }
     }
 }
@@ -83,11 +96,12 @@ impl Batched for Deletes {
     fn one(&self, name: String) -> impl Future<Output = Result<FileInfo, Status>> + Send {
         let mut m = self.0.clone();
         async move {
-            m.delete_file(pb::DeleteFileRequest { name })
-                .await?
-                .into_inner()
-                .file
-                .ok_or_else(|| Status::internal("master answered without a file"))
+            the_file(
+                m.delete_file(pb::DeleteFileRequest { name })
+                    .await?
+                    .into_inner()
+                    .file,
+            )
         }
     }
 
@@ -97,13 +111,12 @@ impl Batched for Deletes {
     ) -> impl Future<Output = Result<Vec<Result<FileInfo, Status>>, Status>> + Send {
         let mut m = self.0.clone();
         async move {
-            let resp = m.delete_files(pb::DeleteFilesRequest { names }).await?;
-            Ok(resp
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| item(r.file, r.code, r.message))
-                .collect())
+            Ok(file_results(
+                m.delete_files(pb::DeleteFilesRequest { names })
+                    .await?
+                    .into_inner()
+                    .results,
+            ))
         }
     }
 }

@@ -494,24 +494,11 @@ impl Master {
                     }
                 }
                 // Not applied, or not known to be durable: no commit of the round is
-                // acknowledged. The first caller gets the error itself, the others its text.
-                Err(e) => {
-                    let text = e.to_string();
-                    let mut e = Some(e);
-                    for i in members {
-                        answers[i] = Some(Err(e
-                            .take()
-                            .unwrap_or_else(|| MasterError::Internal(text.clone()))));
-                    }
-                }
+                // acknowledged.
+                Err(e) => fail_all(&mut answers, members, e),
             }
         }
-        answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| Err(MasterError::Internal("a commit went unanswered".into())))
-            })
-            .collect()
+        all_answered(answers, "commit")
     }
 
     /// One transaction of [`Master::commit_uploads`] (uploads of distinct names) and its
@@ -873,22 +860,9 @@ impl Master {
                     });
                 }
             }
-            Err(e) => {
-                let text = e.to_string();
-                let mut e = Some(e);
-                for i in at {
-                    answers[i] = Some(Err(e
-                        .take()
-                        .unwrap_or_else(|| MasterError::Internal(text.clone()))));
-                }
-            }
+            Err(e) => fail_all(&mut answers, at, e),
         }
-        answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| Err(MasterError::Internal("a delete went unanswered".into())))
-            })
-            .collect()
+        all_answered(answers, "delete")
     }
 
     /// The cluster event of a durable delete.
@@ -1053,6 +1027,36 @@ impl Master {
 }
 
 /// Checks a batch call's names: at most a listing page of them, each a valid name.
+/// Answers every item of `members` with the error `e`, which failed them all: the first gets
+/// the error itself, the others its text.
+fn fail_all<T>(
+    answers: &mut [Option<Result<T, MasterError>>],
+    members: impl IntoIterator<Item = usize>,
+    e: MasterError,
+) {
+    let text = e.to_string();
+    let mut e = Some(e);
+    for i in members {
+        answers[i] = Some(Err(e
+            .take()
+            .unwrap_or_else(|| MasterError::Internal(text.clone()))));
+    }
+}
+
+/// The answers of a batch, each item's own; one left unanswered (a bug) is an internal error
+/// rather than a panic.
+fn all_answered<T>(
+    answers: Vec<Option<Result<T, MasterError>>>,
+    what: &str,
+) -> Vec<Result<T, MasterError>> {
+    answers
+        .into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| Err(MasterError::Internal(format!("a {what} went unanswered"))))
+        })
+        .collect()
+}
+
 fn validate_batch(names: &[String]) -> Result<(), MasterError> {
     if names.len() > MAX_PAGE {
         return Err(MasterError::InvalidArgument(format!(
