@@ -112,8 +112,17 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
     });
     let old_version = version_of(&b, "one.txt");
 
-    // A daemon's stderr here is a file, not a terminal: no colour codes.
-    let stderr = b.master.as_mut().unwrap().stderr_text();
+    // A daemon's stderr here is a file, not a terminal: no colour codes. The worker's
+    // warning ("suspect", then "dead") comes from the master's health watcher and a batched
+    // log writer, so it may land a little after `status` shows the worker dead.
+    let mut stderr = String::new();
+    for _ in 0..100 {
+        stderr = b.master.as_mut().unwrap().stderr_text();
+        if stderr.contains("WARN") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(stderr.contains("WARN"), "{stderr}");
     assert!(
         !stderr.contains('\x1b'),
