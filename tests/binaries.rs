@@ -518,7 +518,7 @@ fn assert_no_bench_left(b: &Binaries) {
     );
     let ls = b.cli(&["--cmd", "ls"]);
     assert_eq!(ls.code, 0, "{}", ls.stderr);
-    assert!(!ls.stdout.contains("dfs-bench"), "{}", ls.stdout);
+    assert!(!ls.stdout.contains("dfs-bench-"), "{}", ls.stdout);
 }
 
 /// Ctrl-C stops a bench cleanly: the operations in flight finish, everything it created is
@@ -564,6 +564,86 @@ fn an_interrupted_bench_cleans_up_and_exits_130() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_no_bench_left(&b);
+}
+
+/// A bench killed with -9 cannot clean up; `--cmd bench --clean` deletes what it left (its
+/// names and scratch files) and nothing else.
+#[test]
+fn bench_clean_removes_what_a_killed_bench_left() {
+    let b = Binaries::start(3);
+    b.wait_alive(3);
+    // Names around the bench's own: they stay. And 25,000 of the bench's metadata names, more
+    // than one page of the listing.
+    std::fs::create_dir(b.cwd().join("mine")).unwrap();
+    for n in ["keep.txt", "dfs-benchmark.txt", "dfs-bench"] {
+        let f = make_file(&b.cwd().join("mine").join(n), 10, 1);
+        assert_eq!(upload(&b, &f).code, 0);
+    }
+    let rt = runtime();
+    rt.block_on(async {
+        let c = dfs::client::Client::connect(&b.master_addr())
+            .await
+            .unwrap();
+        for start in (0..25_000).step_by(10_000) {
+            let names = (start..(start + 10_000).min(25_000))
+                .map(|i| format!("dfs-bench-meta-{i:09}"))
+                .collect();
+            c.create_empty(names).await.unwrap();
+        }
+    });
+    let master = b.master_addr();
+    let mut bench = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &master,
+            "--cmd",
+            "bench",
+            "--no-large",
+            "--files",
+            "1000000",
+            "--concurrency",
+            "16",
+        ],
+        b.cwd(),
+        None,
+    );
+    // (The metadata names fill the first page of `ls`; a stat finds a created file.)
+    let mut creating = false;
+    for _ in 0..200 {
+        if b.cli(&["--cmd", "stat", "dfs-bench-small-16-0"]).code == 0 {
+            creating = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        creating,
+        "the bench never created a file: {}",
+        bench.stderr_text()
+    );
+    bench.kill9();
+    assert!(b.cwd().join("dfs-bench/dfs-bench-4k.bin").exists());
+
+    let o = b.cli(&["--cmd", "bench", "--clean"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let n: u64 = o
+        .stdout
+        .strip_prefix("deleted ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", o.stdout));
+    assert!(n > 25_000, "{}", o.stdout);
+    assert!(o.stdout.contains("and 1 scratch file(s)"), "{}", o.stdout);
+    assert_no_bench_left(&b);
+    let ls = b.cli(&["--cmd", "ls"]);
+    for n in ["keep.txt", "dfs-benchmark.txt", "dfs-bench "] {
+        assert!(ls.stdout.contains(n), "{n}: {}", ls.stdout);
+    }
+    let again = b.cli(&["--cmd", "bench", "--clean", "--json"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let v: serde_json::Value = serde_json::from_str(&again.stdout).expect("json");
+    assert_eq!(v["names_deleted"], 0);
 }
 
 /// The security quick start exactly as the README gives it: `gen-certs`, `gen-secret` and

@@ -398,6 +398,63 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Clie
     r
 }
 
+/// The scratch files a run writes (and removes).
+const SCRATCH_FILES: [&str; 3] = [
+    "dfs-bench-large.bin",
+    "dfs-bench-4k.bin",
+    "dfs-bench-fsync.bin",
+];
+
+/// Every name a run creates starts with this.
+const NAME_PREFIX: &str = "dfs-bench-";
+
+/// What [`clean_leftovers`] deleted.
+pub struct Cleaned {
+    pub names: u64,
+    pub scratch_files: u64,
+}
+
+/// Deletes what an earlier run left behind when it could not clean up (killed with -9, a
+/// crash): every file whose name starts with `dfs-bench-`, and the scratch files in
+/// `scratch`. A run that ends in any other way cleans up after itself.
+pub async fn clean_leftovers(client: &Client, scratch: &Path) -> Result<Cleaned, ClientError> {
+    let mut scratch_files = 0;
+    for f in SCRATCH_FILES {
+        if std::fs::remove_file(scratch.join(f)).is_ok() {
+            scratch_files += 1;
+        }
+    }
+    const PAGE: u32 = 10_000;
+    let mut names = 0;
+    // Names sort bytewise, so the run's names are one stretch of the listing.
+    let mut after = NAME_PREFIX.to_string();
+    loop {
+        let page = client.list_page(&after, PAGE).await?;
+        let full = page.files.len() == PAGE as usize;
+        let batch: Vec<String> = page
+            .files
+            .into_iter()
+            .map(|f| f.name)
+            .take_while(|n| n.starts_with(NAME_PREFIX))
+            .collect();
+        let Some(last) = batch.last().cloned() else {
+            break;
+        };
+        let whole = full && batch.len() == PAGE as usize;
+        names += client.delete_many(batch).await?;
+        progress(&format!("deleted {names} leftover names…"));
+        if !whole {
+            break;
+        }
+        after = last;
+    }
+    progress("");
+    Ok(Cleaned {
+        names,
+        scratch_files,
+    })
+}
+
 /// `Interrupted` once the run was asked to stop.
 fn check(stop: &Progress) -> Result<(), ClientError> {
     if stop.is_cancelled() {
@@ -409,11 +466,7 @@ fn check(stop: &Progress) -> Result<(), ClientError> {
 /// Best-effort removal of everything a run may have created; errors are ignored (a name
 /// that was never created is simply not found).
 async fn clean_up(client: &Client, cfg: &BenchConfig) {
-    for f in [
-        "dfs-bench-large.bin",
-        "dfs-bench-4k.bin",
-        "dfs-bench-fsync.bin",
-    ] {
+    for f in SCRATCH_FILES {
         let _ = std::fs::remove_file(cfg.scratch.join(f));
     }
     for replicas in [1, 3] {

@@ -141,6 +141,10 @@ pub enum Op {
         /// Skip the small-file phases.
         #[arg(long)]
         no_small: bool,
+        /// Run nothing: delete what an earlier run left behind (a run killed with -9 or by a
+        /// crash): every file named dfs-bench-*, and the scratch files.
+        #[arg(long)]
+        clean: bool,
     },
     /// Write a development CA and certificates for master, workers and clients into DIR
     /// (offline; nothing is overwritten).
@@ -380,7 +384,23 @@ async fn execute(
             meta_files,
             no_large,
             no_small,
+            clean,
         } => {
+            if clean {
+                let c = bench::clean_leftovers(&client, &scratch_dir).await?;
+                let _ = std::fs::remove_dir(&scratch_dir);
+                return Ok(if json {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"names_deleted": c.names, "scratch_files_deleted": c.scratch_files})
+                    )
+                } else {
+                    format!(
+                        "deleted {} name(s) dfs-bench-* and {} scratch file(s)\n",
+                        c.names, c.scratch_files
+                    )
+                });
+            }
             let cfg = bench::BenchConfig {
                 size: if no_large { 0 } else { size.0 },
                 files: if no_small { 0 } else { files },
