@@ -521,12 +521,8 @@ fn assert_no_bench_left(b: &Binaries) {
     assert!(!ls.stdout.contains("dfs-bench-"), "{}", ls.stdout);
 }
 
-/// Ctrl-C stops a bench cleanly: the operations in flight finish, everything it created is
-/// deleted (so no commit lands after the cleanup), and it exits 130 with one line.
-#[test]
-fn an_interrupted_bench_cleans_up_and_exits_130() {
-    let b = Binaries::start(3);
-    b.wait_alive(3);
+/// A bench against `b` that has begun creating its small files (it runs for minutes more).
+fn bench_creating_files(b: &Binaries) -> Daemon {
     let master = b.master_addr();
     let mut bench = Daemon::spawn_logging(
         env!("CARGO_BIN_EXE_dfs-tui"),
@@ -544,17 +540,23 @@ fn an_interrupted_bench_cleans_up_and_exits_130() {
         b.cwd(),
         None,
     );
-    // Interrupt it once it is creating files.
-    let mut creating = false;
     for _ in 0..200 {
-        let ls = b.cli(&["--cmd", "ls"]);
-        if ls.stdout.contains("dfs-bench-small-16-") {
-            creating = true;
-            break;
+        if b.cli(&["--cmd", "stat", "dfs-bench-small-16-0"]).code == 0 {
+            return bench;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(creating, "the bench never created a file");
+    panic!("the bench never created a file: {}", bench.stderr_text());
+}
+
+/// Ctrl-C stops a bench cleanly: the operations in flight finish, everything it created is
+/// deleted (so no commit lands after the cleanup), and it exits 130 with one line.
+#[test]
+fn an_interrupted_bench_cleans_up_and_exits_130() {
+    let b = Binaries::start(3);
+    b.wait_alive(3);
+    // Interrupt it once it is creating files.
+    let mut bench = bench_creating_files(&b);
     bench.signal(libc::SIGINT);
     let status = bench
         .wait_exit(Duration::from_secs(60))
@@ -591,37 +593,7 @@ fn bench_clean_removes_what_a_killed_bench_left() {
             c.create_empty(names).await.unwrap();
         }
     });
-    let master = b.master_addr();
-    let mut bench = Daemon::spawn_logging(
-        env!("CARGO_BIN_EXE_dfs-tui"),
-        &[
-            "--master",
-            &master,
-            "--cmd",
-            "bench",
-            "--no-large",
-            "--files",
-            "1000000",
-            "--concurrency",
-            "16",
-        ],
-        b.cwd(),
-        None,
-    );
-    // (The metadata names fill the first page of `ls`; a stat finds a created file.)
-    let mut creating = false;
-    for _ in 0..200 {
-        if b.cli(&["--cmd", "stat", "dfs-bench-small-16-0"]).code == 0 {
-            creating = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        creating,
-        "the bench never created a file: {}",
-        bench.stderr_text()
-    );
+    let mut bench = bench_creating_files(&b);
     bench.kill9();
     assert!(b.cwd().join("dfs-bench/dfs-bench-4k.bin").exists());
 
