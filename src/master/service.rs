@@ -68,25 +68,31 @@ fn item_error(op: &'static str, peer: &str, what: &str, e: MasterError) -> (i32,
     (s.code() as i32, s.message().to_string())
 }
 
-/// Logs the outcome of a request with its duration and converts the error.
-/// One item of a batched answer: the file, or the status its own call would have had.
-fn file_result(r: Result<pb::FileInfo, MasterError>) -> pb::GetFileResult {
+/// One item of a batched answer: the file, or the status its own call would have had
+/// (logged as that call's would be, see [`item_error`]).
+fn file_result(
+    op: &'static str,
+    peer: &str,
+    name: &str,
+    r: Result<pb::FileInfo, MasterError>,
+) -> pb::GetFileResult {
     match r {
         Ok(f) => pb::GetFileResult {
             file: Some(f),
             ..Default::default()
         },
         Err(e) => {
-            let s = Status::from(e);
+            let (code, message) = item_error(op, peer, name, e);
             pb::GetFileResult {
                 file: None,
-                code: s.code() as i32,
-                message: s.message().to_string(),
+                code,
+                message,
             }
         }
     }
 }
 
+/// Logs the outcome of a request with its duration and converts the error.
 fn finish<T>(
     op: &'static str,
     peer: &str,
@@ -324,7 +330,8 @@ impl pb::master_server::Master for MasterService {
         }
         let mut results = Vec::with_capacity(r.names.len());
         for name in &r.names {
-            results.push(file_result(self.master.get_file(name).await));
+            let r = self.master.get_file(name).await;
+            results.push(file_result("get_file", &p, name, r));
         }
         let what = format!("{} names", r.names.len());
         finish(
@@ -401,12 +408,12 @@ impl pb::master_server::Master for MasterService {
             return finish("delete_files", &p, "", t, e);
         }
         let what = format!("{} names", r.names.len());
-        let results = self
-            .master
-            .delete_files(r.names)
-            .await
-            .into_iter()
-            .map(file_result)
+        let answers = self.master.delete_files(r.names.clone()).await;
+        let results = r
+            .names
+            .iter()
+            .zip(answers)
+            .map(|(name, a)| file_result("delete_file", &p, name, a))
             .collect();
         finish(
             "delete_files",
