@@ -10,7 +10,7 @@ use thiserror::Error;
 pub const MAX_NAME_BYTES: usize = 255;
 
 /// Why a name was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum NameError {
     #[error("file name is empty")]
     Empty,

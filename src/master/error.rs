@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 use super::store::StoreError;
 use crate::names::NameError;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum MasterError {
     #[error("invalid file name: {0}")]
     InvalidName(#[from] NameError),

@@ -1026,20 +1026,16 @@ impl Master {
     }
 }
 
-/// Checks a batch call's names: at most a listing page of them, each a valid name.
-/// Answers every item of `members` with the error `e`, which failed them all: the first gets
-/// the error itself, the others its text.
+/// Answers every item of `members` with the error `e`, which failed them all, each with the
+/// same code and message (a rebuilding master is `Unavailable` for every one, not only the
+/// first).
 fn fail_all<T>(
     answers: &mut [Option<Result<T, MasterError>>],
     members: impl IntoIterator<Item = usize>,
     e: MasterError,
 ) {
-    let text = e.to_string();
-    let mut e = Some(e);
     for i in members {
-        answers[i] = Some(Err(e
-            .take()
-            .unwrap_or_else(|| MasterError::Internal(text.clone()))));
+        answers[i] = Some(Err(e.clone()));
     }
 }
 
@@ -1057,6 +1053,7 @@ fn all_answered<T>(
         .collect()
 }
 
+/// Checks a batch call's names: at most a listing page of them, each a valid name.
 fn validate_batch(names: &[String]) -> Result<(), MasterError> {
     if names.len() > MAX_PAGE {
         return Err(MasterError::InvalidArgument(format!(
@@ -1208,6 +1205,22 @@ pub(crate) async fn upload_expiry(master: Arc<Master>, mut stop: watch::Receiver
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_that_fails_a_batch_reaches_every_member_with_its_code() {
+        let mut answers: Vec<Option<Result<(), MasterError>>> = vec![None, Some(Ok(())), None];
+        fail_all(&mut answers, [0, 2], MasterError::Rebuilding);
+        let codes: Vec<_> = all_answered(answers, "test")
+            .into_iter()
+            .map(|a| a.map_err(|e| tonic::Status::from(e).code()))
+            .collect();
+        let unavailable = Err(tonic::Code::Unavailable);
+        assert_eq!(codes, [unavailable, Ok(()), unavailable]);
+        let e = all_answered::<()>(vec![None], "delete")
+            .remove(0)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "internal error: a delete went unanswered");
+    }
 
     #[test]
     fn chunk_arithmetic() {

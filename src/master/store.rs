@@ -7,7 +7,7 @@
 use thiserror::Error;
 
 /// A store failure; always an internal error for callers (the request is not applied).
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     #[error("metadata store: {0}")]
     Backend(String),
