@@ -429,21 +429,22 @@ pub async fn clean_leftovers(client: &Client, scratch: &Path) -> Result<Cleaned,
     // Names sort bytewise, so the run's names are one stretch of the listing.
     let mut after = NAME_PREFIX.to_string();
     loop {
-        let page = client.list_page(&after, PAGE).await?;
-        let full = page.files.len() == PAGE as usize;
-        let batch: Vec<String> = page
+        let batch: Vec<String> = client
+            .list_page(&after, PAGE)
+            .await?
             .files
             .into_iter()
             .map(|f| f.name)
             .take_while(|n| n.starts_with(NAME_PREFIX))
             .collect();
+        // A page cut short (by the end of the listing or of the prefix) is the last one.
+        let more = batch.len() == PAGE as usize;
         let Some(last) = batch.last().cloned() else {
             break;
         };
-        let whole = full && batch.len() == PAGE as usize;
         names += client.delete_many(batch).await?;
         progress(&format!("deleted {names} leftover names…"));
-        if !whole {
+        if !more {
             break;
         }
         after = last;
@@ -463,25 +464,15 @@ fn check(stop: &Progress) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Best-effort removal of everything a run may have created; errors are ignored (a name
-/// that was never created is simply not found).
+/// Best-effort removal of everything a run may have created, as `--clean` does: it touches
+/// only the names that exist (a run stopped early has made few of its `--files` and
+/// `--meta-files`). If that fails too (the cluster is gone), the user is told how to finish.
 async fn clean_up(client: &Client, cfg: &BenchConfig) {
-    for f in SCRATCH_FILES {
-        let _ = std::fs::remove_file(cfg.scratch.join(f));
-    }
-    for replicas in [1, 3] {
-        let _ = client.delete(&format!("dfs-bench-large-r{replicas}")).await;
-    }
-    for &c in &cfg.concurrency {
-        let names: Vec<String> = (0..cfg.files)
-            .map(|i| format!("dfs-bench-small-{}-{i}", c.max(1)))
-            .collect();
-        for batch in names.chunks(10_000) {
-            let _ = client.delete_many(batch.to_vec()).await;
-        }
-    }
-    for batch in meta_names(cfg.meta_files) {
-        let _ = client.delete_many(batch).await;
+    if let Err(e) = clean_leftovers(client, &cfg.scratch).await {
+        progress("");
+        eprintln!(
+            "warning: the benchmark could not delete what it created ({e}); `dfs-tui --cmd bench --clean` deletes it"
+        );
     }
 }
 
