@@ -1,6 +1,6 @@
 //! The calls a client batches (see [`super::batch`]): to the master, lookups (`stat`, and the
-//! first step of every read), upload starts, upload commits and deletes; to each worker, the writes and
-//! reads of small chunks.
+//! first step of every read), upload starts, upload commits and deletes; to each worker, the
+//! writes and reads of small chunks.
 
 use std::future::Future;
 
