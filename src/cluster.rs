@@ -46,6 +46,8 @@ pub struct LocalClusterConfig {
     pub scrub_interval: Duration,
     /// Garbage (and orphan chunks) are deleted only after this grace period.
     pub gc_grace: Duration,
+    /// See `MasterConfig::in_doubt_grace`.
+    pub in_doubt_grace: Duration,
     pub max_repairs_per_worker: usize,
     /// Run the master's repair loop (see `MasterConfig::repair`).
     pub repair: bool,
@@ -71,6 +73,7 @@ impl Default for LocalClusterConfig {
             scrub_rate: 32 << 20,
             scrub_interval: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(60),
+            in_doubt_grace: Duration::from_secs(4),
             max_repairs_per_worker: 2,
             repair: true,
             cluster_secret: None,
@@ -157,6 +160,7 @@ impl LocalCluster {
         mcfg.heartbeat_interval = cfg.heartbeat_interval;
         mcfg.upload_lease = cfg.upload_lease;
         mcfg.gc_grace = cfg.gc_grace;
+        mcfg.in_doubt_grace = cfg.in_doubt_grace;
         mcfg.max_repairs_per_worker = cfg.max_repairs_per_worker;
         mcfg.repair = cfg.repair;
         mcfg.cluster_secret = cfg.cluster_secret.clone();

@@ -834,6 +834,75 @@ fn reserved_uploads_survive_kill9_of_the_master() {
     );
 }
 
+/// Small files committed beside their writes and not yet confirmed when the master is
+/// killed (`kill -9`): the restarted master finds them in doubt in its store. The one whose
+/// chunk every worker holds is readable at once (the read asks the workers); the one that
+/// no worker holds is dropped after the grace, so `stat` says it is not found.
+#[test]
+fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
+    use dfs::rpc::pb;
+    let mut b = Binaries::start_with(3, &["--in-doubt-grace", "1s"]);
+    b.wait_alive(3);
+    let rt = runtime();
+    let data = b"prepared, written, never confirmed".as_slice();
+    let original = b.cwd().join("kept.bin");
+    std::fs::write(&original, data).unwrap();
+    rt.block_on(async {
+        let mut m = dfs::rpc::master_client(dfs::rpc::control_channel(&b.master_addr()).unwrap());
+        let plans = m
+            .reserve_uploads(pb::ReserveUploadsRequest {
+                count: 2,
+                replicas: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .uploads;
+        write_chunk_direct(&plans[0].chunks[0], "x", data, None)
+            .await
+            .unwrap();
+        let commits = [("kept", &plans[0]), ("never-written", &plans[1])]
+            .into_iter()
+            .map(|(name, plan)| pb::CommitUploadRequest {
+                upload_id: plan.upload_id.clone(),
+                chunks: vec![pb::CommittedChunk {
+                    index: 0,
+                    chunk_id: plan.chunks[0].chunk_id.clone(),
+                    length: data.len() as u64,
+                    crc32c: crc32c::crc32c(data),
+                    workers: plan.chunks[0].workers.clone(),
+                }],
+                name: name.into(),
+                size: data.len() as u64,
+                blake3: blake3::hash(data).to_hex().to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let r = m
+            .prepare_uploads(pb::CommitUploadsRequest { commits })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(r.iter().all(|r| r.commit.is_some()), "{r:?}");
+    });
+
+    b.master.as_mut().unwrap().kill9();
+    b.start_master();
+    b.wait_alive(3);
+    download_and_compare(&b, "kept", &original);
+    let out = b.cli(&["--cmd", "stat", "never-written"]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+    let ls = b.cli(&["--cmd", "ls"]);
+    assert_eq!(ls.code, 0, "{}", ls.stderr);
+    assert!(
+        ls.stdout.contains("kept") && !ls.stdout.contains("never-written"),
+        "{}",
+        ls.stdout
+    );
+}
+
 /// With the same filter for both (the default), a daemon whose stderr is not a terminal
 /// writes each line once formatted to both outputs: the same text, with no colour codes.
 #[test]

@@ -162,6 +162,18 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "PrepareUploads",
+            code(
+                m.prepare_uploads(pb::CommitUploadsRequest {
+                    commits: vec![pb::CommitUploadRequest {
+                        upload_id: "0".repeat(32),
+                        ..Default::default()
+                    }],
+                })
+                .await,
+            ),
+        ),
+        (
             "RenewUpload",
             code(
                 m.renew_upload(pb::RenewUploadRequest {

@@ -36,6 +36,11 @@ struct Args {
     /// Deleted chunks and orphan chunks are purged from workers only after this grace period.
     #[arg(long, env = "DFS_GC_GRACE", default_value = "1m")]
     gc_grace: HumanDuration,
+    /// A small file committed beside its writes and not confirmed by its client this long
+    /// is settled by asking its workers (kept if one holds it, dropped if none does).
+    /// Clients acknowledge such a write without its confirmation only within half of this.
+    #[arg(long, env = "DFS_IN_DOUBT_GRACE", default_value = "4s")]
+    in_doubt_grace: HumanDuration,
     /// Re-replication copies that may run at once per worker (as source or target).
     #[arg(long, env = "DFS_MAX_REPAIRS_PER_WORKER", default_value_t = 2)]
     max_repairs_per_worker: usize,
@@ -90,6 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cfg.heartbeat_timeout = args.heartbeat_timeout.0;
     cfg.upload_lease = args.upload_lease.0;
     cfg.gc_grace = args.gc_grace.0;
+    cfg.in_doubt_grace = args.in_doubt_grace.0;
     cfg.metadata_cache = args.metadata_cache.0;
     cfg.max_repairs_per_worker = args.max_repairs_per_worker;
     if args.rebuild_from_workers {

@@ -18,6 +18,9 @@ pub(crate) struct Lookups(pub(crate) MasterRpc);
 pub(crate) struct Starts(pub(crate) MasterRpc);
 /// `CommitUpload`, batched as `CommitUploads`.
 pub(crate) struct Commits(pub(crate) MasterRpc);
+/// A reserved upload's commit sent beside its writes: `PrepareUploads` (which has no
+/// single-call form; one request goes as a batch of one).
+pub(crate) struct Prepares(pub(crate) MasterRpc);
 /// `DeleteFile`, batched as `DeleteFiles`.
 pub(crate) struct Deletes(pub(crate) MasterRpc);
 
@@ -27,6 +30,7 @@ pub(crate) struct MasterBatches {
     pub(crate) lookups: Batcher<Lookups>,
     pub(crate) starts: Batcher<Starts>,
     pub(crate) commits: Batcher<Commits>,
+    pub(crate) prepares: Batcher<Prepares>,
     pub(crate) deletes: Batcher<Deletes>,
 }
 
@@ -37,6 +41,7 @@ impl MasterBatches {
             lookups: Batcher::start(Lookups(master.clone())),
             starts: Batcher::start(Starts(master.clone())),
             commits: Batcher::start(Commits(master.clone())),
+            prepares: Batcher::start(Prepares(master.clone())),
             deletes: Batcher::start(Deletes(master.clone())),
         }
     }
@@ -175,12 +180,49 @@ impl Batched for Commits {
             let resp = m
                 .commit_uploads(pb::CommitUploadsRequest { commits })
                 .await?;
-            Ok(resp
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| item(r.commit, r.code, r.message))
-                .collect())
+            Ok(commit_results(resp.into_inner().results))
+        }
+    }
+}
+
+/// The answers of a batch of commits (or prepares).
+fn commit_results(
+    results: Vec<pb::CommitUploadResult>,
+) -> Vec<Result<pb::CommitUploadResponse, Status>> {
+    results
+        .into_iter()
+        .map(|r| item(r.commit, r.code, r.message))
+        .collect()
+}
+
+impl Batched for Prepares {
+    type Req = pb::CommitUploadRequest;
+    type Resp = pb::CommitUploadResponse;
+    const MAX: usize = MAX_BATCH;
+
+    fn one(
+        &self,
+        req: pb::CommitUploadRequest,
+    ) -> impl Future<Output = Result<pb::CommitUploadResponse, Status>> + Send {
+        let many = self.many(vec![req]);
+        async move {
+            many.await?
+                .pop()
+                .unwrap_or_else(|| Err(Status::internal("master answered no prepare")))
+        }
+    }
+
+    fn many(
+        &self,
+        commits: Vec<pb::CommitUploadRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<pb::CommitUploadResponse, Status>>, Status>> + Send
+    {
+        let mut m = self.0.clone();
+        async move {
+            let resp = m
+                .prepare_uploads(pb::CommitUploadsRequest { commits })
+                .await?;
+            Ok(commit_results(resp.into_inner().results))
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod batch;
 mod calls;
+mod confirm;
 mod download;
 mod error;
 mod read_stream;
@@ -65,6 +66,8 @@ pub struct Client {
     small_reads: Arc<Mutex<HashMap<String, batch::Batcher<calls::SmallReads>>>>,
     /// Uploads opened ahead for small files.
     reservations: Arc<reserve::Reservations>,
+    /// Small files committed beside their writes, confirmed behind them.
+    confirmations: Arc<confirm::Confirmations>,
     transport: Transport,
     /// Where this client starts in a chunk's list of replicas (random per client): clients
     /// spread their reads over the replicas, and one client's reads of small files gather
@@ -107,6 +110,7 @@ impl Client {
             addr: addr.to_string(),
             batches: calls::MasterBatches::start(&master),
             reservations: reserve::Reservations::new(master.clone()),
+            confirmations: Default::default(),
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             small_writes: Arc::new(Mutex::new(HashMap::new())),

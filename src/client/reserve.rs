@@ -90,6 +90,7 @@ pub(crate) struct Reservations {
     unsupported: AtomicBool,
     committed: AtomicU64,
     fell_back: AtomicU64,
+    prepared: AtomicU64,
 }
 
 /// What a client's reservations did, for diagnostics, the benchmark and tests.
@@ -101,6 +102,8 @@ pub struct ReservationStats {
     pub committed: u64,
     /// Small files whose reserved upload failed and that were uploaded again as usual.
     pub fell_back: u64,
+    /// Of the committed ones, those whose commit went beside their writes (a prepare).
+    pub prepared: u64,
 }
 
 impl Reservations {
@@ -111,6 +114,7 @@ impl Reservations {
             unsupported: AtomicBool::new(false),
             committed: AtomicU64::new(0),
             fell_back: AtomicU64::new(0),
+            prepared: AtomicU64::new(0),
         })
     }
 
@@ -196,11 +200,17 @@ impl Reservations {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a commit made beside its writes.
+    pub fn record_prepared(&self) {
+        self.prepared.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn stats(&self) -> ReservationStats {
         ReservationStats {
             ready: self.pools().values().map(|p| p.slots.len()).sum(),
             committed: self.committed.load(Ordering::Relaxed),
             fell_back: self.fell_back.load(Ordering::Relaxed),
+            prepared: self.prepared.load(Ordering::Relaxed),
         }
     }
 }

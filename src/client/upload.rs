@@ -213,10 +213,13 @@ impl Client {
             .await;
     }
 
-    /// Uploads a small file through a reserved upload: one write to each of its workers, then
-    /// the commit that names it. Anything that goes wrong short of reading the local file is
-    /// `Retry`: the caller then aborts the reservation (so a chunk written here is deleted)
-    /// and uploads the file the usual way, with its retries on fresh placements.
+    /// Uploads a small file through a reserved upload: one write to each of its workers and,
+    /// at the same time, its commit as a prepare (the master's `in_doubt` module), so the
+    /// master's fsync runs beside the workers'. Against a master without prepares, or for a
+    /// name that exists, the commit goes after the writes. Anything that goes wrong short of
+    /// reading the local file is `Retry`: the caller then aborts the reservation (so a chunk
+    /// written here is deleted) and uploads the file the usual way, with its retries on
+    /// fresh placements.
     async fn upload_reserved(
         &self,
         slot: reserve::Slot,
@@ -245,44 +248,96 @@ impl Client {
             file_size: size,
             chunk_size: plan.chunk_size,
         };
-        let (stored_on, crc, hash) = self
-            .send_small_chunk(placement, header, file, 0, FileHasher::new(), progress)
-            .await
-            .map_err(|e| match e.local {
-                Some(local) => Reserved::Failed(local, id.clone()),
-                None => Reserved::Retry(e.message, id.clone()),
-            })?;
+        let (data, crc, hash) =
+            read_small(file, 0, size, FileHasher::new()).map_err(|e| attempt_failed(e, &id))?;
+        let req = pb::CommitUploadRequest {
+            upload_id: plan.upload_id.clone(),
+            chunks: vec![CommittedChunk {
+                index: 0,
+                chunk_id: placement.chunk_id.clone(),
+                length: size,
+                crc32c: crc,
+                workers: placement.workers.clone(),
+            }],
+            sha256: String::new(),
+            name: name.to_string(),
+            size,
+            blake3: hash.finalize_hex(),
+        };
+        let writes = self.write_small(placement, header, data, crc, progress);
+        let prepared = if self.confirmations.supported() {
+            let sent = std::time::Instant::now();
+            let (written, prepared) = tokio::join!(writes, self.batches.prepares.call(req.clone()));
+            let took = sent.elapsed();
+            match (written, prepared) {
+                (Ok(_), Ok(p)) => Some((p, took)),
+                (Err(e), Ok(_)) => {
+                    // In doubt on the master: drop it before the caller starts afresh.
+                    self.give_up_reservation(id.clone()).await;
+                    return Err(attempt_failed(e, &id));
+                }
+                (Err(e), Err(_)) => return Err(attempt_failed(e, &id)),
+                (Ok(_), Err(s)) => match s.code() {
+                    // A name that exists, or a master without prepares: commit as before.
+                    tonic::Code::AlreadyExists => None,
+                    tonic::Code::Unimplemented => {
+                        self.confirmations.set_unsupported();
+                        None
+                    }
+                    _ => return Err(self.reserved_refused(s, replicas, &id)),
+                },
+            }
+        } else {
+            writes.await.map_err(|e| attempt_failed(e, &id))?;
+            None
+        };
         if progress.is_cancelled() {
             return Err(Reserved::Failed(ClientError::Cancelled, id));
         }
-        let replicas_achieved = stored_on.len() as u32;
-        let commit = self
-            .batches
-            .commits
-            .call(pb::CommitUploadRequest {
-                upload_id: plan.upload_id.clone(),
-                chunks: vec![CommittedChunk {
-                    index: 0,
-                    chunk_id: placement.chunk_id.clone(),
-                    length: size,
-                    crc32c: crc,
-                    workers: stored_on,
-                }],
-                sha256: String::new(),
-                name: name.to_string(),
-                size,
-                blake3: hash.finalize_hex(),
-            })
-            .await
-            .map_err(|s| {
-                // The master no longer knows it: it restarted (it keeps reservations in
-                // memory only), so the others in the pool are gone too.
-                if s.code() == tonic::Code::NotFound {
-                    self.reservations.forget(replicas);
-                }
-                Reserved::Retry(s.message().to_string(), id.clone())
-            })?;
+        let replicas_achieved = placement.workers.len() as u32;
+        let commit = match prepared {
+            // Every write was done well inside the time the master leaves it in doubt: the
+            // workers hold the chunk durably before the master would ask them, so the write
+            // is acknowledged now and confirmed behind it.
+            Some((p, took)) if took < Duration::from_millis(p.in_doubt_ms / 2) => {
+                self.reservations.record_prepared();
+                let (commits, in_flight) =
+                    (self.batches.commits.clone(), self.confirmations.start());
+                tokio::spawn(async move {
+                    if let Err(s) = commits.call(req).await {
+                        tracing::debug!(error = %s.message(), "confirmation failed; the master will ask the workers");
+                    }
+                    drop(in_flight);
+                });
+                p
+            }
+            // Late: the master may have asked the workers already and dropped it, so the
+            // write counts only once confirmed. Or committed only now, after the writes.
+            _ => self
+                .batches
+                .commits
+                .call(req)
+                .await
+                .map_err(|s| self.reserved_refused(s, replicas, &id))?,
+        };
         committed(name, commit, replicas_achieved, 0, started).map_err(|e| Reserved::Failed(e, id))
+    }
+
+    /// Waits for the confirmations of small files already acknowledged (see
+    /// [`Client::upload`]): not needed for their safety or visibility, but a process about to
+    /// exit leaves no name for the master to settle alone.
+    pub async fn settle(&self) {
+        self.confirmations.idle().await
+    }
+
+    /// The retry of a reserved upload that the master refused.
+    fn reserved_refused(&self, s: tonic::Status, replicas: u32, id: &str) -> Reserved {
+        // The master no longer knows it: it restarted (it keeps reservations in memory
+        // only), so the others in the pool are gone too.
+        if s.code() == tonic::Code::NotFound {
+            self.reservations.forget(replicas);
+        }
+        Reserved::Retry(s.message().to_string(), id.to_string())
     }
 
     async fn send_chunks(
@@ -522,27 +577,26 @@ impl Client {
         header: ChunkHeader,
         file: &std::fs::File,
         offset: u64,
-        mut hash: FileHasher,
+        hash: FileHasher,
         progress: &Arc<Progress>,
     ) -> Result<(Vec<String>, u32, FileHasher), AttemptError> {
+        let (data, crc, hash) = read_small(file, offset, header.length, hash)?;
+        let stored_on = self
+            .write_small(placement, header, data, crc, progress)
+            .await?;
+        Ok((stored_on, crc, hash))
+    }
+
+    /// Writes a small chunk read by [`read_small`] to every worker of its placement.
+    async fn write_small(
+        &self,
+        placement: &ChunkPlacement,
+        header: ChunkHeader,
+        data: bytes::Bytes,
+        crc: u32,
+        progress: &Arc<Progress>,
+    ) -> Result<Vec<String>, AttemptError> {
         let len = header.length;
-        // At most SMALL_CHUNK_MAX bytes: read on this thread, as the file was opened; a
-        // hand-off to the blocking pool would cost more than the read.
-        let read = {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset).map(|()| {
-                let crc = chunk::crc32c_append(0, &buf);
-                hash.update(&buf);
-                (bytes::Bytes::from(buf), crc, hash)
-            })
-        };
-        let (data, crc, hash) = read.map_err(|e| AttemptError {
-            blame: None,
-            message: e.to_string(),
-            local: Some(ClientError::InvalidInput(format!(
-                "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
-            ))),
-        })?;
         let calls = placement.workers.iter().map(|worker| {
             let chunk = pb::SmallChunk {
                 header: Some(header.clone()),
@@ -571,7 +625,40 @@ impl Client {
         }
         let stored_on = all_stored(stored_on, placement)?;
         progress.done.fetch_add(len, Ordering::Relaxed);
-        Ok((stored_on, crc, hash))
+        Ok(stored_on)
+    }
+}
+
+/// Reads a small chunk of `len` bytes at `offset`, with its CRC32C, adding it to `hash`.
+fn read_small(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    mut hash: FileHasher,
+) -> Result<(bytes::Bytes, u32, FileHasher), AttemptError> {
+    // At most SMALL_CHUNK_MAX bytes: read on this thread, as the file was opened; a hand-off
+    // to the blocking pool would cost more than the read.
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map(|()| {
+            let crc = chunk::crc32c_append(0, &buf);
+            hash.update(&buf);
+            (bytes::Bytes::from(buf), crc, hash)
+        })
+        .map_err(|e| AttemptError {
+            blame: None,
+            message: e.to_string(),
+            local: Some(ClientError::InvalidInput(format!(
+                "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
+            ))),
+        })
+}
+
+/// A failed attempt of a reserved upload as the caller handles it.
+fn attempt_failed(e: AttemptError, id: &str) -> Reserved {
+    match e.local {
+        Some(local) => Reserved::Failed(local, id.to_string()),
+        None => Reserved::Retry(e.message, id.to_string()),
     }
 }
 

@@ -18,6 +18,13 @@ pub enum MasterError {
     UploadNotFound(String),
     #[error("the master is rebuilding its metadata from the workers; try again shortly")]
     Rebuilding,
+    /// A commit made beside its writes (`PrepareUploads`) that neither its client nor the
+    /// workers have settled yet.
+    #[error(
+        "the upload of {0:?} is in doubt: its client has not confirmed it and its workers could \
+         not all be asked yet; try again shortly"
+    )]
+    InDoubt(String),
     #[error("no worker {0:?} is known to the master")]
     WorkerNotFound(String),
     #[error("no live workers: start a worker (`worker --port N`) or wait for one to register")]
@@ -43,7 +50,9 @@ impl From<MasterError> for Status {
             MasterError::FileNotFound(_)
             | MasterError::UploadNotFound(_)
             | MasterError::WorkerNotFound(_) => Code::NotFound,
-            MasterError::NoLiveWorkers | MasterError::Rebuilding => Code::Unavailable,
+            MasterError::NoLiveWorkers | MasterError::Rebuilding | MasterError::InDoubt(_) => {
+                Code::Unavailable
+            }
             MasterError::NoSpace { .. } | MasterError::LimitReached(_) => Code::ResourceExhausted,
             MasterError::Conflict(_) => Code::Aborted,
             MasterError::AlreadyExists(_) => Code::AlreadyExists,

@@ -6,6 +6,7 @@
 
 pub mod chunkmap;
 pub mod error;
+pub mod in_doubt;
 pub mod journal;
 pub mod namespace;
 pub mod operator;
@@ -46,6 +47,10 @@ pub struct MasterConfig {
     pub upload_lease: Duration,
     /// Garbage and orphan chunks are deleted only after this long.
     pub gc_grace: Duration,
+    /// How long a commit made beside its writes (`PrepareUploads`) waits for its client to
+    /// confirm it before the master asks the workers whether they hold its chunk. Clients
+    /// acknowledge such a write unconfirmed only within half of this.
+    pub in_doubt_grace: Duration,
     pub max_repairs_per_worker: usize,
     /// Rebuild the namespace from worker chunk headers, collecting reports this long first.
     /// Refused unless the metadata store is empty.
@@ -99,6 +104,7 @@ impl MasterConfig {
             heartbeat_interval: Duration::from_secs(1),
             upload_lease: Duration::from_secs(600),
             gc_grace: Duration::from_secs(60),
+            in_doubt_grace: Duration::from_secs(4),
             max_repairs_per_worker: 2,
             rebuild_window: None,
             repair: true,
@@ -155,6 +161,10 @@ pub(crate) struct Inner {
     pub garbage: HashMap<String, GarbageRecord>,
     pub files: u64,
     pub logical_bytes: u64,
+    /// Commits made beside their writes and not yet settled, by upload id.
+    pub in_doubt: HashMap<String, in_doubt::InDoubt>,
+    /// Bumped whenever an in-doubt commit is settled, for the reads waiting on one.
+    pub settled: watch::Sender<u64>,
     /// Chunk ids allocated to open uploads (never orphans).
     pub upload_chunks: std::collections::HashSet<String>,
     /// Chunks reported by workers that belong to no file, upload or garbage entry.
@@ -251,6 +261,13 @@ impl Master {
             for f in &page {
                 inner.files += 1;
                 inner.logical_bytes += f.size;
+                if !f.pending_upload.is_empty() {
+                    // In doubt when the master stopped: the resolver asks its workers.
+                    inner.in_doubt.insert(
+                        f.pending_upload.clone(),
+                        in_doubt::InDoubt::loaded(f, self.cfg.in_doubt_grace),
+                    );
+                }
                 for c in &f.chunks {
                     if let Ok(id) = c.chunk_id.parse::<ChunkId>() {
                         inner.chunks.insert(id, f.replicas, c.length, Vec::new());
@@ -363,6 +380,7 @@ impl Master {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(workers::health_watcher(self.clone(), stop_rx.clone()));
         tasks.spawn(namespace::upload_expiry(self.clone(), stop_rx.clone()));
+        tasks.spawn(in_doubt::resolver(self.clone(), stop_rx.clone()));
         if self.cfg.repair {
             tasks.spawn(repair::repair_loop(self.clone(), stop_rx.clone()));
         }

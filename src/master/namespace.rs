@@ -6,7 +6,7 @@
 //! acknowledges a change (commit, delete) waits for it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -117,7 +117,11 @@ impl Inner {
         }
     }
 
-    fn forget_file(&mut self, f: &FileRecord) {
+    pub(crate) fn forget_file(&mut self, f: &FileRecord) {
+        if !f.pending_upload.is_empty() && self.in_doubt.remove(&f.pending_upload).is_some() {
+            // Deleted or replaced while in doubt: settled, for the reads waiting on it.
+            self.settled.send_modify(|n| *n += 1);
+        }
         self.files = self.files.saturating_sub(1);
         self.logical_bytes = self.logical_bytes.saturating_sub(f.size);
         for c in &f.chunks {
@@ -443,10 +447,22 @@ impl Master {
     /// is refused alone while the others commit. Uploads of distinct names share one
     /// transaction and one fsync; a name listed again goes to a later transaction, so that it
     /// replaces the version committed before it exactly as two separate calls would.
+    ///
+    /// A commit of an upload that [`Master::prepare_uploads`] left in doubt confirms it.
     pub async fn commit_uploads(
         self: &Arc<Self>,
         reqs: Vec<pb::CommitUploadRequest>,
     ) -> Vec<Result<pb::CommitUploadResponse, MasterError>> {
+        self.commit_many(reqs, false).await
+    }
+
+    /// [`Master::commit_uploads`], or with `prepare` [`Master::prepare_uploads`].
+    pub(crate) async fn commit_many(
+        self: &Arc<Self>,
+        reqs: Vec<pb::CommitUploadRequest>,
+        prepare: bool,
+    ) -> Vec<Result<pb::CommitUploadResponse, MasterError>> {
+        let mut confirms = Vec::new();
         let mut answers: Vec<Option<Result<pb::CommitUploadResponse, MasterError>>> =
             reqs.iter().map(|_| None).collect();
         // Rounds of distinct names, in the callers' order.
@@ -457,12 +473,20 @@ impl Master {
                 answers[i] = Some(Err(e));
                 continue;
             }
-            let bound = self
-                .lock()
-                .uploads
-                .get(&req.upload_id)
-                .map(|u| bind(u, &req))
-                .unwrap_or_else(|| Err(MasterError::UploadNotFound(req.upload_id.clone())));
+            let bound = {
+                let inner = self.lock();
+                match inner.uploads.get(&req.upload_id) {
+                    Some(u) if prepare && !u.reserved => Err(MasterError::InvalidArgument(
+                        "only a reserved upload can be committed beside its writes".into(),
+                    )),
+                    Some(u) => bind(u, &req),
+                    None if !prepare && inner.in_doubt.contains_key(&req.upload_id) => {
+                        confirms.push((i, req));
+                        continue;
+                    }
+                    None => Err(MasterError::UploadNotFound(req.upload_id.clone())),
+                }
+            };
             let name = match bound {
                 Ok(upload) => upload.name,
                 Err(e) => {
@@ -484,10 +508,15 @@ impl Master {
         }
         for round in rounds {
             let members: Vec<usize> = round.iter().map(|(i, _)| *i).collect();
-            match self.mutate_durably(move |m| m.commit_round(round)).await {
+            match self
+                .mutate_durably(move |m| m.commit_round(round, prepare))
+                .await
+            {
                 Ok(done) => {
                     for (i, answer) in done {
-                        if let Ok(r) = &answer {
+                        if let Ok(r) = &answer
+                            && !prepare
+                        {
                             self.record_commit(r);
                         }
                         answers[i] = Some(answer);
@@ -496,6 +525,11 @@ impl Master {
                 // Not applied, or not known to be durable: no commit of the round is
                 // acknowledged.
                 Err(e) => fail_all(&mut answers, members, e),
+            }
+        }
+        if !confirms.is_empty() {
+            for (i, answer) in self.confirm(confirms).await {
+                answers[i] = Some(answer);
             }
         }
         all_answered(answers, "commit")
@@ -507,6 +541,7 @@ impl Master {
     fn commit_round(
         &self,
         round: Vec<(usize, pb::CommitUploadRequest)>,
+        prepare: bool,
     ) -> Result<(RoundAnswers, CommitSeq), MasterError> {
         // Under the namespace lock: no other commit or abort of these uploads runs meanwhile.
         let uploads: Vec<Result<UploadRecord, MasterError>> = {
@@ -527,7 +562,7 @@ impl Master {
                 let mut outcomes = Vec::with_capacity(round.len());
                 for ((_, req), upload) in round.iter().zip(uploads) {
                     match upload {
-                        Ok(upload) => outcomes.push(self.install_commit(t, &upload, req)?),
+                        Ok(upload) => outcomes.push(self.install_commit(t, &upload, req, prepare)?),
                         Err(e) => outcomes.push(Err(e)),
                     }
                 }
@@ -563,12 +598,19 @@ impl Master {
             inner.files += 1;
             inner.logical_bytes += it.file.size;
             inner.garbage.extend(it.garbage);
+            let mut in_doubt_ms = 0;
+            if prepare {
+                let d = super::in_doubt::InDoubt::of(&it.file, Duration::ZERO);
+                inner.in_doubt.insert(req.upload_id.clone(), d);
+                in_doubt_ms = self.cfg.in_doubt_grace.as_millis() as u64;
+            }
             let info = self.file_info(&inner, &it.file, false);
             answers.push((
                 i,
                 Ok(pb::CommitUploadResponse {
                     file: Some(info),
                     replaced: it.old.is_some(),
+                    in_doubt_ms,
                 }),
             ));
         }
@@ -576,7 +618,7 @@ impl Master {
     }
 
     /// The cluster event of a durable commit.
-    fn record_commit(&self, r: &pb::CommitUploadResponse) {
+    pub(crate) fn record_commit(&self, r: &pb::CommitUploadResponse) {
         let Some(f) = &r.file else { return };
         self.events.record(
             Level::Info,
@@ -600,12 +642,22 @@ impl Master {
         t: &mut dyn WriteTxn,
         upload: &UploadRecord,
         req: &pb::CommitUploadRequest,
+        prepare: bool,
     ) -> Result<Result<Installed, MasterError>, MasterError> {
         let mut file = match validate_commit(upload, req) {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
         let old = t.get_file(&file.name)?;
+        if prepare {
+            // Only a new name: a replaced version must stay readable until the new one is
+            // settled, and that would need both kept. The client commits it after its writes.
+            if old.is_some() {
+                return Ok(Err(MasterError::AlreadyExists(file.name)));
+            }
+            file.pending_upload = upload.upload_id.clone();
+            file.pending_workers = req.chunks.iter().flat_map(|c| c.workers.clone()).collect();
+        }
         // A reserved upload learns its name only now: a new version keeps the file's id.
         if file.file_id == 0 {
             file.file_id = old.as_ref().map_or(upload.version, |o| o.file_id);
@@ -668,6 +720,16 @@ impl Master {
         self: &Arc<Self>,
         apply: impl FnOnce(&Master) -> Result<(T, CommitSeq), MasterError> + Send + 'static,
     ) -> Result<T, MasterError> {
+        self.mutate(true, apply).await
+    }
+
+    /// [`Master::mutate_durably`], or without `durable` the same minus the wait for the
+    /// fsync: the change is durable with the next one (for what is safe to lose in a crash).
+    pub(crate) async fn mutate<T: Send + 'static>(
+        self: &Arc<Self>,
+        durable: bool,
+        apply: impl FnOnce(&Master) -> Result<(T, CommitSeq), MasterError> + Send + 'static,
+    ) -> Result<T, MasterError> {
         let guard = self.ns_lock.clone().lock_owned().await;
         // The lock is released as soon as the transaction is applied, before the fsync. If
         // no sync is running this thread runs it (one hand-off for both); otherwise the
@@ -677,9 +739,16 @@ impl Master {
                 let applied = apply(m);
                 drop(guard);
                 let (value, seq) = applied?;
-                Ok((value, seq, m.store.sync_if_idle(seq)))
+                Ok((
+                    value,
+                    seq,
+                    durable.then(|| m.store.sync_if_idle(seq)).flatten(),
+                ))
             })
             .await?;
+        if !durable {
+            return Ok(value);
+        }
         match led {
             Some(r) => r?,
             None => self.store.sync_async(seq).await?,
@@ -689,6 +758,13 @@ impl Master {
 
     /// Drops an open upload; every chunk allocated to it becomes garbage.
     pub async fn abort_upload(self: &Arc<Self>, upload_id: &str) -> Result<(), MasterError> {
+        // Before the namespace lock, which settling takes.
+        if self.lock().in_doubt.contains_key(upload_id) {
+            return match self.abort_in_doubt(upload_id).await? {
+                true => Ok(()),
+                false => Err(MasterError::UploadNotFound(upload_id.to_string())),
+            };
+        }
         let _guard = self.ns_lock.lock().await;
         let upload = self
             .lock()
@@ -760,10 +836,16 @@ impl Master {
     /// and writes still go through [`Master::blocking`].
     pub async fn get_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
         crate::names::validate(name)?;
-        let file = self
+        let mut file = self
             .store
             .read_with(|t| t.get_file(name))?
             .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
+        if !file.pending_upload.is_empty() {
+            file = self
+                .settled_file(name)
+                .await?
+                .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
+        }
         let inner = self.lock();
         Ok(self.file_info(&inner, &file, true))
     }
@@ -778,7 +860,7 @@ impl Master {
             0 => DEFAULT_PAGE,
             l => l.min(MAX_PAGE),
         };
-        let files = self
+        let mut files = self
             .blocking(move |m| {
                 m.store
                     .read_with(|t| t.list_files(&start_after, limit))
@@ -790,6 +872,24 @@ impl Master {
         } else {
             String::new()
         };
+        // A listing shows an in-doubt name once it is settled, as a lookup does.
+        let pending: Vec<String> = files
+            .iter()
+            .filter(|f| !f.pending_upload.is_empty())
+            .map(|f| f.name.clone())
+            .collect();
+        if !pending.is_empty() {
+            let now = self.settled_files(pending.clone()).await?;
+            let mut settled: std::collections::HashMap<String, Option<FileRecord>> =
+                pending.into_iter().zip(now).collect();
+            files = files
+                .into_iter()
+                .filter_map(|f| match settled.remove(&f.name) {
+                    Some(now) => now,
+                    None => Some(f),
+                })
+                .collect();
+        }
         let inner = self.lock();
         Ok(pb::ListFilesResponse {
             files: files
@@ -948,6 +1048,8 @@ impl Master {
                             sha256: String::new(),
                             chunks: Vec::new(),
                             blake3: EMPTY_BLAKE3.to_string(),
+                            pending_upload: String::new(),
+                            pending_workers: Vec::new(),
                         })?;
                     }
                     Ok(())
@@ -1160,6 +1262,8 @@ fn validate_commit(
         sha256: req.sha256.clone(),
         chunks: refs,
         blake3: req.blake3.clone(),
+        pending_upload: String::new(),
+        pending_workers: Vec::new(),
     })
 }
 

@@ -114,6 +114,8 @@ pub fn decide(
                 // protect every read.
                 sha256: String::new(),
                 blake3: String::new(),
+                pending_upload: String::new(),
+                pending_workers: Vec::new(),
                 chunks: c
                     .chunks
                     .values()

@@ -280,7 +280,10 @@ impl Master {
         (jobs, trims)
     }
 
-    fn worker_channel(&self, addr: &str) -> Result<tonic::transport::Channel, MasterError> {
+    pub(crate) fn worker_channel(
+        &self,
+        addr: &str,
+    ) -> Result<tonic::transport::Channel, MasterError> {
         let mut map = self
             .worker_channels
             .lock()

@@ -30,6 +30,43 @@ impl MasterService {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(MAX_GRPC_MESSAGE)
     }
+
+    /// `CommitUploads`, or with `prepare` `PrepareUploads`.
+    async fn commit_many(
+        &self,
+        op: &'static str,
+        req: Request<pb::CommitUploadsRequest>,
+        prepare: bool,
+    ) -> Result<Response<pb::CommitUploadsResponse>, Status> {
+        let (t, p) = (Instant::now(), peer(&req));
+        let r = req.into_inner();
+        let n = r.commits.len();
+        if n > MAX_BATCH {
+            return finish(op, &p, "", t, Err(too_many("commits", n)));
+        }
+        let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
+        let answers = self.master.commit_many(r.commits, prepare).await;
+        let results = answers
+            .into_iter()
+            .zip(&ids)
+            .map(|(a, id)| match a {
+                Ok(commit) => pb::CommitUploadResult {
+                    commit: Some(commit),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let (code, message) = item_error("commit_upload", &p, id, e);
+                    pb::CommitUploadResult {
+                        commit: None,
+                        code,
+                        message,
+                    }
+                }
+            })
+            .collect();
+        let res = Ok(pb::CommitUploadsResponse { results });
+        finish(op, &p, &format!("{n} commits"), t, res)
+    }
 }
 
 fn peer<T>(req: &Request<T>) -> String {
@@ -242,34 +279,14 @@ impl pb::master_server::Master for MasterService {
         &self,
         req: Request<pb::CommitUploadsRequest>,
     ) -> Result<Response<pb::CommitUploadsResponse>, Status> {
-        let (t, p) = (Instant::now(), peer(&req));
-        let r = req.into_inner();
-        let n = r.commits.len();
-        if n > MAX_BATCH {
-            return finish("commit_uploads", &p, "", t, Err(too_many("commits", n)));
-        }
-        let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
-        let answers = self.master.commit_uploads(r.commits).await;
-        let results = answers
-            .into_iter()
-            .zip(&ids)
-            .map(|(a, id)| match a {
-                Ok(commit) => pb::CommitUploadResult {
-                    commit: Some(commit),
-                    ..Default::default()
-                },
-                Err(e) => {
-                    let (code, message) = item_error("commit_upload", &p, id, e);
-                    pb::CommitUploadResult {
-                        commit: None,
-                        code,
-                        message,
-                    }
-                }
-            })
-            .collect();
-        let res = Ok(pb::CommitUploadsResponse { results });
-        finish("commit_uploads", &p, &format!("{n} commits"), t, res)
+        self.commit_many("commit_uploads", req, false).await
+    }
+
+    async fn prepare_uploads(
+        &self,
+        req: Request<pb::CommitUploadsRequest>,
+    ) -> Result<Response<pb::CommitUploadsResponse>, Status> {
+        self.commit_many("prepare_uploads", req, true).await
     }
 
     async fn renew_upload(

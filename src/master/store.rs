@@ -57,6 +57,15 @@ pub struct FileRecord {
     /// Whole-file BLAKE3 (what current clients record).
     #[prost(string, tag = "10")]
     pub blake3: String,
+    /// The upload id while the commit is in doubt (see `Master::prepare_uploads`): made
+    /// durable before its chunk was known to be, so reads wait until the client or the
+    /// workers settle it. Empty for a settled file.
+    #[prost(string, tag = "11")]
+    pub pending_upload: String,
+    /// The workers an in-doubt commit's chunk was sent to: it is abandoned only once every
+    /// one of them says it does not hold it.
+    #[prost(string, repeated, tag = "12")]
+    pub pending_workers: Vec<String>,
 }
 
 /// A chunk id handed out for an upload, with the workers of its pipeline (who may hold it).

@@ -31,8 +31,8 @@ pub fn master_need(method: &str) -> Option<Need> {
     Some(match method {
         "Register" | "Heartbeat" => Need::Worker,
         "StartUpload" | "StartUploads" | "ReserveUploads" | "AllocateChunk" | "CommitUpload"
-        | "CommitUploads" | "RenewUpload" | "AbortUpload" | "DeleteFile" | "CreateEmpty"
-        | "DeleteMany" | "DeleteFiles" | "SetDraining" => Need::Write,
+        | "CommitUploads" | "PrepareUploads" | "RenewUpload" | "AbortUpload" | "DeleteFile"
+        | "CreateEmpty" | "DeleteMany" | "DeleteFiles" | "SetDraining" => Need::Write,
         "GetFile" | "GetFiles" | "ListFiles" | "ReportBadReplica" | "ClusterStatus"
         | "StreamLogs" | "DrainPlan" | "Fsck" | "GcStatus" | "ProcessStats" => Need::Read,
         _ => return None,
