@@ -835,9 +835,10 @@ fn reserved_uploads_survive_kill9_of_the_master() {
 }
 
 /// Small files committed beside their writes and not yet confirmed when the master is
-/// killed (`kill -9`): the restarted master finds them in doubt in its store. The one whose
-/// chunk every worker holds is readable at once (the read asks the workers); the one that
-/// no worker holds is dropped after the grace, so `stat` says it is not found.
+/// killed (`kill -9`): the restarted master finds them in doubt in its store (so does it one
+/// whose confirmation it held in memory only). Those whose chunk every worker holds are
+/// readable at once (the read asks the workers); the one that no worker holds is dropped
+/// after the grace, so `stat` says it is not found.
 #[test]
 fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
     use dfs::rpc::pb;
@@ -851,46 +852,66 @@ fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
         let mut m = dfs::rpc::master_client(dfs::rpc::control_channel(&b.master_addr()).unwrap());
         let plans = m
             .reserve_uploads(pb::ReserveUploadsRequest {
-                count: 2,
+                count: 3,
                 replicas: 0,
             })
             .await
             .unwrap()
             .into_inner()
             .uploads;
-        write_chunk_direct(&plans[0].chunks[0], "x", data, None)
-            .await
-            .unwrap();
-        let commits = [("kept", &plans[0]), ("never-written", &plans[1])]
-            .into_iter()
-            .map(|(name, plan)| pb::CommitUploadRequest {
-                upload_id: plan.upload_id.clone(),
-                chunks: vec![pb::CommittedChunk {
-                    index: 0,
-                    chunk_id: plan.chunks[0].chunk_id.clone(),
-                    length: data.len() as u64,
-                    crc32c: crc32c::crc32c(data),
-                    workers: plan.chunks[0].workers.clone(),
-                }],
-                name: name.into(),
-                size: data.len() as u64,
-                blake3: blake3::hash(data).to_hex().to_string(),
-                ..Default::default()
-            })
-            .collect();
+        for plan in [&plans[0], &plans[2]] {
+            write_chunk_direct(&plan.chunks[0], "x", data, None)
+                .await
+                .unwrap();
+        }
+        let commits: Vec<pb::CommitUploadRequest> = [
+            ("kept", &plans[0]),
+            ("never-written", &plans[1]),
+            ("confirmed", &plans[2]),
+        ]
+        .into_iter()
+        .map(|(name, plan)| pb::CommitUploadRequest {
+            upload_id: plan.upload_id.clone(),
+            chunks: vec![pb::CommittedChunk {
+                index: 0,
+                chunk_id: plan.chunks[0].chunk_id.clone(),
+                length: data.len() as u64,
+                crc32c: crc32c::crc32c(data),
+                workers: plan.chunks[0].workers.clone(),
+            }],
+            name: name.into(),
+            size: data.len() as u64,
+            blake3: blake3::hash(data).to_hex().to_string(),
+            ..Default::default()
+        })
+        .collect();
         let r = m
-            .prepare_uploads(pb::CommitUploadsRequest { commits })
+            .prepare_uploads(pb::CommitUploadsRequest {
+                commits: commits.clone(),
+            })
             .await
             .unwrap()
             .into_inner()
             .results;
         assert!(r.iter().all(|r| r.commit.is_some()), "{r:?}");
+        // Confirmed in the master's memory; its record is rewritten later, so the kill
+        // most likely lands before that.
+        let r = m
+            .commit_uploads(pb::CommitUploadsRequest {
+                commits: vec![commits[2].clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(r[0].commit.is_some(), "{r:?}");
     });
 
     b.master.as_mut().unwrap().kill9();
     b.start_master();
     b.wait_alive(3);
     download_and_compare(&b, "kept", &original);
+    download_and_compare(&b, "confirmed", &original);
     let out = b.cli(&["--cmd", "stat", "never-written"]);
     assert_ne!(out.code, 0, "{}", out.stdout);
     assert!(out.stderr.contains("not found"), "{}", out.stderr);

@@ -58,6 +58,11 @@ const EARLY_PROBE_EVERY: Duration = Duration::from_millis(200);
 /// Commits a worker probe asks about per call (the worker's batch limit).
 const PROBE_BATCH: usize = 64;
 
+/// Confirmations kept in memory that start a write of their records at once, and the most
+/// records one transaction rewrites.
+const FLUSH_AT: usize = 512;
+const FLUSH_BATCH: usize = 1024;
+
 /// A commit made beside its writes and not yet settled.
 #[derive(Debug, Clone)]
 pub(crate) struct InDoubt {
@@ -120,74 +125,109 @@ impl Master {
     }
 
     /// Confirms the in-doubt commits of these requests (positions kept): each must repeat
-    /// its prepare's name and chunk.
+    /// its prepare's name and chunk. In memory only, under the namespace lock (so in order
+    /// with settling, deletes and replacements): the records are rewritten in bulk later
+    /// ([`Master::flush_confirmed`]), since one that is lost in a crash comes back in doubt
+    /// and is confirmed again by asking its workers, all of which hold it.
     pub(crate) async fn confirm(
         self: &Arc<Self>,
         reqs: Vec<(usize, pb::CommitUploadRequest)>,
     ) -> Vec<(usize, Result<pb::CommitUploadResponse, MasterError>)> {
         let mut out = Vec::with_capacity(reqs.len());
-        let mut todo = Vec::new();
-        {
-            let inner = self.lock();
-            for (i, req) in reqs {
-                let Some(d) = inner.in_doubt.get(&req.upload_id) else {
-                    out.push((i, Err(MasterError::UploadNotFound(req.upload_id))));
-                    continue;
-                };
-                let same = req.name == d.name
-                    && req.chunks.len() == 1
-                    && req.chunks[0].chunk_id == d.chunk.chunk_id
-                    && req.chunks[0].length == d.chunk.length
-                    && req.chunks[0].crc32c == d.chunk.crc32c;
-                if same {
-                    todo.push((i, req.upload_id));
-                } else {
-                    out.push((
-                        i,
-                        Err(MasterError::InvalidArgument(format!(
-                            "the confirmation of upload {:?} does not repeat its prepared commit",
-                            req.upload_id
-                        ))),
-                    ));
-                }
+        let _serial = self.ns_lock.lock().await;
+        for (i, req) in reqs {
+            let answer = self.confirm_one(&req);
+            if let Ok(r) = &answer {
+                self.record_commit(r);
             }
+            out.push((i, answer));
         }
-        if todo.is_empty() {
-            return out;
-        }
-        let items: Vec<(String, Settle)> = todo
-            .iter()
-            .map(|(_, id)| (id.clone(), Settle::Confirm(None)))
-            .collect();
-        match self.settle(items, false).await {
-            Ok(settled) => {
-                for ((i, id), f) in todo.into_iter().zip(settled) {
-                    out.push((
-                        i,
-                        match f {
-                            Some(f) => {
-                                let r = pb::CommitUploadResponse {
-                                    file: Some(self.file_info(&self.lock(), &f, false)),
-                                    replaced: false,
-                                    in_doubt_ms: 0,
-                                };
-                                self.record_commit(&r);
-                                Ok(r)
-                            }
-                            // Deleted or replaced since (after it was created), or settled
-                            // by the workers first.
-                            None => Err(MasterError::UploadNotFound(id)),
-                        },
-                    ));
-                }
-            }
-            Err(e) => {
-                for (i, _) in todo {
-                    out.push((i, Err(e.clone())));
-                }
-            }
+        if self.lock().confirmed_unwritten.len() >= FLUSH_AT {
+            self.flush_wanted.notify_one();
         }
         out
+    }
+
+    fn confirm_one(
+        &self,
+        req: &pb::CommitUploadRequest,
+    ) -> Result<pb::CommitUploadResponse, MasterError> {
+        let id = &req.upload_id;
+        let name = {
+            let inner = self.lock();
+            let d = inner
+                .in_doubt
+                .get(id)
+                .ok_or_else(|| MasterError::UploadNotFound(id.clone()))?;
+            let same = req.name == d.name
+                && req.chunks.len() == 1
+                && req.chunks[0].chunk_id == d.chunk.chunk_id
+                && req.chunks[0].length == d.chunk.length
+                && req.chunks[0].crc32c == d.chunk.crc32c;
+            if !same {
+                return Err(MasterError::InvalidArgument(format!(
+                    "the confirmation of upload {id:?} does not repeat its prepared commit"
+                )));
+            }
+            d.name.clone()
+        };
+        // A point lookup on this thread, as a lookup is: the record for the answer.
+        let f = self.store.read_with(|t| t.get_file(&name))?;
+        let mut inner = self.lock();
+        let Some(f) = f.filter(|f| f.pending_upload == *id) else {
+            // Deleted or replaced since (after it was created): nothing left to confirm.
+            inner.in_doubt.remove(id);
+            return Err(MasterError::UploadNotFound(id.clone()));
+        };
+        inner.in_doubt.remove(id);
+        inner.confirmed_unwritten.push((name, id.clone()));
+        inner.settled.send_modify(|n| *n += 1);
+        Ok(pb::CommitUploadResponse {
+            file: Some(self.file_info(&inner, &f, false)),
+            replaced: false,
+            in_doubt_ms: 0,
+        })
+    }
+
+    /// Writes the confirmations kept in memory into their records, a bounded batch per
+    /// transaction, without waiting for an fsync (see [`Master::confirm`]).
+    pub(crate) async fn flush_confirmed(self: &Arc<Self>) {
+        loop {
+            let batch: Vec<(String, String)> = {
+                let mut inner = self.lock();
+                let n = inner.confirmed_unwritten.len().min(FLUSH_BATCH);
+                inner.confirmed_unwritten.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let n = batch.len();
+            let written = self
+                .mutate(false, move |m| {
+                    let ((), seq) =
+                        m.store
+                            .write_deferred_with(|t| -> Result<(), MasterError> {
+                                for (name, id) in &batch {
+                                    if let Some(mut f) = t.get_file(name)?
+                                        && f.pending_upload == *id
+                                    {
+                                        f.pending_upload.clear();
+                                        f.pending_workers.clear();
+                                        t.put_file(&f)?;
+                                    }
+                                }
+                                Ok(())
+                            })?;
+                    Ok(((), seq))
+                })
+                .await;
+            if let Err(e) = written {
+                // Still confirmed in memory; after a restart they are confirmed again by
+                // asking their workers.
+                tracing::warn!(confirmations = n, error = %e, "could not write confirmations");
+                return;
+            }
+        }
     }
 
     /// Drops the in-doubt commit of upload `id` because its client says a write failed;
@@ -335,12 +375,15 @@ impl Master {
                     .map(|n| t.get_file(n))
                     .collect::<Result<Vec<_>, _>>()
             })?;
-            let pending: Vec<String> = files
-                .iter()
-                .flatten()
-                .filter(|f| !f.pending_upload.is_empty())
-                .map(|f| f.pending_upload.clone())
-                .collect();
+            let pending: Vec<String> = {
+                let inner = self.lock();
+                files
+                    .iter()
+                    .flatten()
+                    .filter(|f| inner.is_in_doubt(f))
+                    .map(|f| f.pending_upload.clone())
+                    .collect()
+            };
             if pending.is_empty() {
                 return Ok(files);
             }
@@ -353,12 +396,15 @@ impl Master {
                 .await
                 .is_err()
             {
-                let name = files
-                    .into_iter()
-                    .flatten()
-                    .find(|f| !f.pending_upload.is_empty())
-                    .map(|f| f.name)
-                    .unwrap_or_default();
+                let name = {
+                    let inner = self.lock();
+                    files
+                        .into_iter()
+                        .flatten()
+                        .find(|f| inner.is_in_doubt(f))
+                        .map(|f| f.name)
+                        .unwrap_or_default()
+                };
                 return Err(MasterError::InDoubt(name));
             }
         }
@@ -538,18 +584,29 @@ impl Master {
     }
 }
 
-/// Settles the in-doubt commits whose clients did not, a few times per grace.
+/// Settles the in-doubt commits whose clients did not, a few times per grace, and writes
+/// the confirmations kept in memory.
 pub(crate) async fn resolver(master: Arc<Master>, mut stop: watch::Receiver<bool>) {
     let period =
         (master.cfg.in_doubt_grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let wanted = master.flush_wanted.clone();
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // A clean stop leaves no confirmed file to be asked about again.
+                master.flush_confirmed().await;
+                return;
+            }
+            _ = wanted.notified() => {
+                master.flush_confirmed().await;
+                continue;
+            }
             _ = tokio::time::sleep(period) => {}
         }
         if master.rebuilding.load(std::sync::atomic::Ordering::Relaxed) {
             continue;
         }
+        master.flush_confirmed().await;
         master.resolve_overdue().await;
     }
 }

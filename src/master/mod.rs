@@ -165,6 +165,9 @@ pub(crate) struct Inner {
     pub in_doubt: HashMap<String, in_doubt::InDoubt>,
     /// Bumped whenever an in-doubt commit is settled, for the reads waiting on one.
     pub settled: watch::Sender<u64>,
+    /// Confirmed commits (name, upload id) whose records still say in doubt: written in
+    /// bulk by `Master::flush_confirmed`.
+    pub confirmed_unwritten: Vec<(String, String)>,
     /// Chunk ids allocated to open uploads (never orphans).
     pub upload_chunks: std::collections::HashSet<String>,
     /// Chunks reported by workers that belong to no file, upload or garbage entry.
@@ -197,6 +200,8 @@ pub struct Master {
     pub(crate) worker_channels: Mutex<HashMap<String, tonic::transport::Channel>>,
     /// How the master dials workers (TLS or not).
     pub(crate) transport: crate::rpc::Transport,
+    /// Wakes the resolver to write the confirmations kept in memory.
+    pub(crate) flush_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl Master {
@@ -231,6 +236,7 @@ impl Master {
             address: Mutex::new(String::new()),
             worker_channels: Mutex::new(HashMap::new()),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
+            flush_wanted: Default::default(),
         };
         master.load()?;
         if master.cfg.rebuild_window.is_some() {

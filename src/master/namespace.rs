@@ -117,6 +117,12 @@ impl Inner {
         }
     }
 
+    /// Whether `f` is in doubt now: its record says so and no confirmation came since (one
+    /// that did is only in memory until written, see `Master::confirm`).
+    pub(crate) fn is_in_doubt(&self, f: &FileRecord) -> bool {
+        !f.pending_upload.is_empty() && self.in_doubt.contains_key(&f.pending_upload)
+    }
+
     pub(crate) fn forget_file(&mut self, f: &FileRecord) {
         if !f.pending_upload.is_empty() && self.in_doubt.remove(&f.pending_upload).is_some() {
             // Deleted or replaced while in doubt: settled, for the reads waiting on it.
@@ -840,7 +846,7 @@ impl Master {
             .store
             .read_with(|t| t.get_file(name))?
             .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
-        if !file.pending_upload.is_empty() {
+        if self.lock().is_in_doubt(&file) {
             file = self
                 .settled_file(name)
                 .await?
@@ -873,11 +879,14 @@ impl Master {
             String::new()
         };
         // A listing shows an in-doubt name once it is settled, as a lookup does.
-        let pending: Vec<String> = files
-            .iter()
-            .filter(|f| !f.pending_upload.is_empty())
-            .map(|f| f.name.clone())
-            .collect();
+        let pending: Vec<String> = {
+            let inner = self.lock();
+            files
+                .iter()
+                .filter(|f| inner.is_in_doubt(f))
+                .map(|f| f.name.clone())
+                .collect()
+        };
         if !pending.is_empty() {
             let now = self.settled_files(pending.clone()).await?;
             let mut settled: std::collections::HashMap<String, Option<FileRecord>> =
