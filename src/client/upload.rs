@@ -204,8 +204,10 @@ impl Client {
         committed(&name, commit, replicas_achieved, retried, started)
     }
 
-    /// Aborts a reserved upload that did not land. Best effort: if the master cannot be told,
-    /// the reservation expires and is aborted there.
+    /// Aborts a reserved upload that did not land, prepared or not. Best effort: if the
+    /// master cannot be told, the reservation expires and is aborted there, and a prepared
+    /// one is settled by asking its workers (so it may stay, if some of them hold it: the
+    /// outcome of an upload whose error said the master was unreachable is unknown).
     async fn give_up_reservation(&self, upload_id: String) {
         let _ = self
             .master()
@@ -271,12 +273,9 @@ impl Client {
             let took = sent.elapsed();
             match (written, prepared) {
                 (Ok(_), Ok(p)) => Some((p, took)),
-                (Err(e), Ok(_)) => {
-                    // In doubt on the master: drop it before the caller starts afresh.
-                    self.give_up_reservation(id.clone()).await;
-                    return Err(attempt_failed(e, &id));
-                }
-                (Err(e), Err(_)) => return Err(attempt_failed(e, &id)),
+                // In doubt on the master if the prepare went through: the caller's abort of
+                // the reservation (before it starts afresh) drops it.
+                (Err(e), _) => return Err(attempt_failed(e, &id)),
                 (Ok(_), Err(s)) => match s.code() {
                     // A name that exists, or a master without prepares: commit as before.
                     tonic::Code::AlreadyExists => None,
