@@ -1065,32 +1065,9 @@ async fn batched_small_chunk_reads_answer_each_chunk_and_fail_over_a_corrupt_cop
     assert!(st.chunks[0].replicas.iter().all(|r| r.worker != first));
 }
 
-/// Reserves `count` uploads through one `ReserveUploads` call.
-async fn reserve(
-    m: &mut pb::master_client::MasterClient<tonic::transport::Channel>,
-    count: u32,
-) -> pb::ReserveUploadsResponse {
-    m.reserve_uploads(pb::ReserveUploadsRequest { count, replicas: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Commits one upload alone and returns its answer.
-async fn commit_one(
-    m: &mut pb::master_client::MasterClient<tonic::transport::Channel>,
-    commit: pb::CommitUploadRequest,
-) -> pb::CommitUploadResult {
-    let mut r = m
-        .commit_uploads(pb::CommitUploadsRequest {
-            commits: vec![commit],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-    assert_eq!(r.len(), 1);
-    r.remove(0)
+async fn commit_one(m: &mut MasterRpc, commit: pb::CommitUploadRequest) -> pb::CommitUploadResult {
+    commit_alone(m, commit, false).await
 }
 
 /// A reserved upload is placed ahead with no name; its commit names it. A commit that leaves

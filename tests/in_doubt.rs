@@ -10,7 +10,7 @@ use dfs::client::UploadOptions;
 use dfs::cluster::LocalClusterConfig;
 use dfs::rpc::pb;
 
-type Master = pb::master_client::MasterClient<tonic::transport::Channel>;
+type Master = MasterRpc;
 
 fn grace(grace: Duration) -> LocalClusterConfig {
     LocalClusterConfig {
@@ -21,14 +21,6 @@ fn grace(grace: Duration) -> LocalClusterConfig {
 
 fn master_of(t: &TestCluster) -> Master {
     dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap())
-}
-
-async fn reserve(m: &mut Master, count: u32) -> Vec<pb::StartUploadResponse> {
-    m.reserve_uploads(pb::ReserveUploadsRequest { count, replicas: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .uploads
 }
 
 /// The commit of reserved upload `plan` as `name` holding `data`, as a client sends it.
@@ -58,28 +50,11 @@ async fn write_to(plan: &pb::StartUploadResponse, copies: usize, data: &[u8]) {
 }
 
 async fn prepare(m: &mut Master, commit: pb::CommitUploadRequest) -> pb::CommitUploadResult {
-    let mut r = m
-        .prepare_uploads(pb::CommitUploadsRequest {
-            commits: vec![commit],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-    assert_eq!(r.len(), 1);
-    r.remove(0)
+    commit_alone(m, commit, true).await
 }
 
 async fn commit(m: &mut Master, commit: pb::CommitUploadRequest) -> pb::CommitUploadResult {
-    let mut r = m
-        .commit_uploads(pb::CommitUploadsRequest {
-            commits: vec![commit],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-    r.remove(0)
+    commit_alone(m, commit, false).await
 }
 
 /// A lookup of `name` that has not finished after `ms` milliseconds.
@@ -108,7 +83,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     // A long grace: nothing here is settled by the workers.
     let t = TestCluster::start(grace(Duration::from_secs(60))).await;
     let mut m = master_of(&t);
-    let plans = reserve(&mut m, 4).await;
+    let plans = reserve(&mut m, 4).await.uploads;
     let data = b"written beside its commit".as_slice();
 
     // Prepared before its writes land, so a read's probe finds no copy and waits.
@@ -217,7 +192,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
 async fn the_master_settles_what_a_vanished_client_prepared_by_asking_the_workers() {
     let t = TestCluster::start(grace(Duration::from_millis(800))).await;
     let mut m = master_of(&t);
-    let plans = reserve(&mut m, 3).await;
+    let plans = reserve(&mut m, 3).await.uploads;
     let data = b"the client died before it confirmed".as_slice();
 
     write_to(&plans[0], 3, data).await;

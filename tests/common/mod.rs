@@ -232,6 +232,39 @@ pub async fn write_chunk_direct(
         .map(|r| r.into_inner())
 }
 
+/// A master client over a control channel to `addr`.
+pub type MasterRpc = dfs::rpc::pb::master_client::MasterClient<tonic::transport::Channel>;
+
+/// Reserves `count` uploads through one `ReserveUploads` call.
+pub async fn reserve(m: &mut MasterRpc, count: u32) -> dfs::rpc::pb::ReserveUploadsResponse {
+    m.reserve_uploads(dfs::rpc::pb::ReserveUploadsRequest { count, replicas: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Commits one upload alone (`CommitUploads`, or `PrepareUploads` with `prepare`) and
+/// returns its answer.
+pub async fn commit_alone(
+    m: &mut MasterRpc,
+    commit: dfs::rpc::pb::CommitUploadRequest,
+    prepare: bool,
+) -> dfs::rpc::pb::CommitUploadResult {
+    let req = dfs::rpc::pb::CommitUploadsRequest {
+        commits: vec![commit],
+    };
+    let mut r = if prepare {
+        m.prepare_uploads(req).await
+    } else {
+        m.commit_uploads(req).await
+    }
+    .unwrap()
+    .into_inner()
+    .results;
+    assert_eq!(r.len(), 1);
+    r.remove(0)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real binaries.
 // ---------------------------------------------------------------------------------------------
