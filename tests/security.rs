@@ -1303,9 +1303,14 @@ async fn streams_per_connection_are_capped() {
 
 /// With a cluster secret, reserved uploads carry write capabilities that the workers accept:
 /// a stream of small uploads by one client goes through them, and every file reads back.
+/// The master's probe of an unconfirmed prepare carries a capability the workers accept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_uploads_carry_capabilities_the_workers_accept() {
-    let tc = start_secured(small_chunks(3)).await;
+    let tc = start_secured(LocalClusterConfig {
+        in_doubt_grace: Duration::from_secs(60),
+        ..small_chunks(3)
+    })
+    .await;
     let dir = tc.scratch();
     let mut files = Vec::new();
     for i in 0..40u64 {
@@ -1339,4 +1344,37 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
         .into_inner();
     assert_eq!(r.uploads.len(), 3);
     assert!(r.uploads.iter().all(|u| !u.chunks[0].token.is_empty()));
+
+    // A prepare its client never confirms: the master reads the chunk back from the
+    // workers with a capability of its own, which they accept, so the read that asks gets
+    // the file. (The grace is a minute: only that read's probe can settle it in time.)
+    let data = b"prepared under a cluster secret".as_slice();
+    let plan = &r.uploads[0];
+    write_chunk_direct(&plan.chunks[0], "x", data, None)
+        .await
+        .unwrap();
+    let prepared = m
+        .prepare_uploads(pb::CommitUploadsRequest {
+            commits: vec![pb::CommitUploadRequest {
+                upload_id: plan.upload_id.clone(),
+                chunks: vec![pb::CommittedChunk {
+                    index: 0,
+                    chunk_id: plan.chunks[0].chunk_id.clone(),
+                    length: data.len() as u64,
+                    crc32c: crc32c::crc32c(data),
+                    workers: plan.chunks[0].workers.clone(),
+                }],
+                name: "prepared".into(),
+                size: data.len() as u64,
+                blake3: blake3::hash(data).to_hex().to_string(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(prepared[0].commit.is_some(), "{prepared:?}");
+    let read = tokio::time::timeout(Duration::from_secs(30), tc.client.read("prepared")).await;
+    assert_eq!(read.expect("settled by the read's probe").unwrap(), data);
 }
