@@ -330,6 +330,7 @@ fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master()
         if healed(&v)
             && n("open_uploads") == 0
             && n("reserved_uploads") == 0
+            && n("in_doubt_uploads") == 0
             && n("pending_deletions") == 0
             && n("orphan_chunks") == 0
         {

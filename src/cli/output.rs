@@ -319,8 +319,12 @@ pub fn status(st: &ClusterStatusResponse, as_json: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "pending:    {} chunk deletion(s), {} orphan chunk(s), {} open upload(s), {} reserved",
-        st.pending_deletions, st.orphan_chunks, st.open_uploads, st.reserved_uploads
+        "pending:    {} chunk deletion(s), {} orphan chunk(s), {} open upload(s), {} reserved, {} in doubt",
+        st.pending_deletions,
+        st.orphan_chunks,
+        st.open_uploads,
+        st.reserved_uploads,
+        st.in_doubt_uploads
     );
     if !st.matrix.is_empty() {
         let max_live = st.matrix.iter().map(|c| c.live).max().unwrap_or(0);

@@ -66,6 +66,7 @@ impl Master {
             pending_deletions: inner.garbage.len() as u64,
             open_uploads: inner.uploads.values().filter(|u| !u.reserved).count() as u64,
             reserved_uploads: inner.uploads.values().filter(|u| u.reserved).count() as u64,
+            in_doubt_uploads: inner.in_doubt.len() as u64,
             chunk_size: self.cfg.chunk_size,
             default_replicas: self.cfg.default_replicas,
             ..Default::default()
