@@ -340,3 +340,59 @@ async fn small_creates_commit_beside_their_writes_and_fall_back_when_they_cannot
     assert_eq!(names.len(), 3 * 48, "a failed attempt left a name behind");
     t.cluster.shutdown().await;
 }
+
+/// A worker that cannot be asked decides nothing: a prepare that the two others do not hold
+/// stays in doubt while the third is down, reads of it say so (`Unavailable`) instead of
+/// calling it gone, and deleting it works meanwhile. Once the worker is back and says it
+/// does not hold the chunk either, the name is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_be_asked_keeps_a_name_in_doubt_and_reads_say_so() {
+    let mut t = TestCluster::start(grace(Duration::from_millis(300))).await;
+    let mut m = master_of(&t);
+    let plans = reserve(&mut m, 2).await.uploads;
+    let data = b"never written anywhere".as_slice();
+    let down = t
+        .cluster
+        .worker_addrs()
+        .iter()
+        .position(|a| *a == plans[0].chunks[0].workers[0])
+        .unwrap();
+    t.cluster.kill_worker(down).unwrap();
+    assert!(
+        prepare(&mut m, commit_of(&plans[0], "stuck", data))
+            .await
+            .commit
+            .is_some()
+    );
+    assert!(
+        prepare(&mut m, commit_of(&plans[1], "deleted", data))
+            .await
+            .commit
+            .is_some()
+    );
+
+    let e = t.client.stat("stuck").await.unwrap_err();
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert_eq!(t.cluster.master().in_doubt_count(), 2);
+    t.client.delete("deleted").await.unwrap();
+    assert_eq!(t.cluster.master().in_doubt_count(), 1);
+
+    t.cluster.restart_worker(down).await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        match t.client.stat("stuck").await {
+            Err(e) if e.to_string().contains("not found") => {
+                gone = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(
+        gone,
+        "the name was not dropped once every worker said it holds nothing"
+    );
+    assert_eq!(t.cluster.master().in_doubt_count(), 0);
+    t.cluster.shutdown().await;
+}

@@ -82,7 +82,8 @@ fn default_name(path: &Path) -> Result<String, ClientError> {
 
 impl Client {
     /// Uploads the local file at `path`. The file becomes visible atomically when this returns
-    /// `Ok`; on error nothing is visible and the chunks already written are collected.
+    /// `Ok`; on error nothing is visible and the chunks already written are collected (but
+    /// see `give_up_reservation` for an error that left the master unreachable).
     pub async fn upload(
         &self,
         path: &Path,

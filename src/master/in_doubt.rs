@@ -48,6 +48,10 @@ use crate::rpc::pb;
 /// [`PROBE_TIMEOUT`]).
 const READ_WAIT_PAST_GRACE: Duration = Duration::from_secs(6);
 
+/// The longest a read waits whatever the grace: under a client's deadline for a control
+/// call (15 s), so that it is answered `Unavailable` rather than timed out.
+const READ_WAIT_MAX: Duration = Duration::from_secs(10);
+
 /// Longest the master waits for a worker's answer about in-doubt chunks.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -346,7 +350,8 @@ impl Master {
     }
 
     /// The record of `name` once it is not in doubt: a read waits here for its client or
-    /// its workers to settle it, at most the grace and a probe.
+    /// its workers to settle it, at most the grace and a probe (and at most
+    /// [`READ_WAIT_MAX`]).
     pub(crate) async fn settled_file(
         self: &Arc<Self>,
         name: &str,
@@ -364,7 +369,8 @@ impl Master {
         self: &Arc<Self>,
         names: Vec<String>,
     ) -> Result<Vec<Option<FileRecord>>, MasterError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.in_doubt_grace + READ_WAIT_PAST_GRACE;
+        let wait = (self.cfg.in_doubt_grace + READ_WAIT_PAST_GRACE).min(READ_WAIT_MAX);
+        let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.lock().settled.subscribe();
         let mut probed = false;
         loop {
