@@ -888,6 +888,7 @@ fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
         let r = m
             .prepare_uploads(pb::CommitUploadsRequest {
                 commits: commits.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -899,6 +900,7 @@ fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
         let r = m
             .commit_uploads(pb::CommitUploadsRequest {
                 commits: vec![commits[2].clone()],
+                ..Default::default()
             })
             .await
             .unwrap()

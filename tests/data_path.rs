@@ -650,7 +650,10 @@ async fn downloads_check_the_recorded_blake3_or_legacy_sha256_digest() {
         with(5, &b3.to_uppercase(), Some("")),
     ];
     let r = m
-        .commit_uploads(pb::CommitUploadsRequest { commits })
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -703,6 +706,7 @@ async fn downloads_check_the_recorded_blake3_or_legacy_sha256_digest() {
     let again = m
         .commit_uploads(pb::CommitUploadsRequest {
             commits: vec![with(4, &b3, Some("")), with(5, &b3, Some(""))],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -748,7 +752,10 @@ async fn batched_starts_and_commits_answer_each_upload_on_its_own() {
         commit_for(&plans[0], &contents[0]),
     ];
     let r = m
-        .commit_uploads(pb::CommitUploadsRequest { commits })
+        .commit_uploads(pb::CommitUploadsRequest {
+            commits,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -789,6 +796,7 @@ async fn batched_starts_and_commits_answer_each_upload_on_its_own() {
     let again = m
         .commit_uploads(pb::CommitUploadsRequest {
             commits: vec![commit_for(&plans[1], &contents[1])],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -801,6 +809,7 @@ async fn batched_starts_and_commits_answer_each_upload_on_its_own() {
     let e = m
         .commit_uploads(pb::CommitUploadsRequest {
             commits: vec![commit_for(&plans[0], &contents[0]); 1025],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -75,7 +75,8 @@ fn spawn_stat(
 }
 
 /// A prepared commit is durable but in doubt: lookups and listings wait for it, and its
-/// client's confirmation (the same request through CommitUploads) settles it. A
+/// client's confirmation (the same request through CommitUploads, or its id on a later
+/// PrepareUploads) settles it. A
 /// confirmation that does not repeat the prepare, a prepare of a name that exists or of an
 /// upload that was not reserved are refused; an aborted one is gone at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,6 +175,33 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
         "the aborted chunk is not garbage: {gc:?}"
     );
 
+    // Confirmed by id, on a prepare call (as a client does on its next one); an unknown id
+    // is skipped. Only PrepareUploads carries ids.
+    let more = reserve(&mut m, 1).await.uploads;
+    write_to(&more[0], 3, data).await;
+    let r = prepare(&mut m, commit_of(&more[0], "by-id", data)).await;
+    assert!(r.commit.is_some(), "{r:?}");
+    let refused = m
+        .commit_uploads(pb::CommitUploadsRequest {
+            confirm_upload_ids: vec![more[0].upload_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let answered = m
+        .prepare_uploads(pb::CommitUploadsRequest {
+            commits: Vec::new(),
+            confirm_upload_ids: vec![more[0].upload_id.clone(), "0".repeat(32)],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(answered.is_empty(), "{answered:?}");
+    assert_eq!(t.cluster.master().in_doubt_count(), 0);
+    assert_eq!(t.client.read("by-id").await.unwrap(), data);
+
     // Deleted while in doubt: the delete wins, the confirmation finds nothing.
     let r = prepare(&mut m, commit_of(&plans[3], "deleted", data)).await;
     assert!(r.commit.is_some(), "{r:?}");
@@ -259,11 +287,9 @@ async fn the_master_settles_what_a_vanished_client_prepared_by_asking_the_worker
 /// elsewhere, so every file reads back whole and none is in doubt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_creates_commit_beside_their_writes_and_fall_back_when_they_cannot() {
-    let mut t = TestCluster::start(LocalClusterConfig {
-        workers: 4,
-        ..grace(Duration::from_secs(60))
-    })
-    .await;
+    // Three workers: every placement has all of them, so the one killed below is in every
+    // reserved placement.
+    let mut t = TestCluster::start(grace(Duration::from_secs(60))).await;
     let dir = t.scratch();
     let files: Vec<_> = (0..96)
         .map(|i| make_file(&dir.join(format!("f{i}")), 1000 + i, i))
@@ -324,9 +350,18 @@ async fn small_creates_commit_beside_their_writes_and_fall_back_when_they_cannot
     reads_back("new", 1).await;
 
     // A worker stops: writes to it fail, their prepares are aborted, and the files go
-    // again on the three left.
+    // again on the two left.
     let before = t.client.reservations();
     t.cluster.kill_worker(0).unwrap();
+    // The kill aborts the worker's task at its next poll: wait for its listener to go, then
+    // for its open connections, which close with a GOAWAY a round trip later.
+    let dead = t.cluster.worker_addrs()[0].clone();
+    let gone = wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&dead).is_err()
+    })
+    .await;
+    assert!(gone, "the killed worker still accepts connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     upload_all("after-kill", 0).await;
     t.client.settle().await;
     assert_eq!(t.cluster.master().in_doubt_count(), 0);

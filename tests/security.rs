@@ -157,6 +157,7 @@ async fn call_every_rpc(
                         upload_id: "0".repeat(32),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -169,6 +170,7 @@ async fn call_every_rpc(
                         upload_id: "0".repeat(32),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -1369,6 +1371,7 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
                 blake3: blake3::hash(data).to_hex().to_string(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

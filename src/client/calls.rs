@@ -19,8 +19,12 @@ pub(crate) struct Starts(pub(crate) MasterRpc);
 /// `CommitUpload`, batched as `CommitUploads`.
 pub(crate) struct Commits(pub(crate) MasterRpc);
 /// A reserved upload's commit sent beside its writes: `PrepareUploads` (which has no
-/// single-call form; one request goes as a batch of one).
-pub(crate) struct Prepares(pub(crate) MasterRpc);
+/// single-call form; one request goes as a batch of one). Each call carries the
+/// confirmations waiting (see `super::confirm`).
+pub(crate) struct Prepares(
+    pub(crate) MasterRpc,
+    pub(crate) std::sync::Arc<super::confirm::Confirmations>,
+);
 /// `DeleteFile`, batched as `DeleteFiles`.
 pub(crate) struct Deletes(pub(crate) MasterRpc);
 
@@ -36,12 +40,15 @@ pub(crate) struct MasterBatches {
 
 impl MasterBatches {
     /// Starts the batching tasks on the current runtime.
-    pub(crate) fn start(master: &MasterRpc) -> MasterBatches {
+    pub(crate) fn start(
+        master: &MasterRpc,
+        confirmations: &std::sync::Arc<super::confirm::Confirmations>,
+    ) -> MasterBatches {
         MasterBatches {
             lookups: Batcher::start(Lookups(master.clone())),
             starts: Batcher::start(Starts(master.clone())),
             commits: Batcher::start(Commits(master.clone())),
-            prepares: Batcher::start(Prepares(master.clone())),
+            prepares: Batcher::start(Prepares(master.clone(), confirmations.clone())),
             deletes: Batcher::start(Deletes(master.clone())),
         }
     }
@@ -178,7 +185,10 @@ impl Batched for Commits {
         let mut m = self.0.clone();
         async move {
             let resp = m
-                .commit_uploads(pb::CommitUploadsRequest { commits })
+                .commit_uploads(pb::CommitUploadsRequest {
+                    commits,
+                    confirm_upload_ids: Vec::new(),
+                })
                 .await?;
             Ok(commit_results(resp.into_inner().results))
         }
@@ -218,11 +228,16 @@ impl Batched for Prepares {
     ) -> impl Future<Output = Result<Vec<Result<pb::CommitUploadResponse, Status>>, Status>> + Send
     {
         let mut m = self.0.clone();
+        let confirms = self.1.take();
         async move {
             let resp = m
-                .prepare_uploads(pb::CommitUploadsRequest { commits })
-                .await?;
-            Ok(commit_results(resp.into_inner().results))
+                .prepare_uploads(pb::CommitUploadsRequest {
+                    commits,
+                    confirm_upload_ids: confirms.ids.clone(),
+                })
+                .await;
+            drop(confirms);
+            Ok(commit_results(resp?.into_inner().results))
         }
     }
 }

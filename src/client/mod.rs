@@ -106,11 +106,12 @@ impl Client {
                 ))
             })?;
         let master = transport.master(channel);
+        let confirmations = confirm::Confirmations::start(master.clone());
         Ok(Client {
             addr: addr.to_string(),
-            batches: calls::MasterBatches::start(&master),
+            batches: calls::MasterBatches::start(&master, &confirmations),
             reservations: reserve::Reservations::new(master.clone()),
-            confirmations: Default::default(),
+            confirmations,
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             small_writes: Arc::new(Mutex::new(HashMap::new())),

@@ -301,14 +301,8 @@ impl Client {
             // is acknowledged now and confirmed behind it.
             Some((p, took)) if took < Duration::from_millis(p.in_doubt_ms / 2) => {
                 self.reservations.record_prepared();
-                let (commits, in_flight) =
-                    (self.batches.commits.clone(), self.confirmations.start());
-                tokio::spawn(async move {
-                    if let Err(s) = commits.call(req).await {
-                        tracing::debug!(error = %s.message(), "confirmation failed; the master will ask the workers");
-                    }
-                    drop(in_flight);
-                });
+                // Rides on the next prepare (see `confirm`).
+                self.confirmations.push(req.upload_id);
                 p
             }
             // Late: the master may have asked the workers already and dropped it, so the

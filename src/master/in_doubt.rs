@@ -121,11 +121,40 @@ impl Master {
     /// Commits reserved uploads of new names beside their writes: each is durable when
     /// answered, but in doubt until settled (see the module comment). Answered in order,
     /// each on its own, as [`Master::commit_uploads`].
+    ///
+    /// `confirm_ids` are earlier prepares the client confirms on the way (see
+    /// [`Master::confirm_ids`]), settled first.
     pub async fn prepare_uploads(
         self: &Arc<Self>,
         reqs: Vec<pb::CommitUploadRequest>,
+        confirm_ids: Vec<String>,
     ) -> Vec<Result<pb::CommitUploadResponse, MasterError>> {
+        if !confirm_ids.is_empty() {
+            self.confirm_ids(&confirm_ids).await;
+        }
+        if reqs.is_empty() {
+            return Vec::new();
+        }
         self.commit_many(reqs, true).await
+    }
+
+    /// Confirms in-doubt uploads by id alone, as a client does on its next prepare: the id
+    /// is a random 128-bit value only the master and the client that prepared it know, so it
+    /// names the prepare as surely as the whole request. Ids not in doubt (settled, deleted
+    /// or replaced meanwhile, or unknown) are skipped; returns how many were confirmed.
+    pub(crate) async fn confirm_ids(self: &Arc<Self>, ids: &[String]) -> usize {
+        let _serial = self.ns_lock.lock().await;
+        let mut n = 0;
+        for id in ids {
+            if let Ok(r) = self.confirm_id(id) {
+                self.record_commit(&r);
+                n += 1;
+            }
+        }
+        if self.lock().confirmed_unwritten.len() >= FLUSH_AT {
+            self.flush_wanted.notify_one();
+        }
+        n
     }
 
     /// Confirms the in-doubt commits of these requests (positions kept): each must repeat
@@ -157,7 +186,7 @@ impl Master {
         req: &pb::CommitUploadRequest,
     ) -> Result<pb::CommitUploadResponse, MasterError> {
         let id = &req.upload_id;
-        let name = {
+        {
             let inner = self.lock();
             let d = inner
                 .in_doubt
@@ -173,8 +202,18 @@ impl Master {
                     "the confirmation of upload {id:?} does not repeat its prepared commit"
                 )));
             }
-            d.name.clone()
-        };
+        }
+        self.confirm_id(id)
+    }
+
+    /// Confirms in-doubt upload `id` (the caller holds the namespace lock).
+    fn confirm_id(&self, id: &String) -> Result<pb::CommitUploadResponse, MasterError> {
+        let name = self
+            .lock()
+            .in_doubt
+            .get(id)
+            .map(|d| d.name.clone())
+            .ok_or_else(|| MasterError::UploadNotFound(id.clone()))?;
         // A point lookup on this thread, as a lookup is: the record for the answer.
         let f = self.store.read_with(|t| t.get_file(&name))?;
         let mut inner = self.lock();

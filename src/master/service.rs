@@ -44,8 +44,25 @@ impl MasterService {
         if n > MAX_BATCH {
             return finish(op, &p, "", t, Err(too_many("commits", n)));
         }
+        let confirms = r.confirm_upload_ids.len();
+        if confirms > MAX_BATCH || (!prepare && confirms > 0) {
+            let e = match prepare {
+                true => too_many("confirmations", confirms),
+                false => MasterError::InvalidArgument(
+                    "confirm_upload_ids belong in PrepareUploads".into(),
+                ),
+            };
+            return finish(op, &p, "", t, Err(e));
+        }
         let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
-        let answers = self.master.commit_many(r.commits, prepare).await;
+        let answers = match prepare {
+            true => {
+                self.master
+                    .prepare_uploads(r.commits, r.confirm_upload_ids)
+                    .await
+            }
+            false => self.master.commit_many(r.commits, false).await,
+        };
         let results = answers
             .into_iter()
             .zip(&ids)
@@ -65,7 +82,13 @@ impl MasterService {
             })
             .collect();
         let res = Ok(pb::CommitUploadsResponse { results });
-        finish(op, &p, &format!("{n} commits"), t, res)
+        finish(
+            op,
+            &p,
+            &format!("{n} commits, {confirms} confirmations"),
+            t,
+            res,
+        )
     }
 }
 

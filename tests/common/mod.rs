@@ -252,6 +252,7 @@ pub async fn commit_alone(
 ) -> dfs::rpc::pb::CommitUploadResult {
     let req = dfs::rpc::pb::CommitUploadsRequest {
         commits: vec![commit],
+        ..Default::default()
     };
     let mut r = if prepare {
         m.prepare_uploads(req).await
