@@ -10,8 +10,9 @@
 //!   never sees a file whose bytes may not exist, nor misses one whose writer was told it
 //!   was stored.
 //! - The client acknowledges its write once every write and the prepare succeeded. It then
-//!   confirms (the same request through `CommitUpload(s)`), without waiting for the answer.
-//!   It aborts instead (`AbortUpload`) if a write failed.
+//!   confirms, without waiting for the answer: the upload id rides on its next
+//!   `PrepareUploads` (or `CommitUpload(s)` of the same request, when it must wait). It
+//!   aborts instead (`AbortUpload`) if a write failed.
 //! - A client that vanishes settles nothing. After `in_doubt_grace` the master reads the
 //!   chunk from the workers it was sent to:
 //!   - any that holds it with the length and CRC of the commit confirms it, with those
