@@ -572,12 +572,13 @@ impl Master {
                 }
             }
         }
+        // Dropped only when every listed worker said no (a record that lists none stays).
         let mut out = Vec::new();
         for ((id, d), (holders, absent)) in batch.iter().zip(held) {
             let all = !d.workers.is_empty() && holders.len() == d.workers.len();
             if all || (!early && !holders.is_empty()) {
                 out.push((id.clone(), Settle::Confirm(Some(holders))));
-            } else if !early && absent == d.workers.len() {
+            } else if !early && !d.workers.is_empty() && absent == d.workers.len() {
                 out.push((
                     id.clone(),
                     Settle::Abort("in-doubt upload that no worker holds"),

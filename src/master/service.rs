@@ -45,14 +45,13 @@ impl MasterService {
             return finish(op, &p, "", t, Err(too_many("commits", n)));
         }
         let confirms = r.confirm_upload_ids.len();
-        if confirms > MAX_BATCH || (!prepare && confirms > 0) {
-            let e = match prepare {
-                true => too_many("confirmations", confirms),
-                false => MasterError::InvalidArgument(
-                    "confirm_upload_ids belong in PrepareUploads".into(),
-                ),
-            };
+        if !prepare && confirms > 0 {
+            let e =
+                MasterError::InvalidArgument("confirm_upload_ids belong in PrepareUploads".into());
             return finish(op, &p, "", t, Err(e));
+        }
+        if confirms > MAX_BATCH {
+            return finish(op, &p, "", t, Err(too_many("confirmations", confirms)));
         }
         let ids: Vec<String> = r.commits.iter().map(|c| c.upload_id.clone()).collect();
         let answers = match prepare {
