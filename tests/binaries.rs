@@ -870,20 +870,7 @@ fn files_in_doubt_when_the_master_is_killed_are_settled_after_its_restart() {
             ("confirmed", &plans[2]),
         ]
         .into_iter()
-        .map(|(name, plan)| pb::CommitUploadRequest {
-            upload_id: plan.upload_id.clone(),
-            chunks: vec![pb::CommittedChunk {
-                index: 0,
-                chunk_id: plan.chunks[0].chunk_id.clone(),
-                length: data.len() as u64,
-                crc32c: crc32c::crc32c(data),
-                workers: plan.chunks[0].workers.clone(),
-            }],
-            name: name.into(),
-            size: data.len() as u64,
-            blake3: blake3::hash(data).to_hex().to_string(),
-            ..Default::default()
-        })
+        .map(|(name, plan)| reserved_commit(plan, name, data))
         .collect();
         let r = m
             .prepare_uploads(pb::CommitUploadsRequest {

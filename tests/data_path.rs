@@ -1286,17 +1286,8 @@ async fn a_stream_of_small_uploads_goes_through_reservations_and_survives_a_dead
     // Uploads keep the pool filled; then a worker dies under it.
     let ready = wait_until(Duration::from_secs(5), || t.client.reservations().ready > 0).await;
     assert!(ready, "the pool was empty after a stream of uploads");
-    t.cluster.kill_worker(0).unwrap();
+    kill_worker_and_wait(&mut t.cluster, 0).await;
     let dead = t.cluster.worker_addrs()[0].clone();
-    // The kill is an abort of the worker's task, which takes effect at its next poll: wait
-    // until its listener is gone, then a moment for its open connections, which close with
-    // a GOAWAY one round trip later.
-    let gone = wait_until(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(&dead).is_err()
-    })
-    .await;
-    assert!(gone, "the killed worker still accepts connections");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..10u64 {
         let name = format!("after-{i}");
         let path = make_file(&dir.join(&name), 2000 + i, 500 + i);

@@ -23,25 +23,6 @@ fn master_of(t: &TestCluster) -> Master {
     dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap())
 }
 
-/// The commit of reserved upload `plan` as `name` holding `data`, as a client sends it.
-fn commit_of(plan: &pb::StartUploadResponse, name: &str, data: &[u8]) -> pb::CommitUploadRequest {
-    let p = &plan.chunks[0];
-    pb::CommitUploadRequest {
-        upload_id: plan.upload_id.clone(),
-        chunks: vec![pb::CommittedChunk {
-            index: 0,
-            chunk_id: p.chunk_id.clone(),
-            length: data.len() as u64,
-            crc32c: crc32c::crc32c(data),
-            workers: p.workers.clone(),
-        }],
-        name: name.to_string(),
-        size: data.len() as u64,
-        blake3: blake3::hash(data).to_hex().to_string(),
-        ..Default::default()
-    }
-}
-
 /// Writes `data` as the chunk of `plan` to its first `copies` workers.
 async fn write_to(plan: &pb::StartUploadResponse, copies: usize, data: &[u8]) {
     let mut p = plan.chunks[0].clone();
@@ -88,7 +69,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     let data = b"written beside its commit".as_slice();
 
     // Prepared before its writes land, so a read's probe finds no copy and waits.
-    let p = prepare(&mut m, commit_of(&plans[0], "confirmed", data)).await;
+    let p = prepare(&mut m, reserved_commit(&plans[0], "confirmed", data)).await;
     let prepared = p.commit.expect("prepared");
     assert_eq!(prepared.in_doubt_ms, 60_000);
     assert_eq!(t.cluster.master().in_doubt_count(), 1);
@@ -101,13 +82,13 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     assert!(!listing.is_finished(), "a listing showed an in-doubt name");
     write_to(&plans[0], 3, data).await;
 
-    let mut wrong = commit_of(&plans[0], "confirmed", data);
+    let mut wrong = reserved_commit(&plans[0], "confirmed", data);
     wrong.chunks[0].crc32c ^= 1;
     let r = commit(&mut m, wrong).await;
     assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{r:?}");
     assert!(r.message.contains("does not repeat"), "{r:?}");
 
-    let r = commit(&mut m, commit_of(&plans[0], "confirmed", data)).await;
+    let r = commit(&mut m, reserved_commit(&plans[0], "confirmed", data)).await;
     assert!(r.commit.is_some(), "{r:?}");
     let info = tokio::time::timeout(Duration::from_secs(10), lookup)
         .await
@@ -127,11 +108,11 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     assert_eq!(t.client.read("confirmed").await.unwrap(), data);
     assert_eq!(t.cluster.master().in_doubt_count(), 0);
     // Settled: a second confirmation finds nothing in doubt.
-    let r = commit(&mut m, commit_of(&plans[0], "confirmed", data)).await;
+    let r = commit(&mut m, reserved_commit(&plans[0], "confirmed", data)).await;
     assert_eq!(r.code, tonic::Code::NotFound as i32, "{r:?}");
 
     // A name that exists is committed after the writes, not beside them.
-    let r = prepare(&mut m, commit_of(&plans[1], "confirmed", data)).await;
+    let r = prepare(&mut m, reserved_commit(&plans[1], "confirmed", data)).await;
     assert_eq!(r.code, tonic::Code::AlreadyExists as i32, "{r:?}");
     assert_eq!(t.client.read("confirmed").await.unwrap(), data);
     // Only reserved uploads.
@@ -144,13 +125,13 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
         .await
         .unwrap()
         .into_inner();
-    let mut c = commit_of(&started, "", data);
+    let mut c = reserved_commit(&started, "", data);
     c.size = 0;
     let r = prepare(&mut m, c).await;
     assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{r:?}");
 
     // Aborted by its client (a write failed): gone, and its chunk is garbage.
-    let r = prepare(&mut m, commit_of(&plans[2], "aborted", data)).await;
+    let r = prepare(&mut m, reserved_commit(&plans[2], "aborted", data)).await;
     assert!(r.commit.is_some(), "{r:?}");
     let lookup = spawn_stat(&t, "aborted");
     still_waiting(&lookup, 200).await;
@@ -165,7 +146,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
         .unwrap()
         .unwrap_err();
     assert!(e.contains("not found"), "{e}");
-    let r = commit(&mut m, commit_of(&plans[2], "aborted", data)).await;
+    let r = commit(&mut m, reserved_commit(&plans[2], "aborted", data)).await;
     assert_eq!(r.code, tonic::Code::NotFound as i32, "{r:?}");
     let gc = t.cluster.master().gc_status();
     assert!(
@@ -179,7 +160,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     // is skipped. Only PrepareUploads carries ids.
     let more = reserve(&mut m, 1).await.uploads;
     write_to(&more[0], 3, data).await;
-    let r = prepare(&mut m, commit_of(&more[0], "by-id", data)).await;
+    let r = prepare(&mut m, reserved_commit(&more[0], "by-id", data)).await;
     assert!(r.commit.is_some(), "{r:?}");
     let refused = m
         .commit_uploads(pb::CommitUploadsRequest {
@@ -203,10 +184,10 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
     assert_eq!(t.client.read("by-id").await.unwrap(), data);
 
     // Deleted while in doubt: the delete wins, the confirmation finds nothing.
-    let r = prepare(&mut m, commit_of(&plans[3], "deleted", data)).await;
+    let r = prepare(&mut m, reserved_commit(&plans[3], "deleted", data)).await;
     assert!(r.commit.is_some(), "{r:?}");
     t.client.delete("deleted").await.unwrap();
-    let r = commit(&mut m, commit_of(&plans[3], "deleted", data)).await;
+    let r = commit(&mut m, reserved_commit(&plans[3], "deleted", data)).await;
     assert_eq!(r.code, tonic::Code::NotFound as i32, "{r:?}");
     assert_eq!(t.cluster.master().in_doubt_count(), 0);
     t.cluster.shutdown().await;
@@ -225,20 +206,20 @@ async fn the_master_settles_what_a_vanished_client_prepared_by_asking_the_worker
 
     write_to(&plans[0], 3, data).await;
     assert!(
-        prepare(&mut m, commit_of(&plans[0], "all", data))
+        prepare(&mut m, reserved_commit(&plans[0], "all", data))
             .await
             .commit
             .is_some()
     );
     write_to(&plans[1], 2, data).await;
     assert!(
-        prepare(&mut m, commit_of(&plans[1], "two", data))
+        prepare(&mut m, reserved_commit(&plans[1], "two", data))
             .await
             .commit
             .is_some()
     );
     assert!(
-        prepare(&mut m, commit_of(&plans[2], "none", data))
+        prepare(&mut m, reserved_commit(&plans[2], "none", data))
             .await
             .commit
             .is_some()
@@ -352,16 +333,7 @@ async fn small_creates_commit_beside_their_writes_and_fall_back_when_they_cannot
     // A worker stops: writes to it fail, their prepares are aborted, and the files go
     // again on the two left.
     let before = t.client.reservations();
-    t.cluster.kill_worker(0).unwrap();
-    // The kill aborts the worker's task at its next poll: wait for its listener to go, then
-    // for its open connections, which close with a GOAWAY a round trip later.
-    let dead = t.cluster.worker_addrs()[0].clone();
-    let gone = wait_until(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(&dead).is_err()
-    })
-    .await;
-    assert!(gone, "the killed worker still accepts connections");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill_worker_and_wait(&mut t.cluster, 0).await;
     upload_all("after-kill", 0).await;
     t.client.settle().await;
     assert_eq!(t.cluster.master().in_doubt_count(), 0);
@@ -394,13 +366,13 @@ async fn a_worker_that_cannot_be_asked_keeps_a_name_in_doubt_and_reads_say_so() 
         .unwrap();
     t.cluster.kill_worker(down).unwrap();
     assert!(
-        prepare(&mut m, commit_of(&plans[0], "stuck", data))
+        prepare(&mut m, reserved_commit(&plans[0], "stuck", data))
             .await
             .commit
             .is_some()
     );
     assert!(
-        prepare(&mut m, commit_of(&plans[1], "deleted", data))
+        prepare(&mut m, reserved_commit(&plans[1], "deleted", data))
             .await
             .commit
             .is_some()

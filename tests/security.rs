@@ -1357,20 +1357,7 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
         .unwrap();
     let prepared = m
         .prepare_uploads(pb::CommitUploadsRequest {
-            commits: vec![pb::CommitUploadRequest {
-                upload_id: plan.upload_id.clone(),
-                chunks: vec![pb::CommittedChunk {
-                    index: 0,
-                    chunk_id: plan.chunks[0].chunk_id.clone(),
-                    length: data.len() as u64,
-                    crc32c: crc32c::crc32c(data),
-                    workers: plan.chunks[0].workers.clone(),
-                }],
-                name: "prepared".into(),
-                size: data.len() as u64,
-                blake3: blake3::hash(data).to_hex().to_string(),
-                ..Default::default()
-            }],
+            commits: vec![reserved_commit(plan, "prepared", data)],
             ..Default::default()
         })
         .await

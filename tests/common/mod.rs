@@ -266,6 +266,44 @@ pub async fn commit_alone(
     r.remove(0)
 }
 
+/// The commit of reserved upload `plan` as `name` holding `data`, as a client sends it
+/// (to `CommitUploads`, or to `PrepareUploads` beside its writes).
+pub fn reserved_commit(
+    plan: &dfs::rpc::pb::StartUploadResponse,
+    name: &str,
+    data: &[u8],
+) -> dfs::rpc::pb::CommitUploadRequest {
+    let p = &plan.chunks[0];
+    dfs::rpc::pb::CommitUploadRequest {
+        upload_id: plan.upload_id.clone(),
+        chunks: vec![dfs::rpc::pb::CommittedChunk {
+            index: 0,
+            chunk_id: p.chunk_id.clone(),
+            length: data.len() as u64,
+            crc32c: crc32c::crc32c(data),
+            workers: p.workers.clone(),
+        }],
+        name: name.to_string(),
+        size: data.len() as u64,
+        blake3: blake3::hash(data).to_hex().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Kills in-process worker `i` and waits until it is gone for its clients too: the kill
+/// aborts the worker's task at its next poll, so first its listener goes, then its open
+/// connections, which close with a GOAWAY a round trip later.
+pub async fn kill_worker_and_wait(cluster: &mut LocalCluster, i: usize) {
+    cluster.kill_worker(i).unwrap();
+    let dead = cluster.worker_addrs()[i].clone();
+    let gone = wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&dead).is_err()
+    })
+    .await;
+    assert!(gone, "the killed worker still accepts connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real binaries.
 // ---------------------------------------------------------------------------------------------
