@@ -9,6 +9,7 @@ mod download;
 mod error;
 mod read_stream;
 mod reserve;
+mod send;
 mod upload;
 
 use std::collections::HashMap;

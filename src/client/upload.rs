@@ -12,18 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-
-use super::{Client, ClientError, Progress, reserve};
+use super::{Client, ClientError, Progress, reserve, send};
 use crate::chunk;
 use crate::digest::FileHasher;
-use crate::rpc::pb::{
-    self, ChunkHeader, ChunkPlacement, CommittedChunk, FileInfo, WriteChunkRequest, WriteFinish,
-    WriteStart, write_chunk_request,
-};
-use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, now_unix_ms};
+use crate::rpc::now_unix_ms;
+use crate::rpc::pb::{self, ChunkHeader, ChunkPlacement, CommittedChunk, FileInfo};
 use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// Attempts per chunk before the upload gives up.
@@ -53,10 +46,10 @@ pub struct UploadReport {
 }
 
 /// One failed attempt at a chunk, and which worker it blames.
-struct AttemptError {
-    blame: Option<String>,
-    message: String,
-    local: Option<ClientError>,
+pub(super) struct AttemptError {
+    pub blame: Option<String>,
+    pub message: String,
+    pub local: Option<ClientError>,
 }
 
 /// Aborts the lease-renewal task when the upload ends, however it ends.
@@ -169,8 +162,14 @@ impl Client {
             }))
         });
 
-        let file = Arc::new(file);
-        let result = self.send_chunks(&plan, &name, size, file, &progress).await;
+        let up = send::Upload {
+            plan: &plan,
+            name: &name,
+            size,
+            file: Arc::new(file),
+            progress: &progress,
+        };
+        let result = self.send_chunks(&up).await;
         let (chunks, digest, retried) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -334,255 +333,8 @@ impl Client {
         Reserved::Retry(s.message().to_string(), id.to_string())
     }
 
-    async fn send_chunks(
-        &self,
-        plan: &pb::StartUploadResponse,
-        name: &str,
-        size: u64,
-        file: Arc<std::fs::File>,
-        progress: &Arc<Progress>,
-    ) -> Result<(Vec<CommittedChunk>, String, u32), ClientError> {
-        let cs = plan.chunk_size.max(1);
-        let n = size.div_ceil(cs);
-        let mut hash = FileHasher::new();
-        let mut committed = Vec::with_capacity(n as usize);
-        let mut retried = 0;
-        for index in 0..n {
-            if progress.is_cancelled() {
-                return Err(ClientError::Cancelled);
-            }
-            let offset = index * cs;
-            let len = (size - offset).min(cs);
-            let mut placement = match plan.chunks.iter().find(|c| c.index as u64 == index) {
-                Some(p) => p.clone(),
-                None => self.allocate(&plan.upload_id, index as u32, &[]).await?,
-            };
-            let mut exclude: Vec<String> = Vec::new();
-            let mut attempt = 1;
-            loop {
-                let header = ChunkHeader {
-                    format_version: chunk::FORMAT_VERSION,
-                    chunk_id: placement.chunk_id.clone(),
-                    file_id: plan.file_id,
-                    file_name: name.to_string(),
-                    chunk_index: index as u32,
-                    file_version: plan.version,
-                    length: len,
-                    crc32c: 0,
-                    created_unix_ms: now_unix_ms(),
-                    file_size: size,
-                    chunk_size: cs,
-                };
-                let before = progress.done.load(Ordering::Relaxed);
-                match self
-                    .send_chunk(
-                        &placement,
-                        header,
-                        file.clone(),
-                        offset,
-                        hash.clone(),
-                        progress,
-                    )
-                    .await
-                {
-                    Ok((stored_on, crc, hash_after)) => {
-                        hash = hash_after;
-                        committed.push(CommittedChunk {
-                            index: index as u32,
-                            chunk_id: placement.chunk_id.clone(),
-                            length: len,
-                            crc32c: crc,
-                            workers: stored_on,
-                        });
-                        break;
-                    }
-                    Err(e) => {
-                        progress.done.store(before, Ordering::Relaxed);
-                        if progress.is_cancelled() {
-                            return Err(ClientError::Cancelled);
-                        }
-                        if let Some(local) = e.local {
-                            return Err(local);
-                        }
-                        tracing::warn!(chunk = index, attempt, blame = ?e.blame, error = %e.message, "chunk write failed; retrying on a fresh pipeline");
-                        if attempt >= MAX_ATTEMPTS {
-                            return Err(ClientError::WriteFailed {
-                                index: index as u32,
-                                attempts: attempt,
-                                last: e.message,
-                            });
-                        }
-                        if let Some(b) = e.blame
-                            && !exclude.contains(&b)
-                        {
-                            exclude.push(b);
-                        }
-                        attempt += 1;
-                        retried += 1;
-                        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
-                        placement = self
-                            .allocate(&plan.upload_id, index as u32, &exclude)
-                            .await?;
-                    }
-                }
-            }
-        }
-        Ok((committed, hash.finalize_hex(), retried))
-    }
-
-    async fn allocate(
-        &self,
-        upload_id: &str,
-        index: u32,
-        exclude: &[String],
-    ) -> Result<ChunkPlacement, ClientError> {
-        self.master()
-            .allocate_chunk(pb::AllocateChunkRequest {
-                upload_id: upload_id.to_string(),
-                index,
-                exclude: exclude.to_vec(),
-            })
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner()
-            .chunk
-            .ok_or_else(|| ClientError::Integrity("master allocated no chunk".into()))
-    }
-
-    /// Streams one chunk through its pipeline; returns the workers that hold it durably, its
-    /// CRC32C, and the file hash advanced over its bytes.
-    async fn send_chunk(
-        &self,
-        placement: &ChunkPlacement,
-        header: ChunkHeader,
-        file: Arc<std::fs::File>,
-        offset: u64,
-        mut hash: FileHasher,
-        progress: &Arc<Progress>,
-    ) -> Result<(Vec<String>, u32, FileHasher), AttemptError> {
-        let first = placement.workers.first().cloned().ok_or(AttemptError {
-            blame: None,
-            message: "master returned an empty pipeline".into(),
-            local: None,
-        })?;
-        let len = header.length;
-        if len <= SMALL_CHUNK_MAX {
-            return self
-                .send_small_chunk(placement, header, &file, offset, hash, progress)
-                .await;
-        }
-        let mut client = self.worker(&first).map_err(|e| AttemptError {
-            blame: Some(first.clone()),
-            message: e.to_string(),
-            local: None,
-        })?;
-        let (tx, rx) = mpsc::channel::<WriteChunkRequest>(4);
-        let start = WriteChunkRequest {
-            msg: Some(write_chunk_request::Msg::Start(WriteStart {
-                header: Some(header),
-                downstream: placement.workers[1..].to_vec(),
-                token: placement.token.clone(),
-            })),
-        };
-        let progress = progress.clone();
-        // Reader: pread the chunk in bounded pieces, hashing as it goes.
-        let reader =
-            tokio::task::spawn_blocking(move || -> Result<(u32, FileHasher), std::io::Error> {
-                if tx.blocking_send(start).is_err() {
-                    return Ok((0, hash));
-                }
-                let mut crc = 0u32;
-                let mut pos = 0u64;
-                while pos < len {
-                    let n = (len - pos).min(MAX_DATA_MESSAGE as u64) as usize;
-                    let mut buf = BytesMut::zeroed(n);
-                    file.read_exact_at(&mut buf, offset + pos)?;
-                    crc = chunk::crc32c_append(crc, &buf);
-                    hash.update(&buf);
-                    pos += n as u64;
-                    if tx
-                        .blocking_send(WriteChunkRequest {
-                            msg: Some(write_chunk_request::Msg::Data(buf.freeze())),
-                        })
-                        .is_err()
-                    {
-                        return Ok((crc, hash));
-                    }
-                    progress.done.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                let _ = tx.blocking_send(WriteChunkRequest {
-                    msg: Some(write_chunk_request::Msg::Finish(WriteFinish {
-                        crc32c: crc,
-                    })),
-                });
-                Ok((crc, hash))
-            });
-        // A generous bound: a stalled worker must not hang the upload forever.
-        let limit = crate::rpc::transfer_limit(len);
-        let call = tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await;
-        let read = reader.await.map_err(|e| AttemptError {
-            blame: None,
-            message: format!("reader task failed: {e}"),
-            local: None,
-        })?;
-        let (crc, hash) = match read {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(AttemptError {
-                    blame: None,
-                    message: e.to_string(),
-                    local: Some(ClientError::InvalidInput(format!(
-                        "reading the local file failed at offset {offset} (did it change during the upload?): {e}"
-                    ))),
-                });
-            }
-        };
-        match call {
-            Err(_) => Err(AttemptError {
-                blame: Some(first),
-                message: format!("no answer within {}s", limit.as_secs()),
-                local: None,
-            }),
-            Ok(Err(s)) => {
-                let blame = s
-                    .metadata()
-                    .get(FAILED_WORKER_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .or(Some(first));
-                Err(AttemptError {
-                    blame,
-                    message: s.message().to_string(),
-                    local: None,
-                })
-            }
-            Ok(Ok(resp)) => {
-                let stored_on = all_stored(resp.into_inner().stored_on, placement)?;
-                Ok((stored_on, crc, hash))
-            }
-        }
-    }
-
-    /// Sends a small chunk to every worker of its placement at once (each one stores it
-    /// without forwarding); see the module comment.
-    async fn send_small_chunk(
-        &self,
-        placement: &ChunkPlacement,
-        header: ChunkHeader,
-        file: &std::fs::File,
-        offset: u64,
-        hash: FileHasher,
-        progress: &Arc<Progress>,
-    ) -> Result<(Vec<String>, u32, FileHasher), AttemptError> {
-        let (data, crc, hash) = read_small(file, offset, header.length, hash)?;
-        let stored_on = self
-            .write_small(placement, header, data, crc, progress)
-            .await?;
-        Ok((stored_on, crc, hash))
-    }
-
     /// Writes a small chunk read by [`read_small`] to every worker of its placement.
-    async fn write_small(
+    pub(super) async fn write_small(
         &self,
         placement: &ChunkPlacement,
         header: ChunkHeader,
@@ -624,7 +376,7 @@ impl Client {
 }
 
 /// Reads a small chunk of `len` bytes at `offset`, with its CRC32C, adding it to `hash`.
-fn read_small(
+pub(super) fn read_small(
     file: &std::fs::File,
     offset: u64,
     len: u64,
@@ -686,7 +438,7 @@ fn committed(
 }
 
 /// The workers that stored a chunk, if every one of its placement did.
-fn all_stored(
+pub(super) fn all_stored(
     stored_on: Vec<String>,
     placement: &ChunkPlacement,
 ) -> Result<Vec<String>, AttemptError> {
