@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -223,6 +225,95 @@ async fn reads_fail_over_and_writes_retry_when_a_worker_dies() {
     })
     .await;
     assert!(healthy, "replicas of the returning worker were not counted");
+}
+
+/// An upload keeps several chunks in flight: a worker killed mid-upload fails chunks whose
+/// bytes were all sent and await their fsyncs, and chunks being streamed or started. Each is
+/// sent again on a pipeline without it, in file order for the digest, and the file lands whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_chunks_in_flight_fails_only_those_attempts() {
+    let mut t = TestCluster::start(small_chunks(4)).await;
+    let size = 40 * MIB + 12_345;
+    let path = make_file(&t.scratch().join("big"), size, 9);
+    let progress = Arc::new(dfs::client::Progress::default());
+    let (client, p, opts) = (
+        t.client.clone(),
+        path.clone(),
+        UploadOptions {
+            name: Some("big".into()),
+            replicas: None,
+            progress: Some(progress.clone()),
+        },
+    );
+    let upload = tokio::spawn(async move { client.upload(&p, opts).await });
+    // Once a few chunks are out, kill a worker: the master still places chunks on it (it is
+    // not declared dead for 2 s), so chunks in flight and chunks after them fail on it.
+    let started = wait_until(Duration::from_secs(20), || {
+        progress.done.load(Ordering::Relaxed) >= 6 * MIB
+    })
+    .await;
+    assert!(started, "the upload never got going");
+    let victim = 0;
+    kill_worker_and_wait(&mut t.cluster, victim).await;
+    let r = tokio::time::timeout(Duration::from_secs(120), upload)
+        .await
+        .expect("the upload hung")
+        .expect("upload task")
+        .expect("the upload failed");
+    assert!(r.attempts_retried >= 1, "no attempt failed: {r:?}");
+    assert_eq!(r.file.size, size);
+    assert_eq!(
+        progress.done.load(Ordering::Relaxed),
+        size,
+        "progress over-counted retries"
+    );
+    assert_eq!(r.replicas_achieved, 3);
+    // Retried chunks were hashed once and in file order.
+    assert_eq!(r.file.blake3, blake3_file(&path));
+    assert_eq!(r.file.chunk_count, 41);
+    t.must_download_equal("big", &path).await;
+}
+
+/// Eight uploads at once, each with up to eight chunks in flight, are 64 streams sharing each
+/// worker's write buffer (8 MiB): writes wait their turn, none stalls, every file lands whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_uploads_share_each_workers_write_buffer() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let dir = t.scratch();
+    let files: Vec<_> = (0..8u64)
+        .map(|i| {
+            let name = format!("par-{i}");
+            (
+                name.clone(),
+                make_file(&dir.join(&name), 9 * MIB + i, 100 + i),
+            )
+        })
+        .collect();
+    let uploads = files.iter().map(|(name, path)| {
+        let client = t.client.clone();
+        let (name, path) = (name.clone(), path.clone());
+        tokio::spawn(async move {
+            let opts = UploadOptions {
+                name: Some(name),
+                ..Default::default()
+            };
+            client.upload(&path, opts).await
+        })
+    });
+    let results =
+        tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(uploads))
+            .await
+            .expect("concurrent uploads stalled");
+    for ((name, path), r) in files.iter().zip(results) {
+        let r = r
+            .expect("upload task")
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.replicas_achieved, 3, "{name}");
+        assert_eq!(r.file.blake3, blake3_file(path), "{name}");
+    }
+    for (name, path) in &files {
+        t.must_download_equal(name, path).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

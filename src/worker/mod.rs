@@ -87,6 +87,14 @@ impl Default for WorkerLimits {
     }
 }
 
+/// Bytes that all the large writes on one worker may hold between the network and the disk.
+/// Each write queues a few messages toward its disk writer; without a shared bound, every
+/// concurrent write added its own queue (a client keeps several chunks in flight, and many
+/// clients may write at once), and a worker past its disk's speed grew past 64 MiB. A write
+/// that finds the budget spent stops reading its stream, and HTTP/2 flow control holds the
+/// sender back.
+pub const WRITE_BUFFER_BYTES: u32 = 8 << 20;
+
 /// Sets a stop flag when dropped.
 struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
 
@@ -115,6 +123,9 @@ pub struct Worker {
     pub(crate) tls: Option<crate::security::tls::TlsMaterial>,
     pub(crate) limits: WorkerLimits,
     pub(crate) transfers: Arc<tokio::sync::Semaphore>,
+    /// Bytes of large writes received and not yet on their way to the disk, shared by every
+    /// write on this worker (see [`WRITE_BUFFER_BYTES`]).
+    pub(crate) write_buffer: Arc<tokio::sync::Semaphore>,
     compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -149,6 +160,7 @@ impl Worker {
             tls: cfg.tls.clone(),
             limits: cfg.limits,
             transfers: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_transfers.max(1))),
+            write_buffer: Arc::new(tokio::sync::Semaphore::new(WRITE_BUFFER_BYTES as usize)),
             compacting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             address,
             store: Arc::new(store),

@@ -5,14 +5,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::Worker;
 use super::error::WorkerError;
 use super::store::{Appended, ChunkWriter, MAX_CHUNK_LEN, Reservation};
 use super::volume::SMALL_CHUNK_MAX;
+use super::{WRITE_BUFFER_BYTES, Worker};
 use crate::chunk::{self, ChunkId};
 use crate::rpc::pb::{
     self, ChunkHeader, WriteChunkRequest, WriteChunkResponse, WriteFinish, WriteStart,
@@ -140,10 +140,12 @@ fn downstream_error(next: &str, status: &Status) -> WorkerError {
 enum LocalCopy {
     /// A small chunk, held in memory by the writer itself.
     Inline(Option<ChunkWriter>),
-    /// A large chunk, written by a blocking task as data arrives.
+    /// A large chunk, written by a blocking task as data arrives; each message holds its
+    /// share of the worker's write buffer until it is written.
     Task(
-        Option<mpsc::Sender<Bytes>>,
+        Option<mpsc::Sender<(Bytes, OwnedSemaphorePermit)>>,
         Option<tokio::task::JoinHandle<Result<ChunkWriter, WorkerError>>>,
+        Arc<Semaphore>,
     ),
 }
 
@@ -151,7 +153,17 @@ impl LocalCopy {
     async fn write(&mut self, b: Bytes) -> Result<(), WorkerError> {
         match self {
             LocalCopy::Inline(Some(w)) => w.write(&b),
-            LocalCopy::Task(Some(tx), _) if tx.send(b).await.is_ok() => Ok(()),
+            LocalCopy::Task(Some(tx), _, budget) => {
+                let n = (b.len() as u32).clamp(1, WRITE_BUFFER_BYTES);
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| WorkerError::InvalidArgument("local write failed".into()))?;
+                tx.send((b, permit))
+                    .await
+                    .map_err(|_| WorkerError::InvalidArgument("local write failed".into()))
+            }
             _ => Err(WorkerError::InvalidArgument("local write failed".into())),
         }
     }
@@ -162,7 +174,7 @@ impl LocalCopy {
             LocalCopy::Inline(w) => Ok(w
                 .take()
                 .ok_or_else(|| WorkerError::InvalidArgument("local write failed".into()))),
-            LocalCopy::Task(tx, task) => {
+            LocalCopy::Task(tx, task, _) => {
                 drop(tx.take());
                 match task.take() {
                     Some(t) => t
@@ -204,17 +216,18 @@ impl WorkerService {
         let mut local = if length <= SMALL_CHUNK_MAX {
             LocalCopy::Inline(Some(w.store.create(header.clone())?))
         } else {
-            let (disk_tx, mut disk_rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let (disk_tx, mut disk_rx) =
+                mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(PIPELINE_DEPTH);
             let store = w.store.clone();
             let h2 = header.clone();
             let disk = tokio::task::spawn_blocking(move || {
                 let mut writer = store.create(h2)?;
-                while let Some(b) = disk_rx.blocking_recv() {
+                while let Some((b, _permit)) = disk_rx.blocking_recv() {
                     writer.write(&b)?;
                 }
                 Ok::<_, WorkerError>(writer)
             });
-            LocalCopy::Task(Some(disk_tx), Some(disk))
+            LocalCopy::Task(Some(disk_tx), Some(disk), w.write_buffer.clone())
         };
 
         // Downstream forwarder: the rest of the pipeline, fed the same buffers.

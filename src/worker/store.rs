@@ -365,6 +365,7 @@ impl ChunkStore {
                 header,
                 crc: 0,
                 written: 0,
+                flushed: 0,
                 done: false,
             });
         }
@@ -385,6 +386,7 @@ impl ChunkStore {
             sink: Sink::File { file, tmp_path },
             crc: 0,
             written: 0,
+            flushed: 0,
             done: false,
         })
     }
@@ -653,7 +655,37 @@ pub struct ChunkWriter {
     sink: Sink,
     crc: u32,
     written: u64,
+    /// Bytes already handed to the disk's writeback (see [`WRITEBACK_EVERY`]).
+    flushed: u64,
     done: bool,
+}
+
+/// A large chunk's bytes are handed to the disk's writeback this often as they arrive, so
+/// the fsync at its end has little left to write: the chunk's answer, which the client waits
+/// for, comes that much sooner, and the disk writes while the network delivers instead of
+/// after it. (As RocksDB's `bytes_per_sync` and HDFS's DataNode do with `sync_file_range`.)
+const WRITEBACK_EVERY: u64 = 2 << 20;
+
+/// Starts writing `len` bytes at `offset` of `file` back to the disk without waiting for
+/// them. Only a hint: durability still comes from the fsync at the end, so an error is
+/// ignored (that fsync reports it).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads the descriptor and the numbers; it does not
+        // touch memory of this process.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 impl ChunkWriter {
@@ -667,9 +699,14 @@ impl ChunkWriter {
             )));
         }
         match &mut self.sink {
-            Sink::File { file, .. } => file
-                .write_all(data)
-                .map_err(|e| WorkerError::io(format!("write chunk {}", self.id), e))?,
+            Sink::File { file, .. } => {
+                file.write_all(data)
+                    .map_err(|e| WorkerError::io(format!("write chunk {}", self.id), e))?;
+                if after - self.flushed >= WRITEBACK_EVERY {
+                    start_writeback(file, HEADER_REGION + self.flushed, after - self.flushed);
+                    self.flushed = after;
+                }
+            }
             Sink::Memory(buf) => buf.extend_from_slice(data),
         }
         self.crc = chunk::crc32c_append(self.crc, data);
