@@ -229,7 +229,8 @@ async fn reads_fail_over_and_writes_retry_when_a_worker_dies() {
 
 /// An upload keeps several chunks in flight: a worker killed mid-upload fails chunks whose
 /// bytes were all sent and await their fsyncs, and chunks being streamed or started. Each is
-/// sent again on a pipeline without it, in file order for the digest, and the file lands whole.
+/// sent again on a pipeline without it, in file order for the digest, the chunks after them
+/// avoid it, and the file lands whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_chunks_in_flight_fails_only_those_attempts() {
     let mut t = TestCluster::start(small_chunks(4)).await;
@@ -261,6 +262,13 @@ async fn a_worker_killed_with_chunks_in_flight_fails_only_those_attempts() {
         .expect("upload task")
         .expect("the upload failed");
     assert!(r.attempts_retried >= 1, "no attempt failed: {r:?}");
+    // Only the chunks in flight (at most eight) and the one starting fail on it: later
+    // chunks are placed without the worker blamed, though the master still lists it.
+    assert!(
+        r.attempts_retried <= 12,
+        "{} attempts retried",
+        r.attempts_retried
+    );
     assert_eq!(r.file.size, size);
     assert_eq!(
         progress.done.load(Ordering::Relaxed),

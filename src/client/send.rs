@@ -55,6 +55,16 @@ pub(super) struct Upload<'a> {
     pub progress: &'a Arc<Progress>,
 }
 
+/// What the attempts of one upload have learnt so far.
+#[derive(Default)]
+struct Attempts {
+    retried: u32,
+    /// Workers blamed for a failed attempt. Later chunks are placed without them where the
+    /// cluster has enough others: the master goes on placing chunks on a worker that died
+    /// until it misses its heartbeats, and every chunk sent to it would fail once first.
+    avoid: Vec<String>,
+}
+
 /// One chunk through its attempts.
 struct ChunkJob {
     index: u32,
@@ -112,7 +122,7 @@ impl Client {
         let window = in_flight(cs);
         let mut hash = Some(FileHasher::new());
         let mut committed = Vec::with_capacity(n as usize);
-        let mut retried = 0;
+        let mut tries = Attempts::default();
         let mut sent: VecDeque<(ChunkJob, Launched)> = VecDeque::with_capacity(window);
         for index in 0..n {
             if up.progress.is_cancelled() {
@@ -120,13 +130,14 @@ impl Client {
             }
             while sent.len() >= window {
                 if let Some((job, l)) = sent.pop_front() {
-                    committed.push(self.land(up, job, l, &mut retried).await?);
+                    committed.push(self.land(up, job, l, &mut tries).await?);
                 }
             }
             let offset = index * cs;
-            let placement = match up.plan.chunks.iter().find(|c| c.index as u64 == index) {
-                Some(p) => p.clone(),
-                None => self.allocate(&up.plan.upload_id, index as u32, &[]).await?,
+            let planned = up.plan.chunks.iter().find(|c| c.index as u64 == index);
+            let placement = match planned {
+                Some(p) if !p.workers.iter().any(|w| tries.avoid.contains(w)) => p.clone(),
+                _ => self.place(up, index as u32, &[], &tries.avoid).await?,
             };
             let mut job = ChunkJob {
                 index: index as u32,
@@ -155,14 +166,14 @@ impl Client {
                     },
                 };
                 up.progress.done.fetch_sub(l.counted, Ordering::Relaxed);
-                self.next_attempt(up, &mut job, e, &mut retried).await?;
+                self.next_attempt(up, &mut job, e, &mut tries).await?;
             }
         }
         while let Some((job, l)) = sent.pop_front() {
-            committed.push(self.land(up, job, l, &mut retried).await?);
+            committed.push(self.land(up, job, l, &mut tries).await?);
         }
         let hash = hash.ok_or_else(|| ClientError::Integrity("file digest lost".into()))?;
-        Ok((committed, hash.finalize_hex(), retried))
+        Ok((committed, hash.finalize_hex(), tries.retried))
     }
 
     /// Waits for a chunk's answer, sending it again on fresh pipelines while attempts fail.
@@ -171,7 +182,7 @@ impl Client {
         up: &Upload<'_>,
         mut job: ChunkJob,
         mut l: Launched,
-        retried: &mut u32,
+        tries: &mut Attempts,
     ) -> Result<CommittedChunk, ClientError> {
         loop {
             match l.answer.result().await {
@@ -186,7 +197,7 @@ impl Client {
                 }
                 Err(e) => {
                     up.progress.done.fetch_sub(l.counted, Ordering::Relaxed);
-                    self.next_attempt(up, &mut job, e, retried).await?;
+                    self.next_attempt(up, &mut job, e, tries).await?;
                     l = self.launch(up, &mut job).await?;
                 }
             }
@@ -200,7 +211,7 @@ impl Client {
         up: &Upload<'_>,
         job: &mut ChunkJob,
         e: AttemptError,
-        retried: &mut u32,
+        tries: &mut Attempts,
     ) -> Result<(), ClientError> {
         if up.progress.is_cancelled() {
             return Err(ClientError::Cancelled);
@@ -217,18 +228,41 @@ impl Client {
                 last: e.message,
             });
         }
-        if let Some(b) = e.blame
-            && !job.exclude.contains(&b)
-        {
-            job.exclude.push(b);
+        if let Some(b) = e.blame {
+            if !tries.avoid.contains(&b) {
+                tries.avoid.push(b.clone());
+            }
+            if !job.exclude.contains(&b) {
+                job.exclude.push(b);
+            }
         }
         job.attempt += 1;
-        *retried += 1;
+        tries.retried += 1;
         tokio::time::sleep(Duration::from_millis(100 * job.attempt as u64)).await;
-        job.placement = self
-            .allocate(&up.plan.upload_id, index, &job.exclude)
-            .await?;
+        job.placement = self.place(up, index, &job.exclude, &tries.avoid).await?;
         Ok(())
+    }
+
+    /// A placement for chunk `index` without the workers in `exclude`, and without those in
+    /// `avoid` too if the cluster still gives the upload's full replication without them (a
+    /// worker blamed wrongly, or back again, must not leave the rest of the file short).
+    async fn place(
+        &self,
+        up: &Upload<'_>,
+        index: u32,
+        exclude: &[String],
+        avoid: &[String],
+    ) -> Result<ChunkPlacement, ClientError> {
+        let id = &up.plan.upload_id;
+        let mut wider = exclude.to_vec();
+        wider.extend(avoid.iter().filter(|a| !exclude.contains(a)).cloned());
+        if wider.len() > exclude.len()
+            && let Ok(p) = self.allocate(id, index, &wider).await
+            && p.workers.len() as u32 >= up.plan.replicas_effective
+        {
+            return Ok(p);
+        }
+        self.allocate(id, index, exclude).await
     }
 
     async fn allocate(
