@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tonic::Code;
 
 use super::read_stream::Piece;
-use super::{Client, ClientError, Progress};
+use super::{AbortOnDrop, Client, ClientError, Progress};
 use crate::chunk;
 use crate::digest::FileHasher;
 use crate::rpc::pb::{self, ChunkInfo, FileInfo};
@@ -529,15 +529,6 @@ fn crc_mismatch(crc: u32, c: &ChunkInfo) -> Option<String> {
             c.crc32c
         )
     })
-}
-
-/// Aborts a spawned task when dropped (an abandoned read stops fetching).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Checks a whole file's length and digest once every chunk has been read. A file rebuilt

@@ -55,6 +55,16 @@ impl Progress {
     }
 }
 
+/// Aborts a spawned task when dropped: the task of a transfer that ended (failed, cancelled
+/// or abandoned) must not go on in the background.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A connection to one cluster. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::upload::{AttemptError, MAX_ATTEMPTS, all_stored, read_small};
-use super::{Client, ClientError, Progress};
+use super::{AbortOnDrop, Client, ClientError, Progress};
 use crate::chunk;
 use crate::digest::FileHasher;
 use crate::rpc::pb::{
@@ -81,23 +81,28 @@ struct ChunkJob {
 
 /// The workers' answer to one attempt, awaited in a task of its own so that it runs while
 /// the next chunks stream. Dropping it (an upload that failed or was cancelled) aborts it.
-struct Answer(tokio::task::JoinHandle<Result<Vec<String>, AttemptError>>);
+struct Answer {
+    task: tokio::task::JoinHandle<Result<Vec<String>, AttemptError>>,
+    _abort: AbortOnDrop,
+}
 
 impl Answer {
-    async fn result(mut self) -> Result<Vec<String>, AttemptError> {
-        (&mut self.0).await.unwrap_or_else(|e| {
+    fn spawn(
+        call: impl Future<Output = Result<Vec<String>, AttemptError>> + Send + 'static,
+    ) -> Answer {
+        let task = tokio::spawn(call);
+        let _abort = AbortOnDrop(task.abort_handle());
+        Answer { task, _abort }
+    }
+
+    async fn result(self) -> Result<Vec<String>, AttemptError> {
+        self.task.await.unwrap_or_else(|e| {
             Err(AttemptError {
                 blame: None,
                 message: format!("chunk write task failed: {e}"),
                 local: None,
             })
         })
-    }
-}
-
-impl Drop for Answer {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -307,10 +312,10 @@ impl Client {
                 Ok((data, crc, hash)) => {
                     let (me, placement, progress) =
                         (self.clone(), job.placement.clone(), up.progress.clone());
-                    let answer = Answer(tokio::spawn(async move {
+                    let answer = Answer::spawn(async move {
                         me.write_small(&placement, header, data, crc, &progress)
                             .await
-                    }));
+                    });
                     Read {
                         answer,
                         crc,
@@ -329,7 +334,7 @@ impl Client {
                 // Not started: an attempt that failed at once.
                 Err(e) => {
                     return Ok(Launched {
-                        answer: Answer(tokio::spawn(async move { Err(e) })),
+                        answer: Answer::spawn(async move { Err(e) }),
                         hash_after: None,
                         counted: 0,
                     });
@@ -397,7 +402,7 @@ impl Client {
         };
         // A generous bound: a stalled worker must not hang the upload forever.
         let limit = crate::rpc::transfer_limit(len);
-        let answer = Answer(tokio::spawn(async move {
+        let answer = Answer::spawn(async move {
             match tokio::time::timeout(limit, client.write_chunk(ReceiverStream::new(rx))).await {
                 Err(_) => Err(AttemptError {
                     blame: Some(first),
@@ -419,7 +424,7 @@ impl Client {
                 }
                 Ok(Ok(resp)) => all_stored(resp.into_inner().stored_on, &placement),
             }
-        }));
+        });
         let file = up.file.clone();
         let progress = up.progress.clone();
         let mut hash = job.hash_before.clone();

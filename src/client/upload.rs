@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Client, ClientError, Progress, reserve, send};
+use super::{AbortOnDrop, Client, ClientError, Progress, reserve, send};
 use crate::chunk;
 use crate::digest::FileHasher;
 use crate::rpc::now_unix_ms;
@@ -50,15 +50,6 @@ pub(super) struct AttemptError {
     pub blame: Option<String>,
     pub message: String,
     pub local: Option<ClientError>,
-}
-
-/// Aborts the lease-renewal task when the upload ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn default_name(path: &Path) -> Result<String, ClientError> {
@@ -150,16 +141,19 @@ impl Client {
         let _renew = (size > SMALL_CHUNK_MAX).then(|| {
             let mut master = self.master();
             let id = plan.upload_id.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    let _ = master
-                        .renew_upload(pb::RenewUploadRequest {
-                            upload_id: id.clone(),
-                        })
-                        .await;
-                }
-            }))
+            AbortOnDrop(
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(RENEW_EVERY).await;
+                        let _ = master
+                            .renew_upload(pb::RenewUploadRequest {
+                                upload_id: id.clone(),
+                            })
+                            .await;
+                    }
+                })
+                .abort_handle(),
+            )
         });
 
         let up = send::Upload {
