@@ -89,10 +89,11 @@ impl Default for WorkerLimits {
 
 /// Bytes that all the large writes on one worker may hold between the network and the disk.
 /// Each write queues a few messages toward its disk writer; without a shared bound, every
-/// concurrent write added its own queue (a client keeps several chunks in flight, and many
-/// clients may write at once), and a worker past its disk's speed grew past 64 MiB. A write
-/// that finds the budget spent stops reading its stream, and HTTP/2 flow control holds the
-/// sender back.
+/// concurrent write adds its own queue (a client keeps several chunks in flight, and many
+/// clients may write at once: up to `max_transfers` queues of 4 MiB). A write that finds the
+/// budget spent stops reading its stream, and HTTP/2 flow control holds the sender back.
+/// (One client's peaks did not move with it: those come from the allocator keeping freed
+/// message buffers; see the README.)
 pub const WRITE_BUFFER_BYTES: u32 = 8 << 20;
 
 /// Sets a stop flag when dropped.
