@@ -30,7 +30,7 @@ use crate::rpc::pb::{
     self, ChunkHeader, ChunkPlacement, CommittedChunk, WriteChunkRequest, WriteFinish, WriteStart,
     write_chunk_request,
 };
-use crate::rpc::{FAILED_WORKER_KEY, MAX_DATA_MESSAGE, now_unix_ms};
+use crate::rpc::{FAILED_WORKER_KEY, WRITE_DATA_MESSAGE, now_unix_ms};
 use crate::worker::volume::SMALL_CHUNK_MAX;
 
 /// Bytes of an upload's chunks sent and awaiting their workers' answers at once (three chunks
@@ -435,7 +435,7 @@ impl Client {
                 return Ok((crc, hash, 0, false));
             }
             while pos < len {
-                let n = (len - pos).min(MAX_DATA_MESSAGE as u64) as usize;
+                let n = (len - pos).min(WRITE_DATA_MESSAGE as u64) as usize;
                 let mut buf = BytesMut::zeroed(n);
                 file.read_exact_at(&mut buf, offset + pos)?;
                 crc = chunk::crc32c_append(crc, &buf);

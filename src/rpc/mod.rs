@@ -1,6 +1,7 @@
 //! Generated gRPC code for `proto/dfs.proto` and the transport settings shared by every node.
 //!
-//! Bulk data goes in messages of at most [`MAX_DATA_MESSAGE`] bytes; HTTP/2 frames are raised
+//! Bulk data goes in messages of at most [`MAX_DATA_MESSAGE`] bytes ([`WRITE_DATA_MESSAGE`]
+//! in writes); HTTP/2 frames are raised
 //! ([`MAX_FRAME_SIZE`], [`CHANNEL_MAX_FRAME_SIZE`]) because with the default 16 KiB frames h2
 //! spends most of its CPU on per-frame syscalls (see `shared/STACK.md`).
 
@@ -22,8 +23,16 @@ pub mod pb {
 /// Encoded descriptor set of `dfs.v1`, served through gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dfs_descriptor");
 
-/// Largest payload in one streamed data message.
+/// Largest payload in one streamed data message (reads send messages this big).
 pub const MAX_DATA_MESSAGE: usize = 1 << 20;
+/// Payload of each data message in a write stream: uploads, pipeline forwards and repair
+/// copies. Smaller than a read's because every message a worker receives keeps tonic's
+/// decode buffer alive (up to twice the message: the buffer also holds the start of the
+/// next one) until the disk writer and the next hop are done with it, and a 3-copy upload
+/// with three chunks in flight keeps nine such streams busy. In a 1 GiB 3-copy upload
+/// through real workers, 1 MiB messages peaked each worker at 40–51 MiB and 256 KiB ones
+/// at 26–32 MiB, at the same speed (README, Performance).
+pub const WRITE_DATA_MESSAGE: usize = 256 << 10;
 /// Largest gRPC message accepted or sent (chunk reports of big workers, file listings).
 pub const MAX_GRPC_MESSAGE: usize = 64 << 20;
 /// HTTP/2 frame size a server accepts (uploads and replication arrive in frames this big).

@@ -96,6 +96,15 @@ impl Default for WorkerLimits {
 /// message buffers; see the README.)
 pub const WRITE_BUFFER_BYTES: u32 = 8 << 20;
 
+/// How [`Worker::read_verified_framed`] hands a chunk over: in pieces of at most `size`
+/// bytes (a read's or a write's message size), each in a buffer that starts with `headroom`
+/// zero bytes, room for framing written in place (see `read::ZeroCopyReads`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pieces {
+    pub size: usize,
+    pub headroom: usize,
+}
+
 /// Sets a stop flag when dropped.
 struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
 
@@ -231,28 +240,31 @@ impl Worker {
         expected: u32,
         mut sink: impl FnMut(bytes::Bytes) -> bool,
     ) -> Result<Option<u32>, WorkerError> {
-        self.read_verified_framed(id, file, length, expected, 0, |v| {
+        let pieces = Pieces {
+            size: crate::rpc::MAX_DATA_MESSAGE,
+            headroom: 0,
+        };
+        self.read_verified_framed(id, file, length, expected, pieces, |v| {
             sink(bytes::Bytes::from(v))
         })
     }
 
-    /// [`Worker::read_verified`], with each piece handed over as a buffer that starts with
-    /// `headroom` zero bytes before the data, room for framing written in place (see
-    /// `read::ZeroCopyReads`).
+    /// [`Worker::read_verified`], cut as `pieces` says.
     pub(crate) fn read_verified_framed(
         &self,
         id: &crate::chunk::ChunkId,
         file: &mut std::fs::File,
         length: u64,
         expected: u32,
-        headroom: usize,
+        pieces: Pieces,
         mut sink: impl FnMut(Vec<u8>) -> bool,
     ) -> Result<Option<u32>, WorkerError> {
         use std::io::Read;
+        let Pieces { size, headroom } = pieces;
         let mut crc = 0u32;
         let mut left = length;
         while left > 0 {
-            let n = left.min(crate::rpc::MAX_DATA_MESSAGE as u64) as usize;
+            let n = left.min(size.max(1) as u64) as usize;
             // Read into uninitialised capacity: zeroing 1 MiB only to overwrite it cost a
             // few per cent of a download's CPU.
             let mut buf = Vec::with_capacity(headroom + n);

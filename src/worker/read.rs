@@ -127,7 +127,11 @@ fn stream_file<T>(
 ) {
     let _g = super::service::Gauge::enter(&worker.active_reads);
     let (length, expected) = (header.length, header.crc32c);
-    let sent = worker.read_verified_framed(&id, &mut file, length, expected, headroom, |b| {
+    let pieces = super::Pieces {
+        size: crate::rpc::MAX_DATA_MESSAGE,
+        headroom,
+    };
+    let sent = worker.read_verified_framed(&id, &mut file, length, expected, pieces, |b| {
         send(Ok(frame(b)))
     });
     if let Err(e) = sent {

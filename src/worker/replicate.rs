@@ -44,9 +44,13 @@ impl Worker {
             if tx.blocking_send(start).is_err() {
                 return Ok(());
             }
-            let sent = me.read_verified(&id, &mut file, length, expected, |b| {
+            let pieces = super::Pieces {
+                size: crate::rpc::WRITE_DATA_MESSAGE,
+                headroom: 0,
+            };
+            let sent = me.read_verified_framed(&id, &mut file, length, expected, pieces, |b| {
                 tx.blocking_send(WriteChunkRequest {
-                    msg: Some(write_chunk_request::Msg::Data(b)),
+                    msg: Some(write_chunk_request::Msg::Data(b.into())),
                 })
                 .is_ok()
             })?;
