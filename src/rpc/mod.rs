@@ -1,9 +1,9 @@
 //! Generated gRPC code for `proto/dfs.proto` and the transport settings shared by every node.
 //!
 //! Bulk data goes in messages of at most [`MAX_DATA_MESSAGE`] bytes ([`WRITE_DATA_MESSAGE`]
-//! in writes); HTTP/2 frames are raised
-//! ([`MAX_FRAME_SIZE`], [`CHANNEL_MAX_FRAME_SIZE`]) because with the default 16 KiB frames h2
-//! spends most of its CPU on per-frame syscalls (see `shared/STACK.md`).
+//! in writes); HTTP/2 frames are raised ([`MAX_FRAME_SIZE`], [`CHANNEL_MAX_FRAME_SIZE`])
+//! because with the default 16 KiB frames h2 spends most of its CPU on per-frame syscalls
+//! (see `shared/STACK.md`).
 
 use std::time::Duration;
 

@@ -92,8 +92,8 @@ impl Default for WorkerLimits {
 /// concurrent write adds its own queue (a client keeps several chunks in flight, and many
 /// clients may write at once: up to `max_transfers` queues of 4 MiB). A write that finds the
 /// budget spent stops reading its stream, and HTTP/2 flow control holds the sender back.
-/// (One client's peaks did not move with it: those come from the allocator keeping freed
-/// message buffers; see the README.)
+/// (One client's peaks did not move with it: those came from decode buffers pinned by the
+/// messages in flight, which smaller write messages cut; see [`crate::rpc::WRITE_DATA_MESSAGE`].)
 pub const WRITE_BUFFER_BYTES: u32 = 8 << 20;
 
 /// How [`Worker::read_verified_framed`] hands a chunk over: in pieces of at most `size`
