@@ -571,6 +571,7 @@ async fn workers_serve_chunks_only_with_a_valid_capability() {
             chunk_id: id,
             workers: tc.cluster.worker_addrs(),
             token: tok,
+            ..Default::default()
         };
         let r = write_chunk_direct(&placement, "victim", &evil, None).await;
         assert_eq!(r.err().map(|s| s.code()), Some(want), "write with {what}");
@@ -1331,6 +1332,11 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
             "{name}"
         );
     }
+    // Each read of a file uploaded through a reservation went to a worker beside its lookup,
+    // with the placement's read capability, which the workers accepted.
+    let beside = tc.client.read_locations();
+    assert_eq!(beside.used, stats.committed, "{beside:?}");
+    assert_eq!((beside.failed, beside.stale), (0, 0), "{beside:?}");
     // Every reserved placement carries a capability for its own chunk.
     let mut m = master_as(
         tc.cluster.master_addr(),
@@ -1346,6 +1352,47 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
         .into_inner();
     assert_eq!(r.uploads.len(), 3);
     assert!(r.uploads.iter().all(|u| !u.chunks[0].token.is_empty()));
+    assert!(r.uploads.iter().all(|u| !u.chunks[0].read_token.is_empty()));
+    // Each of its two capabilities does its one job: the read one cannot write the chunk,
+    // and the write one cannot read it back.
+    let p = &r.uploads[2].chunks[0];
+    let as_reader = pb::ChunkPlacement {
+        token: p.read_token.clone(),
+        ..p.clone()
+    };
+    let refused = write_chunk_direct(&as_reader, "x", b"not allowed", None).await;
+    assert_eq!(
+        refused.err().map(|s| s.code()),
+        Some(Code::PermissionDenied)
+    );
+    write_chunk_direct(p, "x", b"allowed", None).await.unwrap();
+    let mut w = worker_rpc(&p.workers[0]);
+    let read_with = |token: &Bytes| pb::ReadChunkRequest {
+        chunk_id: p.chunk_id.clone(),
+        token: token.clone(),
+    };
+    let refused = w.read_chunk(read_with(&p.token)).await;
+    assert_eq!(
+        refused.err().map(|s| s.code()),
+        Some(Code::PermissionDenied)
+    );
+    assert!(w.read_chunk(read_with(&p.read_token)).await.is_ok());
+    // A large file's placements carry none.
+    let large = m
+        .start_upload(pb::StartUploadRequest {
+            name: "large".into(),
+            size: 64 << 20,
+            replicas: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        large
+            .chunks
+            .iter()
+            .all(|c| c.read_token.is_empty() && !c.token.is_empty())
+    );
 
     // A prepare its client never confirms: the master reads the chunk back from the
     // workers with a capability of its own, which they accept, so the read that asks gets

@@ -63,6 +63,11 @@ pub struct OpStats {
     /// Of those, the creates whose commit went beside their writes (`PrepareUploads`, one
     /// round trip instead of two in a row).
     pub prepared: u64,
+    /// Reads whose bytes came from a worker asked beside the master's lookup (a location
+    /// this client remembered from the create), and those whose remembered location the
+    /// lookup did not confirm or whose early read failed (they read again as usual).
+    pub beside: u64,
+    pub beside_missed: u64,
     /// For reads: the page cache they started with (`cold` after a drop, as MooseFS's
     /// side-by-side script reads); empty for the other phases.
     pub cache: String,
@@ -614,6 +619,7 @@ async fn run_phases(
             };
             let res = phase_start(client).await;
             let before = client.reservations();
+            let guesses_before = client.read_locations();
             progress(&format!(
                 "{phase}: {} files of 4 KiB, concurrency {c}…",
                 cfg.files
@@ -700,6 +706,7 @@ async fn run_phases(
             // the last few go out here, so that the next phase starts on a quiet master.
             client.settle().await;
             let after = client.reservations();
+            let guesses = client.read_locations();
             let ops_per_s = lat.len() as f64 / secs.max(1e-9);
             lat.sort();
             report.small.push(OpStats {
@@ -717,6 +724,9 @@ async fn run_phases(
                 first_code: first.as_ref().map(ClientError::code),
                 reserved: after.committed - before.committed,
                 prepared: after.prepared - before.prepared,
+                beside: guesses.used - guesses_before.used,
+                beside_missed: (guesses.stale + guesses.failed)
+                    - (guesses_before.stale + guesses_before.failed),
                 cache,
                 of_limit: report
                     .limits
@@ -915,6 +925,24 @@ pub fn render(r: &BenchReport) -> String {
                 s,
                 "creates through reserved uploads: {}",
                 reserved.join(", ")
+            );
+        }
+        let beside: Vec<String> = r
+            .small
+            .iter()
+            .filter(|o| o.phase == "read")
+            .map(|o| {
+                format!(
+                    "{} of {} at c={} ({} missed)",
+                    o.beside, o.ops, o.concurrency, o.beside_missed
+                )
+            })
+            .collect();
+        if !beside.is_empty() {
+            let _ = writeln!(
+                s,
+                "reads from a worker beside the lookup: {}",
+                beside.join(", ")
             );
         }
         if let Some(o) = r.small.iter().find(|o| o.phase == "read") {

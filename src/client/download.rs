@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tonic::Code;
 
+use super::locations::Location;
 use super::read_stream::Piece;
 use super::{AbortOnDrop, Client, ClientError, Progress};
 use crate::chunk;
@@ -83,6 +84,8 @@ struct ReplicaError {
 struct Fetched {
     pieces: Vec<Bytes>,
     failovers: u32,
+    /// The index, in the chunk's replicas, of the one that delivered it.
+    from: usize,
 }
 
 impl Client {
@@ -216,25 +219,103 @@ impl Client {
 
     /// Reads `name` whole into memory, verified. For small files (benchmarks, tools); large
     /// files should stream with [`Client::download`] or [`Client::read_file_to`].
+    ///
+    /// A small file this client recently wrote or read is asked of its worker at the same
+    /// time as of the master while few of its reads are under way (see `locations`): one
+    /// round trip instead of two in a row.
     pub async fn read(&self, name: &str) -> Result<Vec<u8>, ClientError> {
-        let file = self.stat_with_replicas(name).await?;
+        let (_reading, early_ok) = self.locations.start_read();
+        let guess = early_ok.then(|| self.locations.get(name)).flatten();
+        let (file, early) = match guess {
+            Some(guess) => self.stat_beside_read(name, guess).await?,
+            None => (self.stat_with_replicas(name).await?, None),
+        };
         if let [c] = file.chunks.as_slice()
             && c.length <= SMALL_CHUNK_MAX
         {
             // One small chunk: fetched and checked right here, with no task or thread hop.
-            let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
+            let (pieces, worker) = match early {
+                Some(v) => v,
+                None => {
+                    let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
+                    let worker = c.replicas.get(fetched.from).map(|r| r.worker.clone());
+                    (fetched.pieces, worker)
+                }
+            };
             let mut hash = FileHasher::verifying(&file);
             let mut buf = Vec::with_capacity(c.length as usize);
-            for p in &fetched.pieces {
+            for p in &pieces {
                 hash.update(p);
                 buf.extend_from_slice(p);
             }
             check_whole(&file, buf.len() as u64, hash)?;
+            match worker.and_then(|w| Location::new(&c.chunk_id, c.length, c.crc32c, &c.token, &w))
+            {
+                Some(l) => self.locations.put(name, l),
+                None => self.locations.forget(name),
+            }
             return Ok(buf);
         }
+        self.locations.forget(name);
         let buf = Vec::with_capacity(file.size.min(64 << 20) as usize);
         let (buf, _) = self.read_file_to(&file, buf, &Arc::default()).await?;
         Ok(buf)
+    }
+
+    /// The master's answer for `name` and, when it confirms `guess`, the chunk read from the
+    /// guessed worker at the same time (checked against the guess's CRC, which the answer
+    /// matched). A read from the guess that fails is not reported as a bad replica: the
+    /// caller reads again as usual, and that read reports what it finds.
+    async fn stat_beside_read(
+        &self,
+        name: &str,
+        guess: Location,
+    ) -> Result<(FileInfo, Option<(Vec<Bytes>, Option<String>)>), ClientError> {
+        let chunk = guess.chunk();
+        let early = async {
+            let mut got = 0;
+            self.read_small_replica(&chunk, guess.worker(), &Progress::default(), &mut got)
+                .await
+                .ok()
+        };
+        let stat = self.stat_with_replicas(name);
+        let (mut early, mut stat) = (std::pin::pin!(early), std::pin::pin!(stat));
+        let mut done_early = None;
+        let file = loop {
+            tokio::select! {
+                biased;
+                r = &mut stat => break r,
+                r = &mut early, if done_early.is_none() => done_early = Some(r),
+            }
+        };
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                self.locations.forget(name);
+                return Err(e);
+            }
+        };
+        if !matches!(file.chunks.as_slice(), [c] if guess.matches(c)) {
+            // Replaced, or the replica is no longer live: whatever the worker sends is dropped.
+            self.locations.count_stale();
+            self.locations.forget(name);
+            return Ok((file, None));
+        }
+        let pieces = match done_early {
+            Some(r) => r,
+            None => early.await,
+        };
+        match pieces {
+            Some(p) => {
+                self.locations.count_used();
+                Ok((file, Some((p, Some(guess.worker().to_string())))))
+            }
+            None => {
+                self.locations.count_failed();
+                self.locations.forget(name);
+                Ok((file, None))
+            }
+        }
     }
 
     /// Streams `file`'s bytes in order into `out` (written off the async threads), fetching
@@ -324,6 +405,15 @@ impl Client {
             .collect()
     }
 
+    /// Of a new chunk's `workers`, the one this client would read it from first: what the
+    /// master's answer would list first in [`replica_order`] while they are all alive.
+    pub(super) fn first_reader<'a>(&self, workers: &'a [String]) -> Option<&'a str> {
+        let mut sorted: Vec<&str> = workers.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        let n = sorted.len() as u64;
+        (n > 0).then(|| sorted[(self.read_seed % n) as usize])
+    }
+
     /// Fetches chunk `c` whole from the first replica that delivers it intact, in the order
     /// of [`replica_order`].
     async fn fetch_chunk(
@@ -340,7 +430,13 @@ impl Client {
             let r = &c.replicas[i];
             let mut got = 0u64;
             match self.read_replica(&c, &r.worker, &progress, &mut got).await {
-                Ok(pieces) => return Ok(Fetched { pieces, failovers }),
+                Ok(pieces) => {
+                    return Ok(Fetched {
+                        pieces,
+                        failovers,
+                        from: i,
+                    });
+                }
                 Err(Err(local)) => return Err(local),
                 Err(Ok(e)) => {
                     progress.done.fetch_sub(got, Ordering::Relaxed);

@@ -7,6 +7,7 @@ mod calls;
 mod confirm;
 mod download;
 mod error;
+mod locations;
 mod read_stream;
 mod reserve;
 mod send;
@@ -20,6 +21,7 @@ use tonic::transport::Channel;
 
 pub use download::{DownloadOptions, DownloadReport};
 pub use error::ClientError;
+pub use locations::LocationStats;
 pub use reserve::ReservationStats;
 pub use upload::{UploadOptions, UploadReport};
 
@@ -79,6 +81,9 @@ pub struct Client {
     reservations: Arc<reserve::Reservations>,
     /// Small files committed beside their writes, confirmed behind them.
     confirmations: Arc<confirm::Confirmations>,
+    /// Where recent small files were put or found, for reads that ask the worker beside
+    /// the master.
+    locations: Arc<locations::Locations>,
     transport: Transport,
     /// Where this client starts in a chunk's list of replicas (random per client): clients
     /// spread their reads over the replicas, and one client's reads of small files gather
@@ -123,6 +128,7 @@ impl Client {
             batches: calls::MasterBatches::start(&master, &confirmations),
             reservations: reserve::Reservations::new(master.clone()),
             confirmations,
+            locations: Arc::default(),
             master,
             workers: Arc::new(Mutex::new(HashMap::new())),
             small_writes: Arc::new(Mutex::new(HashMap::new())),
@@ -135,6 +141,11 @@ impl Client {
     /// What the uploads reserved ahead for small files did (see `ReserveUploads`).
     pub fn reservations(&self) -> ReservationStats {
         self.reservations.stats()
+    }
+
+    /// What remembered locations did for small reads (see `locations`).
+    pub fn read_locations(&self) -> LocationStats {
+        self.locations.stats()
     }
 
     /// The master address this client talks to.
@@ -262,6 +273,7 @@ impl Client {
     /// Deletes a file; its chunks are removed from workers in the background.
     /// Concurrent calls share round trips and fsyncs on the master (see `batch`).
     pub async fn delete(&self, name: &str) -> Result<FileInfo, ClientError> {
+        self.locations.forget(name);
         self.batches
             .deletes
             .call(name.to_string())
@@ -280,6 +292,9 @@ impl Client {
 
     /// Deletes the existing files among `names` (at most 10,000 per call) in one step.
     pub async fn delete_many(&self, names: Vec<String>) -> Result<u64, ClientError> {
+        for n in &names {
+            self.locations.forget(n);
+        }
         self.master()
             .delete_many(pb::DeleteManyRequest { names })
             .await

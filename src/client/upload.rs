@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::locations::Location;
 use super::{AbortOnDrop, Client, ClientError, Progress, reserve, send};
 use crate::chunk;
 use crate::digest::FileHasher;
@@ -92,6 +93,9 @@ impl Client {
             )));
         }
         let size = meta.len();
+        // Whatever this name held is about to be replaced; a reserved upload below
+        // remembers where its new bytes went.
+        self.locations.forget(&name);
         let progress = opts.progress.clone().unwrap_or_default();
         progress.total.store(size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
@@ -307,7 +311,20 @@ impl Client {
                 .await
                 .map_err(|s| self.reserved_refused(s, replicas, &id))?,
         };
-        committed(name, commit, replicas_achieved, 0, started).map_err(|e| Reserved::Failed(e, id))
+        let report = committed(name, commit, replicas_achieved, 0, started)
+            .map_err(|e| Reserved::Failed(e, id))?;
+        // With the placement's read capability, a read of this file can go to a worker
+        // beside the lookup.
+        // (A master that gives none, on a cluster with capabilities, gets no guesses.)
+        let readable = placement.token.is_empty() || !placement.read_token.is_empty();
+        if readable
+            && let Some(l) = self.first_reader(&placement.workers).and_then(|w| {
+                Location::new(&placement.chunk_id, size, crc, &placement.read_token, w)
+            })
+        {
+            self.locations.put(name, l);
+        }
+        Ok(report)
     }
 
     /// Waits for the confirmations of small files already acknowledged (see

@@ -161,8 +161,14 @@ impl Master {
             });
         }
         let chunk_id = chunk_id.to_string();
+        let read_token = if bytes <= SMALL_CHUNK_MAX {
+            self.chunk_token(&chunk_id, crate::security::ChunkOps::READ)
+        } else {
+            bytes::Bytes::new()
+        };
         Ok(ChunkPlacement {
             index: index as u32,
+            read_token,
             token: self.chunk_token(&chunk_id, crate::security::ChunkOps::WRITE),
             chunk_id,
             workers: chosen

@@ -51,16 +51,7 @@ impl TestCluster {
     }
 
     pub async fn must_upload(&self, path: &Path, name: &str) -> dfs::client::UploadReport {
-        self.client
-            .upload(
-                path,
-                UploadOptions {
-                    name: Some(name.to_string()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("upload of {name} failed: {e}"))
+        must_upload_with(&self.client, path, name).await
     }
 
     /// Downloads `name` and asserts the bytes equal those of `expected`.
@@ -75,6 +66,24 @@ impl TestCluster {
         assert_files_equal(&dest, expected);
         std::fs::remove_file(&dest).ok();
     }
+}
+
+/// Uploads `path` as `name` through `client`, or panics with the error.
+pub async fn must_upload_with(
+    client: &Client,
+    path: &Path,
+    name: &str,
+) -> dfs::client::UploadReport {
+    client
+        .upload(
+            path,
+            UploadOptions {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("upload of {name} failed: {e}"))
 }
 
 /// Small chunks keep multi-chunk tests fast.
