@@ -355,6 +355,22 @@ impl LocalCluster {
         }
     }
 
+    /// Purges what is garbage now without waiting out the grace (see
+    /// [`Master::expedite_garbage`]), waiting up to `limit` for the workers to confirm it at
+    /// their heartbeats. Returns the chunks still waiting (on a worker that is down, or
+    /// because the limit came first).
+    pub async fn collect_garbage_now(&self, limit: Duration) -> usize {
+        self.master.expedite_garbage();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = self.master.pending_garbage();
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Stops every node gracefully.
     pub async fn shutdown(mut self) {
         for w in &mut self.workers {

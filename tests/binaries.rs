@@ -408,8 +408,29 @@ fn bench_runs_every_phase_on_an_embedded_cluster() {
         res.iter()
             .all(|r| r["process"] == "embedded" && r["peak_bytes"].as_u64() > Some(0))
     );
-    // It cleans up after itself: nothing left in the cluster or the scratch dir.
+    // Reads at one client went to a worker beside their lookups: one for each create that
+    // went through a reservation (the client remembers where those went), none missed.
+    let phase = |name: &str, c: u64| {
+        small
+            .iter()
+            .find(|s| s["phase"] == name && s["concurrency"] == c)
+            .unwrap()
+    };
+    assert_eq!(phase("read", 1)["beside"], phase("create", 1)["reserved"]);
+    assert_eq!(phase("read", 1)["beside_missed"], 0);
+    // It cleans up after itself: nothing left in the cluster or the scratch dir, and the
+    // deleted files' chunks are gone from the workers' disks (not left for the garbage grace).
     assert!(!dir.path().join("dfs-bench").exists());
+    for i in 0..3 {
+        let w = dir.path().join(format!("dfs-local/worker-{i}"));
+        assert!(w.is_dir(), "{}", w.display());
+        let left = chunk_files(&w);
+        assert!(
+            left.is_empty(),
+            "worker {i} still holds {} chunk(s)",
+            left.len()
+        );
+    }
 }
 
 /// Against real daemons the benchmark's resource rows come from each daemon, asked at the

@@ -254,6 +254,55 @@ async fn orphan_chunks_are_listed_then_collected_after_the_grace() {
     assert_eq!(master.cluster_status().orphan_chunks, 0);
 }
 
+/// What an embedded cluster's owner does when it knows no reader is left (the bench at its
+/// end): garbage goes at the next heartbeats instead of after the grace, live files and
+/// garbage marked later keep their chunks, and `gc --dry-run` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expedited_garbage_goes_at_once_and_nothing_else_does() {
+    let mut cfg = small_chunks(3);
+    cfg.gc_grace = Duration::from_secs(600);
+    let t = TestCluster::start(cfg).await;
+    let dir = t.scratch();
+    let keep = make_file(&dir.join("keep"), MIB + 7, 1);
+    let gone = make_file(&dir.join("gone"), 2 * MIB + 3, 2);
+    let small = make_file(&dir.join("small"), 4096, 3);
+    t.must_upload(&keep, "keep").await;
+    t.must_upload(&gone, "gone").await;
+    t.must_upload(&small, "small").await;
+    let dead = chunk_ids(&t, &["gone", "small"]).await;
+    let live = chunk_ids(&t, &["keep"]).await;
+    t.client.delete("gone").await.unwrap();
+    t.client.delete("small").await.unwrap();
+    let gc = t.client.gc_status().await.unwrap();
+    assert!(gc.entries.iter().all(|e| e.purge_in_ms > 500_000), "{gc:?}");
+
+    // Heartbeats every 200 ms: with a 10-minute grace nothing goes by itself meanwhile.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(copies_on_disk(&t, 3, &dead).values().all(|&n| n == 3));
+
+    t.cluster.master().expedite_garbage();
+    let gc = t.cluster.master().gc_status();
+    assert!(gc.entries.iter().all(|e| e.purge_in_ms == 0), "{gc:?}");
+    let left = t.cluster.collect_garbage_now(Duration::from_secs(15)).await;
+    assert_eq!(left, 0, "garbage still pending");
+    assert!(
+        copies_on_disk(&t, 3, &dead).values().all(|&n| n == 0),
+        "{:?}",
+        copies_on_disk(&t, 3, &dead)
+    );
+    assert!(copies_on_disk(&t, 3, &live).values().all(|&n| n == 3));
+    t.must_download_equal("keep", &keep).await;
+
+    // Garbage marked after the call waits out the grace as before.
+    t.must_upload(&gone, "later").await;
+    let later = chunk_ids(&t, &["later"]).await;
+    t.client.delete("later").await.unwrap();
+    let gc = t.client.gc_status().await.unwrap();
+    assert!(!gc.entries.is_empty() && gc.entries.iter().all(|e| e.purge_in_ms > 500_000));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(copies_on_disk(&t, 3, &later).values().all(|&n| n == 3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_reports_short_and_missing_chunks() {
     let mut cfg = small_chunks(3);

@@ -202,6 +202,9 @@ pub struct Master {
     pub(crate) transport: crate::rpc::Transport,
     /// Wakes the resolver to write the confirmations kept in memory.
     pub(crate) flush_wanted: Arc<tokio::sync::Notify>,
+    /// Garbage marked at or before this time (Unix ms) is purged without waiting out the
+    /// grace (see [`Master::expedite_garbage`]); 0 when never asked.
+    pub(crate) gc_expedited_to: std::sync::atomic::AtomicI64,
 }
 
 impl Master {
@@ -237,6 +240,7 @@ impl Master {
             worker_channels: Mutex::new(HashMap::new()),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
             flush_wanted: Default::default(),
+            gc_expedited_to: Default::default(),
         };
         master.load()?;
         if master.cfg.rebuild_window.is_some() {
@@ -255,6 +259,31 @@ impl Master {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(Arc::new(master))
+    }
+
+    /// Purges every chunk that is garbage now at the workers' next heartbeats, without
+    /// waiting out the grace. The grace keeps a deleted file's chunks for readers that looked
+    /// it up just before; the owner of an embedded cluster that knows it has no such reader
+    /// left (the bench, once its files are deleted) calls this so that gigabytes of deleted
+    /// chunks do not stay on disk after it exits. Orphans still wait out the grace.
+    pub fn expedite_garbage(&self) {
+        self.gc_expedited_to.store(
+            crate::rpc::now_unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Chunks marked garbage and not yet confirmed deleted by all their workers.
+    pub fn pending_garbage(&self) -> usize {
+        self.lock().garbage.len()
+    }
+
+    /// The newest garbage mark that is purged now: past the grace, or expedited.
+    pub(crate) fn garbage_ripe_at(&self, now_unix_ms: i64) -> i64 {
+        let expedited = self
+            .gc_expedited_to
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (now_unix_ms - self.cfg.gc_grace.as_millis() as i64).max(expedited)
     }
 
     fn load(&self) -> Result<(), MasterError> {

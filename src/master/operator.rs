@@ -188,6 +188,9 @@ impl Master {
     pub fn gc_status(&self) -> pb::GcStatusResponse {
         let grace = self.cfg.gc_grace.as_millis() as i64;
         let now = now_unix_ms();
+        let expedited = self
+            .gc_expedited_to
+            .load(std::sync::atomic::Ordering::Relaxed);
         let inner = self.lock();
         let mut entries: Vec<pb::GcEntry> = inner
             .garbage
@@ -196,7 +199,11 @@ impl Master {
                 chunk_id: id.clone(),
                 workers: g.workers.clone(),
                 reason: g.reason.clone(),
-                purge_in_ms: (g.since_unix_ms + grace - now).max(0),
+                purge_in_ms: if g.since_unix_ms <= expedited {
+                    0
+                } else {
+                    (g.since_unix_ms + grace - now).max(0)
+                },
             })
             .collect();
         entries.extend(inner.orphans.iter().map(|(id, o)| pb::GcEntry {

@@ -196,7 +196,7 @@ impl Master {
                 }
             }
             // Two-phase collection: an entry is purged only once it is older than the grace.
-            let ripe = now_unix_ms() - self.cfg.gc_grace.as_millis() as i64;
+            let ripe = self.garbage_ripe_at(now_unix_ms());
             let orders: Vec<String> = inner
                 .garbage
                 .iter()
