@@ -48,7 +48,7 @@ pub struct BatchedWriter {
     shared: Arc<Shared>,
 }
 
-/// Writes what is still buffered when dropped (waiting at most [`CLOSE_WAIT`]).
+/// Writes what is still buffered when dropped (waiting at most `CLOSE_WAIT`).
 pub struct FlushGuard {
     shared: Arc<Shared>,
 }

@@ -1,4 +1,7 @@
 //! `worker`: the storage daemon. Parses flags and runs [`dfs::worker::Worker`].
+// The flags' doc comments are their `--help` text, written for a terminal (`<PORT>`,
+// `[default: …]`), not rustdoc markup.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 

@@ -124,7 +124,7 @@ impl Master {
     /// each on its own, as [`Master::commit_uploads`].
     ///
     /// `confirm_ids` are earlier prepares the client confirms on the way (see
-    /// [`Master::confirm_ids`]), settled first.
+    /// `Master::confirm_ids`), settled first.
     pub async fn prepare_uploads(
         self: &Arc<Self>,
         reqs: Vec<pb::CommitUploadRequest>,

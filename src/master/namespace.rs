@@ -309,7 +309,7 @@ impl Master {
     /// ([`MAX_RESERVED_PER_CLIENT`]) and never count against its open uploads: past the cap
     /// fewer (or none) come back, and the client starts its uploads as usual. Reserving
     /// touches no store (as starting does); one that is never committed expires after
-    /// [`Master::reservation_lease`] and is aborted like an abandoned upload, so a chunk
+    /// `Master::reservation_lease` and is aborted like an abandoned upload, so a chunk
     /// written to it is deleted.
     pub fn reserve_uploads(
         &self,
@@ -845,7 +845,7 @@ impl Master {
     /// The one store call made on the async thread itself: a point lookup is a B-tree
     /// descent through the store's page cache (microseconds), cheaper than the two thread
     /// hand-offs of `spawn_blocking`, which cost a fifth of a small-file read's CPU. Scans
-    /// and writes still go through [`Master::blocking`].
+    /// and writes still go through `Master::blocking`.
     pub async fn get_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
         crate::names::validate(name)?;
         let mut file = self

@@ -9,7 +9,7 @@
 //! with vectored I/O, uncopied). The bytes on the wire are exactly what tonic would send, so
 //! every gRPC client reads them: the generated client, `grpcurl`, older dfs clients. Every
 //! other call goes on to the tonic service, and tonic's own `read_chunk` handler serves the
-//! same [`Source`] as messages when the service is used without this wrapper.
+//! same `Source` as messages when the service is used without this wrapper.
 
 use std::pin::Pin;
 use std::sync::Arc;
