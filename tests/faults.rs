@@ -283,7 +283,8 @@ fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master()
                     }
                     i += 1;
                 }
-                (acked, client.reservations())
+                let stats = client.reservations();
+                (acked, stats, client)
             })
         })
         .collect();
@@ -299,10 +300,12 @@ fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master()
 
     let mut acked = Vec::new();
     let mut committed = 0;
+    let mut uploaders = Vec::new();
     for c in clients {
-        let (a, stats) = rt.block_on(c).unwrap();
+        let (a, stats, client) = rt.block_on(c).unwrap();
         eprintln!("client: {} acknowledged, {stats:?}", a.len());
         committed += stats.committed;
+        uploaders.push((client, a.clone()));
         acked.extend(a);
     }
     assert!(committed > 0, "no upload went through a reservation");
@@ -320,6 +323,18 @@ fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master()
             .block_on(client.read(name))
             .unwrap_or_else(|e| panic!("acknowledged {name} lost: {e}"));
         assert_eq!(got, std::fs::read(path).unwrap(), "{name}");
+    }
+    // Each uploader reads its own files back too: it remembers where it wrote them, before
+    // the worker and the master were killed, and those early reads must give way to what
+    // the restarted master says.
+    for (client, files) in &uploaders {
+        for (name, path) in files {
+            let got = rt
+                .block_on(client.read(name))
+                .unwrap_or_else(|e| panic!("acknowledged {name} lost for its uploader: {e}"));
+            assert_eq!(got, std::fs::read(path).unwrap(), "{name}");
+        }
+        eprintln!("uploader's reads: {:?}", client.read_locations());
     }
 
     // Settled: nothing open, nothing pending, and every chunk on a worker is a live file's.
