@@ -166,9 +166,12 @@ async fn free_bench_garbage(cluster: &LocalCluster, dir: &std::path::Path) {
     if std::io::stderr().is_terminal() {
         eprintln!("freeing the deleted chunks in {}…", dir.display());
     }
-    let left = cluster
-        .collect_garbage_now(std::time::Duration::from_secs(30))
-        .await;
+    // Ctrl-C here skips the wait (the bench's own handler is gone, and with it the default
+    // one, so without this the wait could not be cut short).
+    let left = tokio::select! {
+        left = cluster.collect_garbage_now(std::time::Duration::from_secs(30)) => left,
+        _ = tokio::signal::ctrl_c() => cluster.master().pending_garbage(),
+    };
     if left > 0 {
         eprintln!(
             "note: {left} deleted chunk(s) are still on the workers' disks in {}; the local cluster purges them when it next runs",
