@@ -116,12 +116,13 @@ struct Launched {
 }
 
 impl Client {
-    /// Sends every chunk of an upload; returns them as committed, the file's BLAKE3 digest and
-    /// how many attempts were retried.
+    /// Sends every chunk of an upload; returns them as committed, the file's BLAKE3 digest,
+    /// how many attempts were retried, and the placement the last chunk landed on (for a
+    /// small file's location: see `locations`).
     pub(super) async fn send_chunks(
         &self,
         up: &Upload<'_>,
-    ) -> Result<(Vec<CommittedChunk>, String, u32), ClientError> {
+    ) -> Result<(Vec<CommittedChunk>, String, u32, Option<ChunkPlacement>), ClientError> {
         let cs = up.plan.chunk_size.max(1);
         let n = up.size.div_ceil(cs);
         let window = in_flight(cs);
@@ -135,7 +136,7 @@ impl Client {
             }
             while sent.len() >= window {
                 if let Some((job, l)) = sent.pop_front() {
-                    committed.push(self.land(up, job, l, &mut tries).await?);
+                    committed.push(self.land(up, job, l, &mut tries).await?.0);
                 }
             }
             let offset = index * cs;
@@ -174,31 +175,36 @@ impl Client {
                 self.next_attempt(up, &mut job, e, &mut tries).await?;
             }
         }
+        let mut last = None;
         while let Some((job, l)) = sent.pop_front() {
-            committed.push(self.land(up, job, l, &mut tries).await?);
+            let (c, placement) = self.land(up, job, l, &mut tries).await?;
+            committed.push(c);
+            last = Some(placement);
         }
         let hash = hash.ok_or_else(|| ClientError::Integrity("file digest lost".into()))?;
-        Ok((committed, hash.finalize_hex(), tries.retried))
+        Ok((committed, hash.finalize_hex(), tries.retried, last))
     }
 
     /// Waits for a chunk's answer, sending it again on fresh pipelines while attempts fail.
+    /// Returns the chunk as committed and the placement it landed on.
     async fn land(
         &self,
         up: &Upload<'_>,
         mut job: ChunkJob,
         mut l: Launched,
         tries: &mut Attempts,
-    ) -> Result<CommittedChunk, ClientError> {
+    ) -> Result<(CommittedChunk, ChunkPlacement), ClientError> {
         loop {
             match l.answer.result().await {
                 Ok(stored_on) => {
-                    return Ok(CommittedChunk {
+                    let chunk = CommittedChunk {
                         index: job.index,
                         chunk_id: job.placement.chunk_id.clone(),
                         length: job.len,
                         crc32c: job.crc.unwrap_or_default(),
                         workers: stored_on,
-                    });
+                    };
+                    return Ok((chunk, job.placement));
                 }
                 Err(e) => {
                     up.progress.done.fetch_sub(l.counted, Ordering::Relaxed);

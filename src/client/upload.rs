@@ -168,7 +168,7 @@ impl Client {
             progress: &progress,
         };
         let result = self.send_chunks(&up).await;
-        let (chunks, digest, retried) = match result {
+        let (chunks, digest, retried, landed_on) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = self
@@ -186,6 +186,13 @@ impl Client {
             .map(|c| c.workers.len() as u32)
             .min()
             .unwrap_or(plan.replicas_effective);
+        // A one-chunk small file: where it went, for a read beside its lookup.
+        let location = match (chunks.as_slice(), &landed_on) {
+            ([c], Some(p)) if size <= SMALL_CHUNK_MAX => {
+                self.written_location(p, c.length, c.crc32c, &c.workers)
+            }
+            _ => None,
+        };
         let commit = self
             .batches
             .commits
@@ -199,7 +206,11 @@ impl Client {
             })
             .await
             .map_err(|s| self.err(s))?;
-        committed(&name, commit, replicas_achieved, retried, started)
+        let report = committed(&name, commit, replicas_achieved, retried, started)?;
+        if let Some(l) = location {
+            self.locations.put(&name, l);
+        }
+        Ok(report)
     }
 
     /// Aborts a reserved upload that did not land, prepared or not. Best effort: if the
@@ -313,18 +324,27 @@ impl Client {
         };
         let report = committed(name, commit, replicas_achieved, 0, started)
             .map_err(|e| Reserved::Failed(e, id))?;
-        // With the placement's read capability, a read of this file can go to a worker
-        // beside the lookup.
-        // (A master that gives none, on a cluster with capabilities, gets no guesses.)
-        let readable = placement.token.is_empty() || !placement.read_token.is_empty();
-        if readable
-            && let Some(l) = self.first_reader(&placement.workers).and_then(|w| {
-                Location::new(&placement.chunk_id, size, crc, &placement.read_token, w)
-            })
-        {
+        if let Some(l) = self.written_location(placement, size, crc, &placement.workers) {
             self.locations.put(name, l);
         }
         Ok(report)
+    }
+
+    /// Where a small chunk just written to `workers` through `placement` can be read back
+    /// beside a lookup, with the placement's read capability. None when the placement has
+    /// none on a cluster that needs one (an older master).
+    fn written_location(
+        &self,
+        placement: &ChunkPlacement,
+        length: u64,
+        crc: u32,
+        workers: &[String],
+    ) -> Option<Location> {
+        if !placement.token.is_empty() && placement.read_token.is_empty() {
+            return None;
+        }
+        let w = self.first_reader(workers)?;
+        Location::new(&placement.chunk_id, length, crc, &placement.read_token, w)
     }
 
     /// Waits for the confirmations of small files already acknowledged (see
