@@ -142,14 +142,18 @@ impl Locations {
         }
         let (name, l) = g.old.remove_entry(name)?;
         let out = l.clone();
-        insert(&mut g, name, l);
+        let dropped = insert(&mut g, name, l);
+        drop(g);
+        drop(dropped);
         Some(out)
     }
 
     pub(crate) fn put(&self, name: &str, l: Location) {
         let mut g = self.lock();
         g.old.remove(name);
-        insert(&mut g, name.to_string(), l);
+        let dropped = insert(&mut g, name.to_string(), l);
+        drop(g);
+        drop(dropped);
     }
 
     pub(crate) fn forget(&self, name: &str) {
@@ -194,11 +198,16 @@ impl Drop for Reading<'_> {
     }
 }
 
-fn insert(g: &mut Generations, name: String, l: Location) {
+/// Inserts into the young generation, turning it old when full; returns the generation that
+/// turn dropped, for the caller to free after it lets go of the lock (thousands of entries).
+#[must_use]
+fn insert(g: &mut Generations, name: String, l: Location) -> HashMap<String, Location> {
+    let mut dropped = HashMap::new();
     if g.young.len() >= GENERATION && !g.young.contains_key(&name) {
-        g.old = std::mem::take(&mut g.young);
+        dropped = std::mem::replace(&mut g.old, std::mem::take(&mut g.young));
     }
     g.young.insert(name, l);
+    dropped
 }
 
 #[cfg(test)]
