@@ -849,6 +849,27 @@ fn percent(f: Option<f64>) -> String {
 }
 
 /// The report as a table.
+/// One line of `label: ` and `item` of every concurrency's `phase`, joined (none if the
+/// phase did not run).
+fn summary_line(
+    s: &mut String,
+    r: &BenchReport,
+    phase: &str,
+    label: &str,
+    item: impl Fn(&OpStats) -> String,
+) {
+    use std::fmt::Write as _;
+    let items: Vec<String> = r
+        .small
+        .iter()
+        .filter(|o| o.phase == phase)
+        .map(item)
+        .collect();
+    if !items.is_empty() {
+        let _ = writeln!(s, "{label}: {}", items.join(", "));
+    }
+}
+
 pub fn render(r: &BenchReport) -> String {
     use std::fmt::Write as _;
     let mut s = format!("dfs bench against {}\n", r.master);
@@ -909,42 +930,30 @@ pub fn render(r: &BenchReport) -> String {
                 o.phase, o.concurrency, o.failed, o.ops, o.first_error
             );
         }
-        let reserved: Vec<String> = r
-            .small
-            .iter()
-            .filter(|o| o.phase == "create")
-            .map(|o| {
+        summary_line(
+            &mut s,
+            r,
+            "create",
+            "creates through reserved uploads",
+            |o| {
                 format!(
                     "{} of {} at c={} ({} committed beside their writes)",
                     o.reserved, o.ops, o.concurrency, o.prepared
                 )
-            })
-            .collect();
-        if !reserved.is_empty() {
-            let _ = writeln!(
-                s,
-                "creates through reserved uploads: {}",
-                reserved.join(", ")
-            );
-        }
-        let beside: Vec<String> = r
-            .small
-            .iter()
-            .filter(|o| o.phase == "read")
-            .map(|o| {
+            },
+        );
+        summary_line(
+            &mut s,
+            r,
+            "read",
+            "reads from a worker beside the lookup",
+            |o| {
                 format!(
                     "{} of {} at c={} ({} missed)",
                     o.beside, o.ops, o.concurrency, o.beside_missed
                 )
-            })
-            .collect();
-        if !beside.is_empty() {
-            let _ = writeln!(
-                s,
-                "reads from a worker beside the lookup: {}",
-                beside.join(", ")
-            );
-        }
+            },
+        );
         if let Some(o) = r.small.iter().find(|o| o.phase == "read") {
             let _ = writeln!(s, "reads began with the page cache {}", o.cache);
         }
