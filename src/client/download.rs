@@ -227,7 +227,11 @@ impl Client {
         let (_reading, early_ok) = self.locations.start_read();
         let guess = early_ok.then(|| self.locations.get(name)).flatten();
         let (file, early) = match guess {
-            Some(guess) => self.stat_beside_read(name, guess).await?,
+            Some(guess) => {
+                let worker = guess.worker().to_string();
+                let (file, pieces) = self.stat_beside_read(name, guess).await?;
+                (file, pieces.map(|p| (p, Some(worker))))
+            }
             None => (self.stat_with_replicas(name).await?, None),
         };
         if let [c] = file.chunks.as_slice()
@@ -270,13 +274,17 @@ impl Client {
         &self,
         name: &str,
         guess: Location,
-    ) -> Result<(FileInfo, Option<(Vec<Bytes>, Option<String>)>), ClientError> {
+    ) -> Result<(FileInfo, Option<Vec<Bytes>>), ClientError> {
         let chunk = guess.chunk();
         let early = async {
             let mut got = 0;
-            self.read_small_replica(&chunk, guess.worker(), &Progress::default(), &mut got)
-                .await
-                .ok()
+            let r = self
+                .read_small_replica(&chunk, guess.worker(), &Progress::default(), &mut got)
+                .await;
+            if let Err(Ok(e)) = &r {
+                tracing::debug!(name, worker = guess.worker(), error = %e.message, "early read failed; reading as usual");
+            }
+            r.ok()
         };
         let stat = self.stat_with_replicas(name);
         let (mut early, mut stat) = (std::pin::pin!(early), std::pin::pin!(stat));
@@ -308,7 +316,7 @@ impl Client {
         match pieces {
             Some(p) => {
                 self.locations.count_used();
-                Ok((file, Some((p, Some(guess.worker().to_string())))))
+                Ok((file, Some(p)))
             }
             None => {
                 self.locations.count_failed();
@@ -410,8 +418,8 @@ impl Client {
     pub(super) fn first_reader<'a>(&self, workers: &'a [String]) -> Option<&'a str> {
         let mut sorted: Vec<&str> = workers.iter().map(String::as_str).collect();
         sorted.sort_unstable();
-        let n = sorted.len() as u64;
-        (n > 0).then(|| sorted[(self.read_seed % n) as usize])
+        let i = first_alive(self.read_seed, 0, sorted.len());
+        sorted.get(i).copied()
     }
 
     /// Fetches chunk `c` whole from the first replica that delivers it intact, in the order
@@ -653,11 +661,16 @@ fn replica_order(c: &ChunkInfo, seed: u64) -> Vec<usize> {
     if alive == 0 {
         return (0..n).collect();
     }
-    let start = (seed.wrapping_add(u64::from(c.index)) % alive as u64) as usize;
+    let start = first_alive(seed, c.index, alive);
     (0..alive)
         .map(|k| (start + k) % alive)
         .chain(alive..n)
         .collect()
+}
+
+/// Where a client with `seed` starts among `alive` live replicas of chunk `index`.
+fn first_alive(seed: u64, index: u32, alive: usize) -> usize {
+    (seed.wrapping_add(u64::from(index)) % alive.max(1) as u64) as usize
 }
 
 #[cfg(test)]

@@ -188,9 +188,7 @@ impl Master {
     pub fn gc_status(&self) -> pb::GcStatusResponse {
         let grace = self.cfg.gc_grace.as_millis() as i64;
         let now = now_unix_ms();
-        let expedited = self
-            .gc_expedited_to
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let ripe = self.garbage_ripe_at(now);
         let inner = self.lock();
         let mut entries: Vec<pb::GcEntry> = inner
             .garbage
@@ -199,10 +197,10 @@ impl Master {
                 chunk_id: id.clone(),
                 workers: g.workers.clone(),
                 reason: g.reason.clone(),
-                purge_in_ms: if g.since_unix_ms <= expedited {
+                purge_in_ms: if g.since_unix_ms <= ripe {
                     0
                 } else {
-                    (g.since_unix_ms + grace - now).max(0)
+                    g.since_unix_ms + grace - now
                 },
             })
             .collect();
