@@ -215,3 +215,37 @@ fn sigterm_restores_the_terminal() {
     assert!(s.contains("EXITED 0"), "{s}");
     assert!(!s.contains("Workers ("), "screen not restored:\n{s}");
 }
+
+/// Seconds since midnight of the `HH:MM:SS` that opens the logs-pane line holding `what`.
+fn logged_at(screen: &str, what: &str) -> Option<i64> {
+    let line = screen.lines().find(|l| l.contains(what))?;
+    let clock = line.trim_start_matches('│').get(..8)?;
+    let mut parts = clock.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    Some(h * 3600 + m * 60 + s)
+}
+
+#[test]
+fn the_masters_backlog_shows_when_each_event_happened() {
+    // A master that has been up a while: its "listening" event is older than the console.
+    let b = common::Binaries::start(0);
+    std::thread::sleep(Duration::from_millis(3_500));
+    let bin = env!("CARGO_BIN_EXE_dfs-tui");
+    let cmd = format!(
+        "{bin} --master {} --log-dir {}; sleep 60",
+        b.master_addr(),
+        b.cwd().join("console-logs").display()
+    );
+    let t = Tmux::start(b.cwd(), &cmd, 140, 36);
+    let s = t.wait_for("the master's backlog", Duration::from_secs(30), |s| {
+        s.contains("console started") && s.contains("master listening on")
+    });
+    let console = logged_at(&s, "console started").expect("the console's line has a time");
+    let master = logged_at(&s, "master listening on").expect("the master's line has a time");
+    // Before, both showed the second the console heard of them.
+    let earlier = (console - master).rem_euclid(86_400);
+    assert!(
+        (3..60).contains(&earlier),
+        "the master's start shows {earlier} s before the console's:\n{s}"
+    );
+}

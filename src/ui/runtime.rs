@@ -221,10 +221,12 @@ async fn follow_logs(client: Shared, tx: mpsc::UnboundedSender<Msg>) {
             backlog = 1;
             while let Ok(Some(ev)) = stream.message().await {
                 let level = Level::parse(&ev.level);
+                // `at_ms` is `log_format::AT_FIELD`: the pane shows the event's own time.
+                let at_ms = ev.unix_ms;
                 match level {
-                    Level::Error => tracing::error!(target: "master", "{}", ev.message),
-                    Level::Warn => tracing::warn!(target: "master", "{}", ev.message),
-                    _ => tracing::info!(target: "master", "{}", ev.message),
+                    Level::Error => tracing::error!(target: "master", at_ms, "{}", ev.message),
+                    Level::Warn => tracing::warn!(target: "master", at_ms, "{}", ev.message),
+                    _ => tracing::info!(target: "master", at_ms, "{}", ev.message),
                 }
                 let line = LogLine {
                     unix_ms: ev.unix_ms,

@@ -674,15 +674,12 @@ fn render_logs(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
     if let (true, Some(state)) = (use_widget, app.logger_state.as_ref()) {
         let w = tui_logger::TuiLoggerWidget::default()
             .block(block)
-            .style_error(t.fg(Color::Red))
-            .style_warn(t.fg(Color::Yellow))
-            .style_debug(t.dim())
-            .output_separator(' ')
-            .output_timestamp(Some("%H:%M:%S".to_string()))
-            .output_level(Some(tui_logger::TuiLoggerLevelOutput::Abbreviated))
-            .output_target(true)
-            .output_file(false)
-            .output_line(false)
+            .formatter(Box::new(super::log_format::EventTimeFormatter {
+                style: Style::default(),
+                style_error: t.fg(Color::Red),
+                style_warn: t.fg(Color::Yellow),
+                style_debug: t.dim(),
+            }))
             .state(state);
         f.render_widget(w, area);
         return;
@@ -695,8 +692,7 @@ fn render_logs(f: &mut Frame, app: &mut App, t: &Theme, area: Rect) {
     let shown: Vec<Line> = lines[start..end]
         .iter()
         .map(|l| {
-            let ts = modified(l.unix_ms);
-            let time = ts.rsplit(' ').next().unwrap_or("").to_string();
+            let time = super::log_format::clock(l.unix_ms);
             let mut spans = vec![
                 Span::styled(format!("{time} "), t.dim()),
                 Span::styled(format!("{:<5} ", l.level.as_str()), level_style(t, l.level)),
