@@ -273,9 +273,13 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_files_equal(&b.cwd().join("a.txt.keep"), &src);
 
-    // Usage errors are one line too.
+    // Usage errors are one line too, and a missing argument is named.
     let o = b.cli(&["--cmd", "frobnicate"]);
     one_line(&o);
+    let o = b.cli(&["--cmd", "stat"]);
+    one_line(&o);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("<NAME>"), "{}", o.stderr);
     let o = b.cli(&["--async-threads", "0", "--cmd", "ls"]);
     one_line(&o);
     assert_eq!(o.code, 2, "{}", o.stderr);
@@ -303,6 +307,13 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert!(!status.success());
     let err = w.stderr_text();
     assert!(err.contains("cannot listen"), "{err}");
+    // A listen address that is no address fails before any warning about what it exposes.
+    let mut m = Daemon::spawn(MASTER, &["--listen", "not-an-address"], b.cwd());
+    let status = m.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!status.success());
+    let err = m.stderr_text();
+    assert!(err.contains("cannot listen on not-an-address"), "{err}");
+    assert!(!err.contains("beyond loopback"), "{err}");
     std::fs::write(b.cwd().join("plainfile"), b"x").unwrap();
     let port = free_port().to_string();
     let mut w = Daemon::spawn(

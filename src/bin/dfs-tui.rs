@@ -63,6 +63,29 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
+/// A clap error on one line: its first line, and when that ends in a colon, the list below
+/// it (clap puts the missing arguments there, so `stat` without a name used to say only
+/// "the following required arguments were not provided:").
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let mut out = lines
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .trim_end()
+        .to_string();
+    if out.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if !listed.is_empty() {
+            out.push(' ');
+            out.push_str(&listed.join(", "));
+        }
+    }
+    out
+}
+
 fn main() {
     dfs::procstat::tune_allocator();
     let argv = normalize(std::env::args());
@@ -75,9 +98,7 @@ fn main() {
                 std::process::exit(0);
             }
             // One line, like every other error of this tool.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see dfs-tui --help)", first.trim_end());
+            eprintln!("{} (see dfs-tui --help)", one_line(&e.render().to_string()));
             std::process::exit(2);
         }
     };

@@ -102,7 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.rebuild_window = Some(args.rebuild_window.0);
     }
     let (secret, tls) = args.access.load()?;
-    dfs::cli::access::log_exposure("master", &args.listen, secret.is_some(), tls.is_some());
+    let exposure = (secret.is_some(), tls.is_some());
     cfg.cluster_secret = secret;
     cfg.tls = tls;
     cfg.chunk_token_ttl = args.chunk_token_ttl.0;
@@ -123,6 +123,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    dfs::cli::access::log_exposure("master", bound, exposure.0, exposure.1);
     let master = Master::open(cfg)
         .with_context(|| format!("cannot open metadata in {}", args.data_dir.display()))?;
     tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), chunk_size = %args.chunk_size, replicas = args.replicas, "master starting");

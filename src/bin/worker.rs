@@ -76,8 +76,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let (secret, tls) = args.access.load()?;
-    dfs::cli::access::log_exposure("worker", &listen, secret.is_some(), tls.is_some());
+    dfs::cli::access::log_exposure("worker", bound, secret.is_some(), tls.is_some());
     anyhow::ensure!(
         args.max_message_size.0 >= 2 << 20 && args.max_message_size.0 <= 1 << 30,
         "--max-message-size must be between 2MiB and 1GiB (data messages carry 1 MiB)"

@@ -129,10 +129,14 @@ impl DaemonAccessArgs {
     }
 }
 
-/// Logs what a daemon listening on `addr` exposes, and warns when it is open beyond loopback.
-pub fn log_exposure(role: &str, addr: &str, secret: bool, tls: bool) {
-    let loopback =
-        addr.starts_with("127.") || addr.starts_with("localhost") || addr.starts_with("[::1]");
+/// Logs what a daemon bound to `bound` exposes, and warns when it is open beyond loopback.
+/// It takes the address the socket got, not the flag's text: a name such as `localhost`
+/// is judged by what it resolved to, and text that is no address at all fails to bind
+/// before any warning about it.
+pub fn log_exposure(role: &str, bound: std::net::SocketAddr, secret: bool, tls: bool) {
+    let loopback = bound.ip().is_loopback();
+    let addr = bound.to_string();
+    let addr = addr.as_str();
     tracing::info!(
         role,
         addr,
