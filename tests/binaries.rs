@@ -992,3 +992,99 @@ fn daemon_stderr_off_a_terminal_carries_the_log_file_lines_uncoloured() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs `dfs-tui` against `b` with its stdout going to `stdout`; bounded, killed on timeout.
+fn cli_to(b: &Binaries, args: &[&str], stdout: std::process::Stdio) -> (i32, Vec<u8>, String) {
+    use std::process::{Command, Stdio};
+    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
+        .arg("--master")
+        .arg(b.master_addr())
+        .args(args)
+        .current_dir(b.cwd())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dfs-tui");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(o)) => (
+            o.status.code().unwrap_or(-1),
+            o.stdout,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        _ => {
+            // SAFETY: kill(2) on the child this test spawned.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("dfs-tui {args:?} did not finish in time");
+        }
+    }
+}
+
+/// `download NAME -o /dev/stdout` puts exactly the file's bytes on stdout, and its report on
+/// stderr. Before, the report ("downloaded … (… blake3 verified)") was appended to the bytes,
+/// so `dfs-tui --cmd download x -o /dev/stdout > copy` gave a corrupt copy; and with stdout
+/// redirected to a file the download was refused as "already exists".
+#[test]
+fn a_download_to_stdout_is_exactly_the_files_bytes() {
+    use std::process::Stdio;
+    let b = Binaries::start(1);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("s.bin"), 3 * MIB + 17, 5);
+    let o = b.cli(&["--cmd", "upload", "s.bin", "--replicas", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let original = std::fs::read(&src).unwrap();
+
+    // Into a pipe, as `| b3sum` would read it, and the same through /dev/fd/1 with --json.
+    for (dest, json) in [("/dev/stdout", false), ("/dev/fd/1", true)] {
+        let mut args = vec!["--cmd", "download", "s.bin", "-o", dest];
+        if json {
+            args.insert(0, "--json");
+        }
+        let (code, out, err) = cli_to(&b, &args, Stdio::piped());
+        assert_eq!(code, 0, "{err}");
+        assert!(out == original, "{dest}: {} bytes on stdout", out.len());
+        assert!(err.contains("s.bin"), "the report went nowhere: {err}");
+    }
+
+    // Appended to a file the shell opened (`>> log`): what was there stays, the bytes follow.
+    let log = b.cwd().join("appended");
+    std::fs::write(&log, b"before\n").unwrap();
+    let f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let (code, _, err) = cli_to(
+        &b,
+        &["--cmd", "download", "s.bin", "-o", "/dev/stdout"],
+        f.into(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let got = std::fs::read(&log).unwrap();
+    assert!(
+        got.starts_with(b"before\n") && got[7..] == original[..],
+        "{} bytes",
+        got.len()
+    );
+
+    // An error with --json: the JSON goes to stderr too, and stdout stays empty.
+    let (code, out, err) = cli_to(
+        &b,
+        &[
+            "--json",
+            "--cmd",
+            "download",
+            "nothing",
+            "-o",
+            "/dev/stdout",
+        ],
+        Stdio::piped(),
+    );
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(err.contains("\"code\":\"NotFound\""), "{err}");
+}

@@ -240,7 +240,15 @@ pub fn run_offline(op: &Op, access: &access::AccessArgs, json: bool) -> i32 {
 
 /// Runs one operation against the master at `master`; returns the process exit code.
 pub async fn run(master: &str, transport: crate::rpc::Transport, op: Op, json: bool) -> i32 {
+    // `download NAME -o /dev/stdout`: the file's bytes are the output, so the report (and
+    // a JSON error) go to stderr instead of being appended to them.
+    let data_on_stdout = matches!(&op, Op::Download { output: Some(p), .. }
+        if crate::client::is_stdout(p));
     match execute(master, transport, op, json).await {
+        Ok(text) if data_on_stdout => {
+            eprint!("{text}");
+            0
+        }
         Ok(text) => {
             print!("{text}");
             0
@@ -248,10 +256,12 @@ pub async fn run(master: &str, transport: crate::rpc::Transport, op: Op, json: b
         Err(e) => {
             let msg = e.to_string().replace('\n', " ");
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"error": msg, "code": format!("{:?}", e.code())})
-                );
+                let doc = serde_json::json!({"error": msg, "code": format!("{:?}", e.code())});
+                if data_on_stdout {
+                    eprintln!("{doc}");
+                } else {
+                    println!("{doc}");
+                }
             }
             eprintln!("error: {msg}");
             // As a shell reports a process stopped by SIGINT.

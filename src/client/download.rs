@@ -98,13 +98,27 @@ impl Client {
         opts: DownloadOptions,
     ) -> Result<DownloadReport, ClientError> {
         let started = std::time::Instant::now();
-        // A device or pipe (`-o /dev/null`, `-o /dev/stdout`, a FIFO) is written in place, as
-        // `cp` or `curl -o` would: renaming a finished file over it would replace the device.
+        // This process's own standard output (`-o /dev/stdout`, `/dev/fd/1`), whatever it is
+        // (a pipe, a terminal, a file the shell redirected it to): written through the
+        // descriptor itself, so a `>>` keeps appending, and never renamed over.
+        if let Some(out) = stdout_if_same(dest) {
+            return self.download_in_place(name, dest, out, started, opts).await;
+        }
+        // A device or pipe (`-o /dev/null`, a FIFO) is written in place, as `cp` or `curl -o`
+        // would: renaming a finished file over it would replace the device.
         if let Ok(meta) = std::fs::metadata(dest) {
             use std::os::unix::fs::FileTypeExt;
             let t = meta.file_type();
             if t.is_char_device() || t.is_fifo() {
-                return self.download_in_place(name, dest, started, opts).await;
+                let out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dest)
+                    .map_err(|source| ClientError::LocalIo {
+                        op: "write",
+                        path: dest.to_path_buf(),
+                        source,
+                    })?;
+                return self.download_in_place(name, dest, out, started, opts).await;
             }
             if t.is_block_device() || t.is_socket() {
                 return Err(ClientError::InvalidInput(format!(
@@ -185,14 +199,15 @@ impl Client {
         Ok(downloaded(name, dest, file, failovers, started))
     }
 
-    /// Streams `name` into a device or pipe that already exists. Each chunk is checked before
-    /// it is written; the whole file's digest can only be checked at the end, so a mismatch
-    /// there is reported after the bytes went out (a reader of the pipe sees the error as the
-    /// command's exit status).
+    /// Streams `name` into `out`, the opened `dest` (a device, a pipe, or standard output).
+    /// Each chunk is checked before it is written; the whole file's digest can only be
+    /// checked at the end, so a mismatch there is reported after the bytes went out (a reader
+    /// of the pipe sees the error as the command's exit status).
     async fn download_in_place(
         &self,
         name: &str,
         dest: &Path,
+        out: std::fs::File,
         started: std::time::Instant,
         opts: DownloadOptions,
     ) -> Result<DownloadReport, ClientError> {
@@ -202,10 +217,6 @@ impl Client {
             source,
         };
         let file = self.stat_with_replicas(name).await?;
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dest)
-            .map_err(local_err)?;
         let progress = opts.progress.clone().unwrap_or_default();
         let (_, failovers) =
             self.read_file_to(&file, out, &progress)
@@ -593,6 +604,28 @@ impl Client {
 }
 
 /// The report of a finished download, logged.
+/// Whether `path` names the very file this process's standard output is (followed through
+/// symbolic links, as `/dev/stdout` is one): then the download's bytes are the output, and
+/// anything else a command prints must go elsewhere.
+pub(crate) fn is_stdout(path: &Path) -> bool {
+    stdout_if_same(path).is_some()
+}
+
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// A handle on standard output when `dest` is it (see [`is_stdout`]).
+fn stdout_if_same(dest: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsFd;
+    let target = std::fs::metadata(dest).ok()?;
+    let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let out = std::fs::File::from(fd);
+    let own = out.metadata().ok()?;
+    same_file(&own, &target).then_some(out)
+}
+
 fn downloaded(
     name: &str,
     dest: &Path,

@@ -6,6 +6,7 @@ mod batch;
 mod calls;
 mod confirm;
 mod download;
+pub(crate) use download::is_stdout;
 mod error;
 mod locations;
 mod read_stream;
