@@ -1088,3 +1088,122 @@ fn a_download_to_stdout_is_exactly_the_files_bytes() {
     assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
     assert!(err.contains("\"code\":\"NotFound\""), "{err}");
 }
+
+/// `upload - --name NAME` stores what arrives on standard input, and so does a FIFO named by
+/// its path: read to the end into an unlinked temporary file in `$TMPDIR` (nothing is left
+/// there), then uploaded as a file. Before, both were refused as "not a regular file".
+#[test]
+fn an_upload_from_a_pipe_stores_its_bytes() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let b = Binaries::start(1);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("p.bin"), 3 * MIB + 17, 9);
+    let original = std::fs::read(&src).unwrap();
+    let tmp = b.cwd().join("tmpdir");
+    std::fs::create_dir(&tmp).unwrap();
+    let upload = |args: &[&str], input: Option<Vec<u8>>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
+            .arg("--master")
+            .arg(b.master_addr())
+            .args(args)
+            .current_dir(b.cwd())
+            .env("TMPDIR", &tmp)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dfs-tui");
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || {
+            if let Some(data) = input {
+                // The pipe holds 64 KiB; the rest goes as the upload reads it. A command that
+                // refuses its input exits without reading (a broken pipe here); the bytes
+                // stored are checked below.
+                let _ = stdin.write_all(&data);
+            }
+        });
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(o)) => o,
+            _ => {
+                // SAFETY: kill(2) on the child this test spawned.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                panic!("dfs-tui {args:?} did not finish in time");
+            }
+        };
+        feeder.join().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let stored = |name: &str| {
+        let dest = b.cwd().join(format!("{name}.out"));
+        let o = b.cli(&["--cmd", "download", name, "-o", dest.to_str().unwrap()]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        std::fs::read(&dest).unwrap()
+    };
+
+    let (code, err) = upload(
+        &[
+            "--cmd",
+            "upload",
+            "-",
+            "--name",
+            "piped.bin",
+            "--replicas",
+            "1",
+        ],
+        Some(original.clone()),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(stored("piped.bin") == original, "the piped upload differs");
+
+    // A FIFO by its path, fed by another writer.
+    let fifo = b.cwd().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let writer = {
+        let (fifo, data) = (fifo.clone(), original.clone());
+        std::thread::spawn(move || std::fs::write(&fifo, data).unwrap())
+    };
+    let (code, err) = upload(&["--cmd", "upload", "fifo", "--replicas", "1"], None);
+    writer.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(stored("fifo") == original, "the FIFO's upload differs");
+
+    // Empty input is an empty file; standard input without --name is a one-line error.
+    let (code, err) = upload(
+        &[
+            "--cmd",
+            "upload",
+            "-",
+            "--name",
+            "nothing",
+            "--replicas",
+            "1",
+        ],
+        Some(Vec::new()),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(stored("nothing").is_empty());
+    let (code, err) = upload(&["--cmd", "upload", "-"], Some(b"x".to_vec()));
+    assert_eq!(code, 1);
+    assert!(
+        err.trim_end().lines().count() == 1 && err.contains("--name"),
+        "{err}"
+    );
+
+    // No spool was left behind.
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -65,8 +65,77 @@ fn default_name(path: &Path) -> Result<String, ClientError> {
         })
 }
 
+/// The path that names standard input (`upload - --name NAME`).
+pub const STDIN: &str = "-";
+
+/// Opens what an upload reads: a regular file as it is; standard input (`-`), a pipe or a
+/// character device (`/dev/stdin`, a FIFO) read once to its end into an unnamed temporary
+/// file, since an upload needs its size up front and reads a chunk again to retry it.
+/// The temporary file lives in `$TMPDIR` (else `/tmp`) and is unlinked at once, so nothing
+/// is left even if the process is killed. A block device, socket or directory is refused.
+async fn open_source(path: &Path) -> Result<std::fs::File, ClientError> {
+    use std::os::unix::fs::FileTypeExt;
+    let local_err = |op: &'static str, at: &Path, source: std::io::Error| ClientError::LocalIo {
+        op,
+        path: at.to_path_buf(),
+        source,
+    };
+    let source = if path == Path::new(STDIN) {
+        use std::os::fd::AsFd;
+        let fd = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| local_err("read", path, e))?;
+        std::fs::File::from(fd)
+    } else {
+        std::fs::File::open(path).map_err(|e| local_err("read", path, e))?
+    };
+    let kind = source
+        .metadata()
+        .map_err(|e| local_err("read", path, e))?
+        .file_type();
+    if kind.is_file() {
+        return Ok(source);
+    }
+    if !(kind.is_fifo() || kind.is_char_device()) {
+        return Err(ClientError::InvalidInput(format!(
+            "{} is not a regular file, a pipe or standard input",
+            path.display()
+        )));
+    }
+    let dir = std::env::temp_dir();
+    let at = path.to_path_buf();
+    let spooled = tokio::task::spawn_blocking(move || spool(source, &dir)).await;
+    match spooled {
+        Ok(r) => r.map_err(|e| local_err("read", &at, e)),
+        Err(e) => Err(local_err("read", &at, std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// Copies `source` to its end into a new file in `dir` that is unlinked as soon as it is
+/// made, and returns that file.
+fn spool(mut source: std::fs::File, dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".dfs-upload-{:08x}", chunk::random_u128() as u32));
+    let mut out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("temporary file in {}: {e}", dir.display()),
+            )
+        })?;
+    std::fs::remove_file(&tmp)?;
+    std::io::copy(&mut source, &mut out)?;
+    Ok(out)
+}
+
 impl Client {
-    /// Uploads the local file at `path`. The file becomes visible atomically when this returns
+    /// Uploads the local file at `path` (or `-`, standard input; see [`open_source`]). The file becomes visible atomically when this returns
     /// `Ok`; on error nothing is visible and the chunks already written are collected (but
     /// see `give_up_reservation` for an error that left the master unreachable).
     pub async fn upload(
@@ -77,6 +146,11 @@ impl Client {
         let started = std::time::Instant::now();
         let name = match &opts.name {
             Some(n) => n.clone(),
+            None if path == Path::new(STDIN) => {
+                return Err(ClientError::InvalidInput(
+                    "standard input has no name of its own; pass --name".into(),
+                ));
+            }
             None => default_name(path)?,
         };
         let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
@@ -84,15 +158,8 @@ impl Client {
             path: PathBuf::from(path),
             source,
         };
-        let file = std::fs::File::open(path).map_err(|e| local_err("read", e))?;
-        let meta = file.metadata().map_err(|e| local_err("read", e))?;
-        if !meta.is_file() {
-            return Err(ClientError::InvalidInput(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
-        }
-        let size = meta.len();
+        let file = open_source(path).await?;
+        let size = file.metadata().map_err(|e| local_err("read", e))?.len();
         // Whatever this name held is about to be replaced; a reserved upload below
         // remembers where its new bytes went.
         self.locations.forget(&name);
