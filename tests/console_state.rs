@@ -347,6 +347,11 @@ fn picker_navigates_filters_marks_and_uploads() {
     std::fs::write(dir.path().join("a.txt"), b"a").unwrap();
     std::fs::write(dir.path().join("b.txt"), b"bb").unwrap();
     std::fs::write(dir.path().join(".secret"), b"s").unwrap();
+    // Not listed: a FIFO (its upload would wait for a writer) and a broken link.
+    let fifo = std::ffi::CString::new(dir.path().join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("dangling")).unwrap();
     let mut a = app_with_files();
     a.start_dir = dir.path().to_path_buf();
     press(&mut a, KeyCode::Char('u'));

@@ -56,11 +56,14 @@ impl Picker {
             Ok(rd) => {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    // Follow symlinks for the kind and size, like a shell would.
-                    let meta = std::fs::metadata(e.path());
-                    let (is_dir, size) = match meta {
-                        Ok(m) => (m.is_dir(), if m.is_dir() { 0 } else { m.len() }),
-                        Err(_) => (false, 0),
+                    // Follow symlinks for the kind and size, like a shell would. Only what
+                    // can be opened or uploaded is listed: a FIFO would hold its upload until
+                    // something wrote to it (and the console cannot cancel a blocked read),
+                    // and a socket, device or broken link cannot be uploaded at all.
+                    let (is_dir, size) = match std::fs::metadata(e.path()) {
+                        Ok(m) if m.is_dir() => (true, 0),
+                        Ok(m) if m.is_file() => (false, m.len()),
+                        _ => continue,
                     };
                     self.entries.push(Entry { name, is_dir, size });
                 }
