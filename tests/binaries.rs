@@ -1042,8 +1042,9 @@ fn a_download_to_stdout_is_exactly_the_files_bytes() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let original = std::fs::read(&src).unwrap();
 
-    // Into a pipe, as `| b3sum` would read it, and the same through /dev/fd/1 with --json.
-    for (dest, json) in [("/dev/stdout", false), ("/dev/fd/1", true)] {
+    // Into a pipe, as `| b3sum` would read it; the same through /dev/fd/1 with --json, and
+    // through `-`.
+    for (dest, json) in [("/dev/stdout", false), ("/dev/fd/1", true), ("-", false)] {
         let mut args = vec!["--cmd", "download", "s.bin", "-o", dest];
         if json {
             args.insert(0, "--json");

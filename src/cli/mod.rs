@@ -62,7 +62,7 @@ impl Drop for Meter {
 pub enum Op {
     /// Upload a local file (prints the stored name, size, chunk count and replicas).
     Upload {
-        /// Local file to upload.
+        /// Local file to upload; `-` reads standard input (with --name).
         file: PathBuf,
         /// Name to store it under (default: the file's own name).
         #[arg(long)]
@@ -74,7 +74,7 @@ pub enum Op {
     /// Download a file to ./NAME or -o PATH (never overwrites without --force).
     Download {
         name: String,
-        /// Destination file, or an existing directory to put NAME in.
+        /// Destination file, or an existing directory to put NAME in; `-` is standard output.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
         /// Replace the destination if it exists.

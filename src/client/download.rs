@@ -617,14 +617,21 @@ fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 }
 
 /// A handle on standard output when `dest` is it (see [`is_stdout`]).
+/// `-` is standard output by name, as `curl -o -` takes it.
 fn stdout_if_same(dest: &Path) -> Option<std::fs::File> {
     use std::os::fd::AsFd;
-    let target = std::fs::metadata(dest).ok()?;
     let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
     let out = std::fs::File::from(fd);
+    if dest == Path::new(STDOUT) {
+        return Some(out);
+    }
+    let target = std::fs::metadata(dest).ok()?;
     let own = out.metadata().ok()?;
     same_file(&own, &target).then_some(out)
 }
+
+/// The destination that names standard output (`download NAME -o -`).
+pub const STDOUT: &str = "-";
 
 fn downloaded(
     name: &str,
