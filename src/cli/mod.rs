@@ -33,14 +33,23 @@ impl Meter {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let (done, total) = progress.snapshot();
-                let pct = (done * 100).checked_div(total).unwrap_or(100);
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-                eprint!(
-                    "\r\x1b[K{verb} {name}: {} / {} ({pct}%) {}/s",
-                    human_bytes(done),
-                    human_bytes(total),
-                    human_bytes(rate as u64)
-                );
+                if total == 0 {
+                    // No size yet: a pipe being read to its end before the upload.
+                    eprint!(
+                        "\r\x1b[K{verb} {name}: reading the input, {} so far, {}/s",
+                        human_bytes(done),
+                        human_bytes(rate as u64)
+                    );
+                } else {
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
+                    eprint!(
+                        "\r\x1b[K{verb} {name}: {} / {} ({pct}%) {}/s",
+                        human_bytes(done),
+                        human_bytes(total),
+                        human_bytes(rate as u64)
+                    );
+                }
                 let _ = std::io::stderr().flush();
             }
         });

@@ -73,7 +73,7 @@ pub const STDIN: &str = "-";
 /// file, since an upload needs its size up front and reads a chunk again to retry it.
 /// The temporary file lives in `$TMPDIR` (else `/tmp`) and is unlinked at once, so nothing
 /// is left even if the process is killed. A block device, socket or directory is refused.
-async fn open_source(path: &Path) -> Result<std::fs::File, ClientError> {
+async fn open_source(path: &Path, progress: &Arc<Progress>) -> Result<std::fs::File, ClientError> {
     use std::os::unix::fs::FileTypeExt;
     let local_err = |op: &'static str, at: &Path, source: std::io::Error| ClientError::LocalIo {
         op,
@@ -105,16 +105,26 @@ async fn open_source(path: &Path) -> Result<std::fs::File, ClientError> {
     }
     let dir = std::env::temp_dir();
     let at = path.to_path_buf();
-    let spooled = tokio::task::spawn_blocking(move || spool(source, &dir)).await;
+    let progress = progress.clone();
+    let spooled = tokio::task::spawn_blocking(move || spool(source, &dir, &progress)).await;
     match spooled {
-        Ok(r) => r.map_err(|e| local_err("read", &at, e)),
+        Ok(Ok(Some(file))) => Ok(file),
+        Ok(Ok(None)) => Err(ClientError::Cancelled),
+        Ok(Err(e)) => Err(local_err("read", &at, e)),
         Err(e) => Err(local_err("read", &at, std::io::Error::other(e.to_string()))),
     }
 }
 
 /// Copies `source` to its end into a new file in `dir` that is unlinked as soon as it is
-/// made, and returns that file.
-fn spool(mut source: std::fs::File, dir: &Path) -> std::io::Result<std::fs::File> {
+/// made, and returns that file (`None` if `progress` was cancelled meanwhile). The bytes
+/// read so far are counted in `progress.done`, with no total yet, so a meter can show that
+/// the input is being read.
+fn spool(
+    mut source: std::fs::File,
+    dir: &Path,
+    progress: &Progress,
+) -> std::io::Result<Option<std::fs::File>> {
+    use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(".dfs-upload-{:08x}", chunk::random_u128() as u32));
     let mut out = std::fs::OpenOptions::new()
@@ -130,8 +140,27 @@ fn spool(mut source: std::fs::File, dir: &Path) -> std::io::Result<std::fs::File
             )
         })?;
     std::fs::remove_file(&tmp)?;
-    std::io::copy(&mut source, &mut out)?;
-    Ok(out)
+    progress.total.store(0, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if progress.is_cancelled() {
+            return Ok(None);
+        }
+        let n = match source.read(&mut buf) {
+            Ok(0) => return Ok(Some(out)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n]).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("temporary file in {}: {e}", dir.display()),
+            )
+        })?;
+        progress.done.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Client {
@@ -158,18 +187,20 @@ impl Client {
             path: PathBuf::from(path),
             source,
         };
-        let file = open_source(path).await?;
+        // Checked before a pipe is read to its end, which may take long.
+        crate::names::validate(&name)
+            .map_err(|e| ClientError::InvalidInput(format!("invalid file name: {e}")))?;
+        let progress = opts.progress.clone().unwrap_or_default();
+        let file = open_source(path, &progress).await?;
         let size = file.metadata().map_err(|e| local_err("read", e))?.len();
         // Whatever this name held is about to be replaced; a reserved upload below
         // remembers where its new bytes went.
         self.locations.forget(&name);
-        let progress = opts.progress.clone().unwrap_or_default();
         progress.total.store(size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
         if size > 0
             && size <= SMALL_CHUNK_MAX
-            && crate::names::validate(&name).is_ok()
             && let Some(slot) = self.reservations.take(opts.replicas.unwrap_or(0))
             && size <= slot.max_size
         {
