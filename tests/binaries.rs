@@ -993,39 +993,10 @@ fn daemon_stderr_off_a_terminal_carries_the_log_file_lines_uncoloured() {
     }
 }
 
-/// Runs `dfs-tui` against `b` with its stdout going to `stdout`; bounded, killed on timeout.
+/// Runs `dfs-tui` against `b` with its stdout going to `stdout`: (exit code, stdout, stderr).
 fn cli_to(b: &Binaries, args: &[&str], stdout: std::process::Stdio) -> (i32, Vec<u8>, String) {
-    use std::process::{Command, Stdio};
-    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
-        .arg("--master")
-        .arg(b.master_addr())
-        .args(args)
-        .current_dir(b.cwd())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dfs-tui");
-    let pid = child.id() as i32;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(o)) => (
-            o.status.code().unwrap_or(-1),
-            o.stdout,
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        ),
-        _ => {
-            // SAFETY: kill(2) on the child this test spawned.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-            panic!("dfs-tui {args:?} did not finish in time");
-        }
-    }
+    let o = cli_raw(&b.master_addr(), b.cwd(), args, None, stdout, &[]);
+    (o.code, o.stdout, o.stderr)
 }
 
 /// `download NAME -o /dev/stdout` puts exactly the file's bytes on stdout, and its report on
@@ -1095,8 +1066,7 @@ fn a_download_to_stdout_is_exactly_the_files_bytes() {
 /// there), then uploaded as a file. Before, both were refused as "not a regular file".
 #[test]
 fn an_upload_from_a_pipe_stores_its_bytes() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let b = Binaries::start(1);
     b.wait_alive(1);
     let src = make_file(&b.cwd().join("p.bin"), 3 * MIB + 17, 9);
@@ -1104,47 +1074,9 @@ fn an_upload_from_a_pipe_stores_its_bytes() {
     let tmp = b.cwd().join("tmpdir");
     std::fs::create_dir(&tmp).unwrap();
     let upload = |args: &[&str], input: Option<Vec<u8>>| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
-            .arg("--master")
-            .arg(b.master_addr())
-            .args(args)
-            .current_dir(b.cwd())
-            .env("TMPDIR", &tmp)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dfs-tui");
-        let mut stdin = child.stdin.take().unwrap();
-        let feeder = std::thread::spawn(move || {
-            if let Some(data) = input {
-                // The pipe holds 64 KiB; the rest goes as the upload reads it. A command that
-                // refuses its input exits without reading (a broken pipe here); the bytes
-                // stored are checked below.
-                let _ = stdin.write_all(&data);
-            }
-        });
-        let pid = child.id() as i32;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let out = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Ok(o)) => o,
-            _ => {
-                // SAFETY: kill(2) on the child this test spawned.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-                panic!("dfs-tui {args:?} did not finish in time");
-            }
-        };
-        feeder.join().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let env = [("TMPDIR", tmp.as_os_str())];
+        let o = cli_raw(&b.master_addr(), b.cwd(), args, input, Stdio::piped(), &env);
+        (o.code, o.stderr)
     };
     let stored = |name: &str| {
         let dest = b.cwd().join(format!("{name}.out"));

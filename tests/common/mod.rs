@@ -438,18 +438,58 @@ pub struct CliOut {
 
 /// Runs `dfs-tui` with `args` in `cwd` against `master`, bounded by a timeout.
 pub fn cli(master: &str, cwd: &Path, args: &[&str]) -> CliOut {
+    let o = cli_raw(master, cwd, args, None, Stdio::piped(), &[]);
+    CliOut {
+        code: o.code,
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: o.stderr,
+        elapsed: o.elapsed,
+    }
+}
+
+/// Output of a finished CLI run, with its stdout as bytes.
+pub struct RawCliOut {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// [`cli`] with standard input fed `input` (else empty), stdout going to `stdout` (read
+/// back only when piped) and extra environment variables. Killed after 120 s.
+pub fn cli_raw(
+    master: &str,
+    cwd: &Path,
+    args: &[&str],
+    input: Option<Vec<u8>>,
+    stdout: Stdio,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> RawCliOut {
+    use std::io::Write;
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
         .arg("--master")
         .arg(master)
         .args(args)
         .current_dir(cwd)
         .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .envs(env.iter().copied())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn dfs-tui");
+    // Fed from a thread, as the command reads it (a pipe holds 64 KiB). A command that
+    // refuses its input exits without reading it: the broken pipe is not the test's error.
+    let feeder = child.stdin.take().zip(input).map(|(mut stdin, data)| {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        })
+    });
     // Collect output on a thread (pipes are drained while the child runs) with a bound.
     let pid = child.id() as i32;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -466,9 +506,12 @@ pub fn cli(master: &str, cwd: &Path, args: &[&str]) -> CliOut {
             panic!("dfs-tui {args:?} did not finish in time");
         }
     };
-    CliOut {
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    RawCliOut {
         code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stdout: out.stdout,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: started.elapsed(),
     }
