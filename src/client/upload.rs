@@ -164,9 +164,12 @@ fn spool(
 }
 
 impl Client {
-    /// Uploads the local file at `path` (or `-`, standard input; see [`open_source`]). The file becomes visible atomically when this returns
-    /// `Ok`; on error nothing is visible and the chunks already written are collected (but
-    /// see `give_up_reservation` for an error that left the master unreachable).
+    /// Uploads the local file at `path`. `-` (standard input), `/dev/stdin` or a FIFO is
+    /// read to its end into an unlinked temporary file in `$TMPDIR` first, since an upload
+    /// needs its size up front and rereads a chunk to retry it. The file becomes visible
+    /// atomically when this returns `Ok`; on error nothing is visible and the chunks
+    /// already written are collected (but see `give_up_reservation` for an error that left
+    /// the master unreachable).
     pub async fn upload(
         &self,
         path: &Path,
