@@ -1140,3 +1140,107 @@ fn an_upload_from_a_pipe_stores_its_bytes() {
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Ctrl-C during `--cmd upload` aborts the upload on the master (nothing stored, no open
+/// upload left) and exits 130; during `--cmd download` it removes the partial file. Before,
+/// the signal killed the process on the spot and the open upload held its chunks until its
+/// lease ran out (10 minutes). The worker is stopped (SIGSTOP) while the upload starts, so
+/// the signal lands mid-transfer whatever the machine's speed.
+#[test]
+fn ctrl_c_during_a_transfer_cleans_up_and_exits_130() {
+    let b = Binaries::start(1);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("big.bin"), 40 * MIB, 3);
+    let master = b.master_addr();
+    let worker = b.workers[0].1.as_ref().expect("worker runs");
+    worker.signal(libc::SIGSTOP);
+    let mut up = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &master,
+            "--cmd",
+            "upload",
+            "big.bin",
+            "--replicas",
+            "1",
+        ],
+        b.cwd(),
+        None,
+    );
+    // Started: the master holds the open upload, its first chunk stuck on the worker.
+    let mut started = false;
+    for _ in 0..200 {
+        let o = b.cli(&["--json", "--cmd", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+        if v["open_uploads"].as_u64() == Some(1) {
+            started = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up.signal(libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    worker.signal(libc::SIGCONT);
+    assert!(started, "the upload never opened: {}", up.stderr_text());
+    let status = up
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after SIGINT");
+    let err = up.stderr_text();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted; the upload was aborted"), "{err}");
+    b.wait_status("no open upload", Duration::from_secs(10), |v| {
+        v["open_uploads"].as_u64().unwrap_or(0) == 0
+    });
+    let o = b.cli(&["--cmd", "stat", "big.bin"]);
+    assert_eq!(o.code, 1, "the interrupted upload was stored: {}", o.stdout);
+
+    // A download interrupted the same way leaves no partial file beside its destination.
+    let o = b.cli(&["--cmd", "upload", "big.bin", "--replicas", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let out = b.cwd().join("out");
+    std::fs::create_dir(&out).unwrap();
+    worker.signal(libc::SIGSTOP);
+    let dest = out.join("copy.bin");
+    let mut down = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &master,
+            "--cmd",
+            "download",
+            "big.bin",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+        b.cwd(),
+        None,
+    );
+    // The partial file appears once the download has begun.
+    let mut begun = false;
+    for _ in 0..200 {
+        let names: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().collect();
+        if !names.is_empty() {
+            begun = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    down.signal(libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    worker.signal(libc::SIGCONT);
+    assert!(begun, "the download never began: {}", down.stderr_text());
+    let status = down
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after SIGINT");
+    let err = down.stderr_text();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted; the download stopped"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(src);
+}

@@ -274,12 +274,46 @@ pub async fn run(master: &str, transport: crate::rpc::Transport, op: Op, json: b
             }
             eprintln!("error: {msg}");
             // As a shell reports a process stopped by SIGINT.
-            if matches!(e, ClientError::Interrupted { .. }) {
+            if matches!(
+                e,
+                ClientError::Interrupted { .. } | ClientError::TransferInterrupted(_)
+            ) {
                 130
             } else {
                 1
             }
         }
+    }
+}
+
+/// How long a transfer asked to stop by a signal may take to stop (an upload finishes the
+/// chunk it is writing, then aborts itself on the master).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `transfer`; on SIGINT or SIGTERM asks it to stop (as the console's `c` does) and
+/// waits for that, at most [`STOP_WAIT`], so that an upload is aborted on the master and a
+/// download's partial file removed. Killed on the spot, they used to leave an open upload
+/// holding its chunks until its lease ran out (10 minutes). A second signal stops waiting.
+/// A transfer that ended anyway (its commit already sent) reports its own outcome.
+async fn interruptible<T>(
+    progress: &Progress,
+    transfer: impl Future<Output = Result<T, ClientError>>,
+    stopped: &str,
+    late: &str,
+) -> Result<T, ClientError> {
+    let mut transfer = std::pin::pin!(transfer);
+    tokio::select! {
+        r = &mut transfer => return r,
+        () = crate::cluster::shutdown_signal() => {}
+    }
+    progress.cancel();
+    tokio::select! {
+        r = &mut transfer => match r {
+            Err(ClientError::Cancelled) => Err(ClientError::TransferInterrupted(stopped.into())),
+            other => other,
+        },
+        () = crate::cluster::shutdown_signal() => Err(ClientError::TransferInterrupted(late.into())),
+        () = tokio::time::sleep(STOP_WAIT) => Err(ClientError::TransferInterrupted(late.into())),
     }
 }
 
@@ -304,16 +338,21 @@ async fn execute(
             let progress = Arc::new(Progress::default());
             let label = name.clone().unwrap_or_else(|| file.display().to_string());
             let meter = Meter::start("uploading", label, progress.clone(), !json);
-            let r = client
-                .upload(
-                    &file,
-                    UploadOptions {
-                        name,
-                        replicas,
-                        progress: Some(progress),
-                    },
-                )
-                .await;
+            let transfer = client.upload(
+                &file,
+                UploadOptions {
+                    name,
+                    replicas,
+                    progress: Some(progress.clone()),
+                },
+            );
+            let r = interruptible(
+                &progress,
+                transfer,
+                "the upload was aborted and nothing was stored",
+                "the upload did not stop in time; the master drops it when its lease runs out",
+            )
+            .await;
             drop(meter);
             let r = r?;
             Ok(output::upload(&r, json))
@@ -336,17 +375,22 @@ async fn execute(
             };
             let progress = Arc::new(Progress::default());
             let meter = Meter::start("downloading", name.clone(), progress.clone(), !json);
-            let r = client
-                .download(
-                    &name,
-                    &dest,
-                    DownloadOptions {
-                        force,
-                        fsync,
-                        progress: Some(progress),
-                    },
-                )
-                .await;
+            let transfer = client.download(
+                &name,
+                &dest,
+                DownloadOptions {
+                    force,
+                    fsync,
+                    progress: Some(progress.clone()),
+                },
+            );
+            let r = interruptible(
+                &progress,
+                transfer,
+                "the download stopped; a partial file is not left behind",
+                "the download did not stop in time",
+            )
+            .await;
             drop(meter);
             let r = r?;
             Ok(output::download(&r, json))

@@ -46,6 +46,9 @@ pub enum ClientError {
     /// false: a second signal skipped that).
     #[error("{}", if *cleaned { "interrupted; the benchmark's files were deleted" } else { "interrupted twice; the benchmark's files may be left behind (names dfs-bench-*)" })]
     Interrupted { cleaned: bool },
+    /// A `--cmd` upload or download stopped on SIGINT or SIGTERM; says what was left.
+    #[error("interrupted; {0}")]
+    TransferInterrupted(String),
     /// Some benchmark operations failed (the report is printed before this error).
     #[error("{failed} of {total} small-file operations failed; the first was {first}")]
     BenchFailed {
@@ -72,7 +75,9 @@ impl ClientError {
             ClientError::InvalidInput(_) => Code::InvalidArgument,
             ClientError::WriteFailed { .. } | ClientError::ReadFailed { .. } => Code::Unavailable,
             ClientError::Integrity(_) => Code::DataLoss,
-            ClientError::Cancelled | ClientError::Interrupted { .. } => Code::Cancelled,
+            ClientError::Cancelled
+            | ClientError::Interrupted { .. }
+            | ClientError::TransferInterrupted(_) => Code::Cancelled,
             ClientError::BenchFailed { code, .. } => *code,
         }
     }
