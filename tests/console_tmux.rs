@@ -249,3 +249,50 @@ fn the_masters_backlog_shows_when_each_event_happened() {
         "the master's start shows {earlier} s before the console's:\n{s}"
     );
 }
+
+/// Quitting the console while an upload runs aborts that upload on the master before the
+/// console exits. Before, the process ended at once and the open upload held its chunks
+/// until its lease ran out (10 minutes). The worker is stopped (SIGSTOP) while the upload
+/// starts, so that the quit lands mid-transfer whatever the machine's speed.
+#[test]
+fn quitting_mid_upload_aborts_it_on_the_master() {
+    let b = common::Binaries::start(1);
+    b.wait_alive(1);
+    make_file(&b.cwd().join("quit-upload.bin"), 40 * MIB, 8);
+    let bin = env!("CARGO_BIN_EXE_dfs-tui");
+    let cmd = format!(
+        "{bin} --master {} --log-dir {}; echo \"EXITED $?\"; sleep 60",
+        b.master_addr(),
+        b.cwd().join("console-logs").display()
+    );
+    let t = Tmux::start(b.cwd(), &cmd, 140, 36);
+    let long = Duration::from_secs(30);
+    t.wait_for("the console", long, |s| s.contains("✔ 1 alive"));
+    let worker = b.workers[0].1.as_ref().expect("worker runs");
+    worker.signal(libc::SIGSTOP);
+    t.keys(&["u"]);
+    t.wait_for("the picker", long, |s| s.contains("Upload:"));
+    t.text("quit-up");
+    t.wait_for("the entry", long, |s| s.contains("quit-upload.bin"));
+    t.keys(&["Enter"]);
+    let open = |v: &serde_json::Value| v["open_uploads"].as_u64().unwrap_or(0);
+    let mut started = false;
+    for _ in 0..200 {
+        let o = b.cli(&["--json", "--cmd", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+        if open(&v) == 1 {
+            started = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.keys(&["q"]);
+    std::thread::sleep(Duration::from_millis(500));
+    worker.signal(libc::SIGCONT);
+    assert!(started, "the upload never opened:\n{}", t.screen());
+    let s = t.wait_for("the exit", long, |s| s.contains("EXITED"));
+    assert!(s.contains("EXITED 0"), "{s}");
+    b.wait_status("no open upload", Duration::from_secs(10), |v| open(v) == 0);
+    let o = b.cli(&["--cmd", "stat", "quit-upload.bin"]);
+    assert_eq!(o.code, 1, "the abandoned upload was stored: {}", o.stdout);
+}

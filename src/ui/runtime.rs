@@ -112,6 +112,7 @@ async fn event_loop(
                 break;
             }
         }
+        stop_transfers(terminal, &mut app, &mut rx).await;
         Ok(())
     }
     .await;
@@ -119,6 +120,44 @@ async fn event_loop(
     tasks.abort_all();
     let _ = input.join();
     result
+}
+
+/// Longest the console waits on quitting for its running transfers to stop.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// On quit, the running transfers were asked to stop (`App::quit`). Waits for them, at most
+/// [`STOP_WAIT`], so that an upload is aborted on the master and a download's partial file
+/// removed, as `--cmd` does on Ctrl-C. Before, the process exited at once: an upload stayed
+/// open on the master, holding its chunks until its lease ran out.
+async fn stop_transfers(
+    terminal: &mut ratatui::DefaultTerminal,
+    app: &mut App,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+) {
+    let running = |app: &App| {
+        app.transfers
+            .iter()
+            .filter(|t| t.state == super::app::TransferState::Running)
+            .count()
+    };
+    if running(app) == 0 {
+        return;
+    }
+    app.note(
+        Level::Info,
+        format!("quitting: stopping {} transfer(s)…", running(app)),
+    );
+    let _ = terminal.draw(|f| view::render(f, app));
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    while running(app) > 0 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m @ Msg::TransferDone { .. })) => {
+                app.update(m);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
 }
 
 /// Reads terminal events on a thread (crossterm's read blocks) until `stop`.
