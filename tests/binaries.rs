@@ -1148,7 +1148,8 @@ fn an_upload_from_a_pipe_stores_its_bytes() {
 /// the signal lands mid-transfer whatever the machine's speed.
 #[test]
 fn ctrl_c_during_a_transfer_cleans_up_and_exits_130() {
-    let b = Binaries::start(1);
+    // The worker is held with SIGSTOP below: a long timeout keeps it alive meanwhile.
+    let b = Binaries::start_with(1, &["--heartbeat-timeout", "30s"]);
     b.wait_alive(1);
     let src = make_file(&b.cwd().join("big.bin"), 40 * MIB, 3);
     let master = b.master_addr();

@@ -256,7 +256,8 @@ fn the_masters_backlog_shows_when_each_event_happened() {
 /// starts, so that the quit lands mid-transfer whatever the machine's speed.
 #[test]
 fn quitting_mid_upload_aborts_it_on_the_master() {
-    let b = common::Binaries::start(1);
+    // The worker is held with SIGSTOP below: a long timeout keeps it alive meanwhile.
+    let b = common::Binaries::start_with(1, &["--heartbeat-timeout", "30s"]);
     b.wait_alive(1);
     make_file(&b.cwd().join("quit-upload.bin"), 40 * MIB, 8);
     let bin = env!("CARGO_BIN_EXE_dfs-tui");

@@ -543,7 +543,12 @@ impl Binaries {
 
     pub fn start_master(&mut self) {
         let listen = self.master_addr();
-        let mut args: Vec<&str> = vec!["--listen", &listen, "--heartbeat-timeout", "2s"];
+        let mut args: Vec<&str> = vec!["--listen", &listen];
+        // 2 s unless the test sets its own (one that holds a worker with SIGSTOP for a while
+        // keeps it alive with a longer one).
+        if !self.master_args.iter().any(|a| a == "--heartbeat-timeout") {
+            args.extend(["--heartbeat-timeout", "2s"]);
+        }
         args.extend(self.master_args.iter().map(String::as_str));
         self.master = Some(Daemon::spawn(MASTER, &args, self.dir.path()));
     }
