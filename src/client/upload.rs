@@ -7,7 +7,7 @@
 //! saves, so its latency becomes one round trip instead of one per replica.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -68,34 +68,45 @@ fn default_name(path: &Path) -> Result<String, ClientError> {
 /// The path that names standard input (`upload - --name NAME`).
 pub const STDIN: &str = "-";
 
-/// Opens what an upload reads: a regular file as it is; standard input (`-`), a pipe or a
-/// character device (`/dev/stdin`, a FIFO) read once to its end into an unnamed temporary
-/// file, since an upload needs its size up front and reads a chunk again to retry it.
-/// The temporary file lives in `$TMPDIR` (else `/tmp`) and is unlinked at once, so nothing
-/// is left even if the process is killed. A block device, socket or directory is refused.
-async fn open_source(path: &Path, progress: &Arc<Progress>) -> Result<std::fs::File, ClientError> {
-    use std::os::unix::fs::FileTypeExt;
-    let local_err = |op: &'static str, at: &Path, source: std::io::Error| ClientError::LocalIo {
+/// Opens what an upload reads, with its size: a regular file as it is; standard input
+/// (`-`), a pipe or a character device (`/dev/stdin`, a FIFO) read once to its end into an
+/// unnamed temporary file, since an upload needs its size up front and reads a chunk again
+/// to retry it. The temporary file lives in `$TMPDIR` (else `/tmp`) and is unlinked at
+/// once, so nothing is left even if the process is killed. A block device, socket or
+/// directory is refused.
+async fn open_source(
+    path: &Path,
+    progress: &Arc<Progress>,
+) -> Result<(std::fs::File, u64), ClientError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
         op,
-        path: at.to_path_buf(),
+        path: path.to_path_buf(),
         source,
     };
-    let source = if path == Path::new(STDIN) {
+    // Standard input is read through its own descriptor. A path is opened without waiting
+    // (a FIFO's open would wait for a writer, on an async thread that may also run an
+    // embedded cluster), which costs a regular file nothing; a pipe or device is opened
+    // again, blocking, on the blocking task below.
+    let stdin = path == Path::new(STDIN);
+    let f = if stdin {
         use std::os::fd::AsFd;
         let fd = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| local_err("read", path, e))?;
+            .map_err(|e| local_err("read", e))?;
         std::fs::File::from(fd)
     } else {
-        std::fs::File::open(path).map_err(|e| local_err("read", path, e))?
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| local_err("read", e))?
     };
-    let kind = source
-        .metadata()
-        .map_err(|e| local_err("read", path, e))?
-        .file_type();
+    let meta = f.metadata().map_err(|e| local_err("read", e))?;
+    let kind = meta.file_type();
     if kind.is_file() {
-        return Ok(source);
+        return Ok((f, meta.len()));
     }
     if !(kind.is_fifo() || kind.is_char_device()) {
         return Err(ClientError::InvalidInput(format!(
@@ -103,15 +114,24 @@ async fn open_source(path: &Path, progress: &Arc<Progress>) -> Result<std::fs::F
             path.display()
         )));
     }
-    let dir = std::env::temp_dir();
-    let at = path.to_path_buf();
-    let progress = progress.clone();
-    let spooled = tokio::task::spawn_blocking(move || spool(source, &dir, &progress)).await;
+    let source = stdin.then_some(f);
+    let (at, dir, progress) = (path.to_path_buf(), std::env::temp_dir(), progress.clone());
+    let spooled = tokio::task::spawn_blocking(move || {
+        let source = match source {
+            Some(f) => f,
+            None => std::fs::File::open(&at)?,
+        };
+        spool(source, &dir, &progress)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
     match spooled {
-        Ok(Ok(Some(file))) => Ok(file),
-        Ok(Ok(None)) => Err(ClientError::Cancelled),
-        Ok(Err(e)) => Err(local_err("read", &at, e)),
-        Err(e) => Err(local_err("read", &at, std::io::Error::other(e.to_string()))),
+        Ok(Some(file)) => {
+            let size = file.metadata().map_err(|e| local_err("read", e))?.len();
+            Ok((file, size))
+        }
+        Ok(None) => Err(ClientError::Cancelled),
+        Err(e) => Err(local_err("read", e)),
     }
 }
 
@@ -185,17 +205,11 @@ impl Client {
             }
             None => default_name(path)?,
         };
-        let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
-            op,
-            path: PathBuf::from(path),
-            source,
-        };
         // Checked before a pipe is read to its end, which may take long.
         crate::names::validate(&name)
             .map_err(|e| ClientError::InvalidInput(format!("invalid file name: {e}")))?;
         let progress = opts.progress.clone().unwrap_or_default();
-        let file = open_source(path, &progress).await?;
-        let size = file.metadata().map_err(|e| local_err("read", e))?.len();
+        let (file, size) = open_source(path, &progress).await?;
         // Whatever this name held is about to be replaced; a reserved upload below
         // remembers where its new bytes went.
         self.locations.forget(&name);
