@@ -376,12 +376,7 @@ async fn execute(
             let progress = Arc::new(Progress::default());
             let meter = Meter::start("downloading", name.clone(), progress.clone(), !json);
             // Written in place (a pipe, a device, standard output): what went out stays out.
-            let in_place = crate::client::is_stdout(&dest)
-                || std::fs::metadata(&dest).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_fifo() || m.file_type().is_char_device()
-                });
-            let stopped = if in_place {
+            let stopped = if crate::client::writes_in_place(&dest) {
                 "the download stopped part-way; what was written so far is incomplete"
             } else {
                 "the download stopped; a partial file is not left behind"

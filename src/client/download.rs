@@ -109,7 +109,7 @@ impl Client {
         if let Ok(meta) = std::fs::metadata(dest) {
             use std::os::unix::fs::FileTypeExt;
             let t = meta.file_type();
-            if t.is_char_device() || t.is_fifo() {
+            if is_device_or_pipe(&meta) {
                 let out = std::fs::OpenOptions::new()
                     .write(true)
                     .open(dest)
@@ -603,7 +603,6 @@ impl Client {
     }
 }
 
-/// The report of a finished download, logged.
 /// Whether `path` names the very file this process's standard output is (followed through
 /// symbolic links, as `/dev/stdout` is one): then the download's bytes are the output, and
 /// anything else a command prints must go elsewhere.
@@ -611,13 +610,26 @@ pub(crate) fn is_stdout(path: &Path) -> bool {
     stdout_if_same(path).is_some()
 }
 
+/// Whether a download to `dest` is written in place rather than into a file renamed over
+/// it: standard output, a character device or a FIFO. Bytes written there cannot be taken
+/// back if the download stops part-way.
+pub(crate) fn writes_in_place(dest: &Path) -> bool {
+    is_stdout(dest) || std::fs::metadata(dest).is_ok_and(|m| is_device_or_pipe(&m))
+}
+
+fn is_device_or_pipe(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    t.is_char_device() || t.is_fifo()
+}
+
 fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
     a.dev() == b.dev() && a.ino() == b.ino()
 }
 
-/// A handle on standard output when `dest` is it (see [`is_stdout`]).
-/// `-` is standard output by name, as `curl -o -` takes it.
+/// A handle on standard output when `dest` is it (see [`is_stdout`]); `-` names it, as
+/// `curl -o -` takes it.
 fn stdout_if_same(dest: &Path) -> Option<std::fs::File> {
     use std::os::fd::AsFd;
     let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
@@ -633,6 +645,7 @@ fn stdout_if_same(dest: &Path) -> Option<std::fs::File> {
 /// The destination that names standard output (`download NAME -o -`).
 pub const STDOUT: &str = "-";
 
+/// The report of a finished download, logged.
 fn downloaded(
     name: &str,
     dest: &Path,

@@ -6,7 +6,7 @@ mod batch;
 mod calls;
 mod confirm;
 mod download;
-pub(crate) use download::is_stdout;
+pub(crate) use download::{is_stdout, writes_in_place};
 mod error;
 mod locations;
 mod read_stream;
