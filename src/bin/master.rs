@@ -102,7 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.rebuild_window = Some(args.rebuild_window.0);
     }
     let (secret, tls) = args.access.load()?;
-    let exposure = (secret.is_some(), tls.is_some());
+    let (has_secret, has_tls) = (secret.is_some(), tls.is_some());
     cfg.cluster_secret = secret;
     cfg.tls = tls;
     cfg.chunk_token_ttl = args.chunk_token_ttl.0;
@@ -126,7 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bound = listener
         .local_addr()
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    dfs::cli::access::log_exposure("master", bound, exposure.0, exposure.1);
+    dfs::cli::access::log_exposure("master", bound, has_secret, has_tls);
     let master = Master::open(cfg)
         .with_context(|| format!("cannot open metadata in {}", args.data_dir.display()))?;
     tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), chunk_size = %args.chunk_size, replicas = args.replicas, "master starting");

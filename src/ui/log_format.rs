@@ -56,7 +56,9 @@ impl LogFormatter for EventTimeFormatter {
 /// (when it was logged) for any other.
 pub fn event_time(msg: &str, stamped: i64) -> (i64, &str) {
     let own = msg
-        .strip_prefix(" at_ms: ")
+        .strip_prefix(' ')
+        .and_then(|m| m.strip_prefix(AT_FIELD))
+        .and_then(|m| m.strip_prefix(": "))
         .and_then(|rest| {
             let (digits, text) = rest.split_once(' ').unwrap_or((rest, ""));
             Some((digits.parse::<i64>().ok()?, text))
@@ -78,30 +80,23 @@ pub fn clock(unix_ms: i64) -> String {
 /// columns; every line after the first is indented under the message.
 fn wrap(head: &str, message: &str, width: usize) -> Vec<String> {
     let width = width.max(INDENT + 1);
-    let mut out = Vec::new();
     let mut lines = message.lines();
     let first = format!("{head}{}", lines.next().unwrap_or(""));
-    let mut pieces: Vec<(bool, &str)> = vec![(false, first.as_str())];
-    let rest: Vec<&str> = lines.collect();
-    pieces.extend(rest.iter().map(|l| (true, *l)));
+    let pieces = std::iter::once((false, first.as_str())).chain(lines.map(|l| (true, l)));
+    let mut out = Vec::new();
     for (indented, text) in pieces {
-        let mut chars: Vec<char> = text.chars().collect();
-        let mut room = if indented { width - INDENT } else { width };
-        let mut indent = indented;
-        loop {
-            let take = room.min(chars.len());
-            let part: String = chars.drain(..take).collect();
-            out.push(if indent {
-                format!("{}{part}", " ".repeat(INDENT))
-            } else {
-                part
-            });
-            if chars.is_empty() {
-                break;
-            }
-            indent = true;
-            room = width - INDENT;
-        }
+        let chars: Vec<char> = text.chars().collect();
+        // The first piece of a message's first line has the whole width; the rest sit
+        // under the message.
+        let first_room = if indented { width - INDENT } else { width };
+        let (start, rest) = chars.split_at(first_room.min(chars.len()));
+        let indent = |part: &[char]| format!("{}{}", " ".repeat(INDENT), String::from_iter(part));
+        out.push(if indented {
+            indent(start)
+        } else {
+            start.iter().collect()
+        });
+        out.extend(rest.chunks(width - INDENT).map(indent));
     }
     out
 }
