@@ -1141,6 +1141,33 @@ fn an_upload_from_a_pipe_stores_its_bytes() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// Waits (bounded) until `begun` holds for `cli`, a transfer stuck on the SIGSTOPped
+/// `worker`; then sends it SIGINT, lets the worker go on half a second later, and returns
+/// the CLI's exit code and stderr.
+fn interrupt_once(
+    worker: &Daemon,
+    cli: &mut Daemon,
+    what: &str,
+    begun: impl Fn() -> bool,
+) -> (Option<i32>, String) {
+    let mut seen = false;
+    for _ in 0..200 {
+        if begun() {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    cli.signal(libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    worker.signal(libc::SIGCONT);
+    assert!(seen, "timed out waiting for {what}: {}", cli.stderr_text());
+    let status = cli
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after SIGINT");
+    (status.code(), cli.stderr_text())
+}
+
 /// Ctrl-C during `--cmd upload` aborts the upload on the master (nothing stored, no open
 /// upload left) and exits 130; during `--cmd download` it removes the partial file. Before,
 /// the signal killed the process on the spot and the open upload held its chunks until its
@@ -1170,25 +1197,12 @@ fn ctrl_c_during_a_transfer_cleans_up_and_exits_130() {
         None,
     );
     // Started: the master holds the open upload, its first chunk stuck on the worker.
-    let mut started = false;
-    for _ in 0..200 {
+    let (code, err) = interrupt_once(worker, &mut up, "the upload to open", || {
         let o = b.cli(&["--json", "--cmd", "status"]);
         let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
-        if v["open_uploads"].as_u64() == Some(1) {
-            started = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    up.signal(libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(500));
-    worker.signal(libc::SIGCONT);
-    assert!(started, "the upload never opened: {}", up.stderr_text());
-    let status = up
-        .wait_exit(Duration::from_secs(30))
-        .expect("exits after SIGINT");
-    let err = up.stderr_text();
-    assert_eq!(status.code(), Some(130), "{err}");
+        v["open_uploads"].as_u64() == Some(1)
+    });
+    assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("interrupted; the upload was aborted"), "{err}");
     b.wait_status("no open upload", Duration::from_secs(10), |v| {
         v["open_uploads"].as_u64().unwrap_or(0) == 0
@@ -1218,24 +1232,10 @@ fn ctrl_c_during_a_transfer_cleans_up_and_exits_130() {
         None,
     );
     // The partial file appears once the download has begun.
-    let mut begun = false;
-    for _ in 0..200 {
-        let names: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().collect();
-        if !names.is_empty() {
-            begun = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    down.signal(libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(500));
-    worker.signal(libc::SIGCONT);
-    assert!(begun, "the download never began: {}", down.stderr_text());
-    let status = down
-        .wait_exit(Duration::from_secs(30))
-        .expect("exits after SIGINT");
-    let err = down.stderr_text();
-    assert_eq!(status.code(), Some(130), "{err}");
+    let (code, err) = interrupt_once(worker, &mut down, "the download to begin", || {
+        std::fs::read_dir(&out).unwrap().flatten().next().is_some()
+    });
+    assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("interrupted; the download stopped"), "{err}");
     let left: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
