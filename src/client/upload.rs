@@ -78,43 +78,47 @@ async fn open_source(
     path: &Path,
     progress: &Arc<Progress>,
 ) -> Result<(std::fs::File, u64), ClientError> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::FileTypeExt;
     let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
         op,
         path: path.to_path_buf(),
         source,
     };
-    // Standard input is read through its own descriptor. A path is opened without waiting
-    // (a FIFO's open would wait for a writer, on an async thread that may also run an
-    // embedded cluster), which costs a regular file nothing; a pipe or device is opened
-    // again, blocking, on the blocking task below.
+    // Standard input is read through its own descriptor. Opening a FIFO waits for its
+    // writer, so a path that names one is opened on the blocking task below, not on an
+    // async thread (which may also run an embedded cluster). It is not opened without
+    // waiting either: a reader that comes and goes can break a writer's pipe.
     let stdin = path == Path::new(STDIN);
-    let f = if stdin {
+    let fifo = !stdin && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    let f = if fifo {
+        None
+    } else if stdin {
         use std::os::fd::AsFd;
         let fd = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| local_err("read", e))?;
-        std::fs::File::from(fd)
+        Some(std::fs::File::from(fd))
     } else {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| local_err("read", e))?
+        Some(std::fs::File::open(path).map_err(|e| local_err("read", e))?)
     };
-    let meta = f.metadata().map_err(|e| local_err("read", e))?;
-    let kind = meta.file_type();
-    if kind.is_file() {
-        return Ok((f, meta.len()));
-    }
-    if !(kind.is_fifo() || kind.is_char_device()) {
-        return Err(ClientError::InvalidInput(format!(
-            "{} is not a regular file, a pipe or standard input",
-            path.display()
-        )));
-    }
-    let source = stdin.then_some(f);
+    let source = match f {
+        None => None,
+        Some(f) => {
+            let meta = f.metadata().map_err(|e| local_err("read", e))?;
+            let kind = meta.file_type();
+            if kind.is_file() {
+                return Ok((f, meta.len()));
+            }
+            if !(kind.is_fifo() || kind.is_char_device()) {
+                return Err(ClientError::InvalidInput(format!(
+                    "{} is not a regular file, a pipe or standard input",
+                    path.display()
+                )));
+            }
+            Some(f)
+        }
+    };
     let (at, dir, progress) = (path.to_path_buf(), std::env::temp_dir(), progress.clone());
     let spooled = tokio::task::spawn_blocking(move || {
         let source = match source {
