@@ -112,6 +112,7 @@ async fn out_of_range_requests_are_invalid() {
             name: "huge".into(),
             size: u64::MAX,
             replicas: 1,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -122,6 +123,7 @@ async fn out_of_range_requests_are_invalid() {
             name: "f".into(),
             size: 100,
             replicas: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -162,6 +164,76 @@ async fn out_of_range_requests_are_invalid() {
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     }
     assert!(t.client.list().await.unwrap().is_empty());
+
+    // An upload of unknown size: a size beside the flag is refused; its chunks are placed
+    // one by one, at any index; its commit must give a size its chunks add up to.
+    let e = m
+        .start_upload(pb::StartUploadRequest {
+            name: "s".into(),
+            size: 5,
+            replicas: 1,
+            size_unknown: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("unknown size"), "{}", e.message());
+    let open = m
+        .start_upload(pb::StartUploadRequest {
+            name: "s".into(),
+            size: 0,
+            replicas: 1,
+            size_unknown: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.chunks.is_empty());
+    let far = m
+        .allocate_chunk(pb::AllocateChunkRequest {
+            upload_id: open.upload_id.clone(),
+            index: 70,
+            exclude: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .chunk
+        .unwrap();
+    assert_eq!(far.index, 70);
+    let only_far = vec![pb::CommittedChunk {
+        index: 70,
+        chunk_id: far.chunk_id.clone(),
+        length: 1,
+        crc32c: 0,
+        workers: far.workers.clone(),
+    }];
+    for (size, chunks) in [(1, vec![]), (70 * MIB + 1, only_far)] {
+        let e = m
+            .commit_upload(pb::CommitUploadRequest {
+                upload_id: open.upload_id.clone(),
+                chunks,
+                sha256: "a".repeat(64),
+                size,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    }
+    assert!(t.client.list().await.unwrap().is_empty());
+    // Size 0 with no chunks is an empty input: an empty file (the unused chunk is garbage).
+    let empty = m
+        .commit_upload(pb::CommitUploadRequest {
+            upload_id: open.upload_id.clone(),
+            sha256: "a".repeat(64),
+            size: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(empty.file.map(|f| (f.size, f.chunk_count)), Some((0, 0)));
     // Heartbeats and registrations from nonsense addresses are refused.
     let e = m
         .register(pb::RegisterRequest {

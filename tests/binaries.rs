@@ -105,6 +105,7 @@ fn cli_round_trip_then_kill9_a_worker_then_the_master() {
             name: "in-flight".into(),
             size: 10,
             replicas: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1137,6 +1138,130 @@ fn an_upload_from_a_pipe_stores_its_bytes() {
     );
 
     // No spool was left behind.
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Bytes on disk of the unlinked spool file `pid` holds open, if it holds one.
+fn spool_bytes(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    fds.flatten().find_map(|fd| {
+        let target = std::fs::read_link(fd.path()).ok()?;
+        target
+            .to_string_lossy()
+            .contains(".dfs-upload-")
+            .then(|| std::fs::metadata(fd.path()).ok())
+            .flatten()
+            .map(|m| m.blocks() * 512)
+    })
+}
+
+#[test]
+fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let b = Binaries::start_with(1, &["--chunk-size", "1MiB"]);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 5, 11);
+    let data = std::fs::read(&src).unwrap();
+    let tmp = b.cwd().join("tmpdir");
+    std::fs::create_dir(&tmp).unwrap();
+    let stderr_path = b.cwd().join("stream-cli.err");
+    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
+        .args(["--master", &b.master_addr(), "--cmd", "upload", "-"])
+        .args(["--name", "stream.bin", "--replicas", "1"])
+        .current_dir(b.cwd())
+        .env_remove("RUST_LOG")
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut cli = Daemon {
+        child,
+        name: "dfs-tui --cmd upload -".into(),
+        stderr_path,
+    };
+    let mut input = cli.child.stdin.take().unwrap();
+    let pid = cli.child.id();
+    let worker_dir = b.cwd().join(format!("worker_localhost_{}", b.workers[0].0));
+
+    // Most of the input, and the pipe kept open: chunks are stored as they come.
+    input.write_all(&data[..24 * MIB as usize]).unwrap();
+    let mut stored = 0;
+    let mut most_staged = 0;
+    for _ in 0..300 {
+        stored = chunk_files(&worker_dir).len();
+        most_staged = most_staged.max(spool_bytes(pid).unwrap_or(0));
+        if stored >= 12 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stored >= 12,
+        "only {stored} chunks stored while the input was open"
+    );
+    assert_eq!(
+        cli.child.try_wait().unwrap(),
+        None,
+        "the upload ended before its input"
+    );
+    input.write_all(&data[24 * MIB as usize..]).unwrap();
+    drop(input);
+    let status = cli
+        .wait_exit(Duration::from_secs(60))
+        .expect("the upload ends with its input");
+    assert!(status.success(), "{}", cli.stderr_text());
+    // The spool holds the chunks in flight and the next one (9 of 1 MiB here), not the
+    // input: with the whole input staged it would have reached 24 MiB above.
+    assert!(
+        most_staged <= 10 * MIB,
+        "the spool held {most_staged} bytes on disk"
+    );
+
+    download_and_compare(&b, "stream.bin", &src);
+    let o = b.cli(&["--cmd", "stat", "stream.bin", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["size"].as_u64(), Some(40 * MIB + 5));
+    assert_eq!(v["chunks"].as_array().map(Vec::len), Some(41));
+
+    // An input that ends exactly at a chunk's end has no empty chunk after it.
+    let exact = data[..3 * MIB as usize].to_vec();
+    let args = [
+        "--cmd",
+        "upload",
+        "-",
+        "--name",
+        "exact.bin",
+        "--replicas",
+        "1",
+    ];
+    let o = cli_raw(
+        &b.master_addr(),
+        b.cwd(),
+        &args,
+        Some(exact.clone()),
+        Stdio::null(),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = b.cli(&["--cmd", "stat", "exact.bin", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["size"].as_u64(), Some(3 * MIB));
+    assert_eq!(v["chunks"].as_array().map(Vec::len), Some(3));
+    let o = cli_raw(
+        &b.master_addr(),
+        b.cwd(),
+        &["--cmd", "download", "exact.bin", "-o", "-"],
+        None,
+        Stdio::piped(),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout == exact, "exact.bin differs");
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }

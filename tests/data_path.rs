@@ -362,6 +362,7 @@ async fn an_abandoned_upload_never_appears_and_its_chunks_are_removed() {
             name: "ghost".into(),
             size: 2 * MIB,
             replicas: 3,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -676,6 +677,7 @@ async fn start_uploads(
                 name: n.to_string(),
                 size,
                 replicas: 0,
+                ..Default::default()
             })
             .collect(),
     })

@@ -166,6 +166,17 @@ fn metadata_is_rebuilt_from_the_workers_after_the_master_loses_its_data_dir() {
         let o = b.cli(&["--cmd", "upload", p.to_str().unwrap(), "--name", name]);
         assert_eq!(o.code, 0, "{}", o.stderr);
     }
+    // Uploaded from a pipe: only its last chunk's header knew the file's size.
+    let piped = make_file(&b.cwd().join("piped.bin"), 17 * MIB + 5, 5);
+    let o = cli_raw(
+        &b.master_addr(),
+        b.cwd(),
+        &["--cmd", "upload", "-", "--name", "piped.bin"],
+        Some(std::fs::read(&piped).unwrap()),
+        std::process::Stdio::null(),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
     // The master loses everything.
     b.master.as_mut().unwrap().kill9();
     std::fs::remove_dir_all(b.cwd().join("master_data")).unwrap();
@@ -179,7 +190,7 @@ fn metadata_is_rebuilt_from_the_workers_after_the_master_loses_its_data_dir() {
         let o = b.cli(&["--cmd", "ls", "--json"]);
         if o.code == 0 {
             let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-            if v["files"].as_array().map(|a| a.len()) == Some(3) {
+            if v["files"].as_array().map(|a| a.len()) == Some(4) {
                 break;
             }
         }
@@ -195,6 +206,7 @@ fn metadata_is_rebuilt_from_the_workers_after_the_master_loses_its_data_dir() {
     download_equal(&b, "big.bin", &big);
     download_equal(&b, "small.txt", &small);
     download_equal(&b, "doc", &v2);
+    download_equal(&b, "piped.bin", &piped);
     let o = b.cli(&["--cmd", "stat", "doc"]);
     assert!(
         o.stdout.contains("rebuilt from worker chunk headers"),

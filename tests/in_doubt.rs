@@ -121,6 +121,7 @@ async fn reads_wait_for_a_prepared_commit_until_its_client_confirms_or_aborts_it
             name: "started".into(),
             size: data.len() as u64,
             replicas: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -102,6 +102,7 @@ async fn call_every_rpc(
                     name: "intruder".into(),
                     size: 10,
                     replicas: 1,
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -114,6 +115,7 @@ async fn call_every_rpc(
                         name: "intruder".into(),
                         size: 10,
                         replicas: 1,
+                        ..Default::default()
                     }],
                 })
                 .await,
@@ -839,6 +841,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
                 name: n.clone(),
                 size: 1,
                 replicas: 1,
+                ..Default::default()
             })
             .await;
         assert_eq!(
@@ -907,6 +910,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
             name: "huge".into(),
             size: u64::MAX,
             replicas: 1,
+            ..Default::default()
         })
         .await;
     assert!(matches!(
@@ -918,6 +922,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
             name: "many".into(),
             size: 1,
             replicas: u32::MAX,
+            ..Default::default()
         })
         .await;
     assert_eq!(r.err().map(|s| s.code()), Some(Code::InvalidArgument));
@@ -934,6 +939,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
             name: "n".into(),
             size: 10,
             replicas: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1140,6 +1146,7 @@ async fn open_uploads_are_capped_per_client() {
         name: n.into(),
         size: 10,
         replicas: 1,
+        ..Default::default()
     };
     let a1 = alice.start_upload(start("a1")).await.unwrap().into_inner();
     alice.start_upload(start("a2")).await.unwrap();
@@ -1183,6 +1190,7 @@ async fn a_worker_caps_concurrent_transfers_and_frees_stalled_ones() {
             name: "stall".into(),
             size: 10,
             replicas: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1383,6 +1391,7 @@ async fn reserved_uploads_carry_capabilities_the_workers_accept() {
             name: "large".into(),
             size: 64 << 20,
             replicas: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

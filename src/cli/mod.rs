@@ -35,9 +35,9 @@ impl Meter {
                 let (done, total) = progress.snapshot();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
                 if total == 0 {
-                    // No size yet: a pipe being read to its end before the upload.
+                    // No size: a pipe, uploaded as it is read.
                     eprint!(
-                        "\r\x1b[K{verb} {name}: reading the input, {} so far, {}/s",
+                        "\r\x1b[K{verb} {name}: {} so far (size known at the input's end), {}/s",
                         human_bytes(done),
                         human_bytes(rate as u64)
                     );

@@ -12,6 +12,7 @@ mod locations;
 mod read_stream;
 mod reserve;
 mod send;
+mod spool;
 mod upload;
 
 use std::collections::HashMap;

@@ -22,6 +22,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::spool::Spool;
 use super::upload::{AttemptError, MAX_ATTEMPTS, all_stored, read_small};
 use super::{AbortOnDrop, Client, ClientError, Progress};
 use crate::chunk;
@@ -46,12 +47,22 @@ fn in_flight(chunk_size: u64) -> usize {
     ((UPLOAD_IN_FLIGHT_BYTES / chunk_size.max(1)) as usize).clamp(1, MAX_UPLOAD_IN_FLIGHT)
 }
 
+/// How far a stream's spool may read past its oldest chunk not yet stored: the chunks in
+/// flight and the next one (whose first byte tells whether the one before it is the last),
+/// so that reading the input never waits for the sending, nor holds more than that.
+pub(super) fn spool_ahead(chunk_size: u64) -> u64 {
+    (in_flight(chunk_size) as u64 + 1) * chunk_size.max(1)
+}
+
 /// What every chunk of one upload shares.
 pub(super) struct Upload<'a> {
     pub plan: &'a pb::StartUploadResponse,
     pub name: &'a str,
+    /// The file's size; 0 for a stream, whose chunks come as `stream` has them.
     pub size: u64,
     pub file: Arc<std::fs::File>,
+    /// An input of unknown size, staged in `file` as it is read.
+    pub stream: Option<&'a Spool>,
     pub progress: &'a Arc<Progress>,
 }
 
@@ -70,6 +81,9 @@ struct ChunkJob {
     index: u32,
     offset: u64,
     len: u64,
+    /// For its header: the file's size, or for a stream's chunk before the last 0 (not
+    /// known yet; a metadata rebuild takes the size from the last chunk).
+    file_size: u64,
     placement: ChunkPlacement,
     attempt: u32,
     exclude: Vec<String>,
@@ -130,7 +144,7 @@ impl Client {
         let mut committed = Vec::with_capacity(n as usize);
         let mut tries = Attempts::default();
         let mut sent: VecDeque<(ChunkJob, Launched)> = VecDeque::with_capacity(window);
-        for index in 0..n {
+        for index in 0.. {
             if up.progress.is_cancelled() {
                 return Err(ClientError::Cancelled);
             }
@@ -140,15 +154,29 @@ impl Client {
                 }
             }
             let offset = index * cs;
-            let planned = up.plan.chunks.iter().find(|c| c.index as u64 == index);
+            let (len, file_size) = match up.stream {
+                None if index >= n => break,
+                None => ((up.size - offset).min(cs), up.size),
+                Some(s) => match s.chunk(offset, cs, || up.progress.is_cancelled()).await? {
+                    None => break,
+                    Some((len, last)) => (len, if last { offset + len } else { 0 }),
+                },
+            };
+            let index = u32::try_from(index).map_err(|_| {
+                ClientError::InvalidInput(format!(
+                    "the input is too large for chunks of {cs} bytes"
+                ))
+            })?;
+            let planned = up.plan.chunks.iter().find(|c| c.index == index);
             let placement = match planned {
                 Some(p) if !p.workers.iter().any(|w| tries.avoid.contains(w)) => p.clone(),
-                _ => self.place(up, index as u32, &[], &tries.avoid).await?,
+                _ => self.place(up, index, &[], &tries.avoid).await?,
             };
             let mut job = ChunkJob {
-                index: index as u32,
+                index,
                 offset,
-                len: (up.size - offset).min(cs),
+                len,
+                file_size,
                 placement,
                 attempt: 1,
                 exclude: Vec::new(),
@@ -197,6 +225,9 @@ impl Client {
         loop {
             match l.answer.result().await {
                 Ok(stored_on) => {
+                    if let Some(s) = up.stream {
+                        s.release(job.offset + job.len);
+                    }
                     let chunk = CommittedChunk {
                         index: job.index,
                         chunk_id: job.placement.chunk_id.clone(),
@@ -308,7 +339,7 @@ impl Client {
             length: job.len,
             crc32c: 0,
             created_unix_ms: now_unix_ms(),
-            file_size: up.size,
+            file_size: job.file_size,
             chunk_size: up.plan.chunk_size,
         };
         let read = if job.len <= SMALL_CHUNK_MAX {

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::locations::Location;
+use super::spool::{Input, Spool};
 use super::{AbortOnDrop, Client, ClientError, Progress, reserve, send};
 use crate::chunk;
 use crate::digest::FileHasher;
@@ -68,129 +69,57 @@ fn default_name(path: &Path) -> Result<String, ClientError> {
 /// The path that names standard input (`upload - --name NAME`).
 pub const STDIN: &str = "-";
 
-/// Opens what an upload reads, with its size: a regular file as it is; standard input
-/// (`-`), a pipe or a character device (`/dev/stdin`, a FIFO) read once to its end into an
-/// unnamed temporary file, since an upload needs its size up front and reads a chunk again
-/// to retry it. The temporary file lives in `$TMPDIR` (else `/tmp`) and is unlinked at
-/// once, so nothing is left even if the process is killed. A block device, socket or
-/// directory is refused.
-async fn open_source(
-    path: &Path,
-    progress: &Arc<Progress>,
-) -> Result<(std::fs::File, u64), ClientError> {
+/// What an upload reads.
+enum Source {
+    /// A regular file, with its size.
+    File(std::fs::File, u64),
+    /// Standard input (`-`), a pipe or a character device (`/dev/stdin`, a FIFO): its size
+    /// is known only at its end, so it is staged a few chunks at a time (`spool`).
+    Stream(Input),
+}
+
+/// Opens what an upload reads. A FIFO is not opened here: that waits for its writer (on
+/// an async thread, which may also run an embedded cluster), so the spool's thread opens
+/// it. Nor is it opened without waiting: a reader that comes and goes can break a writer's
+/// pipe. A block device, socket or directory is refused.
+fn open_source(path: &Path) -> Result<Source, ClientError> {
     use std::os::unix::fs::FileTypeExt;
-    let local_err = |op: &'static str, source: std::io::Error| ClientError::LocalIo {
-        op,
+    let local_err = |source: std::io::Error| ClientError::LocalIo {
+        op: "read",
         path: path.to_path_buf(),
         source,
     };
-    // Standard input is read through its own descriptor. Opening a FIFO waits for its
-    // writer, so a path that names one is opened on the blocking task below, not on an
-    // async thread (which may also run an embedded cluster). It is not opened without
-    // waiting either: a reader that comes and goes can break a writer's pipe.
-    let stdin = path == Path::new(STDIN);
-    let fifo = !stdin && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-    let f = if fifo {
-        None
-    } else if stdin {
+    let f = if path == Path::new(STDIN) {
         use std::os::fd::AsFd;
         let fd = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| local_err("read", e))?;
-        Some(std::fs::File::from(fd))
+            .map_err(local_err)?;
+        std::fs::File::from(fd)
+    } else if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        return Ok(Source::Stream(Input::Path(path.to_path_buf())));
     } else {
-        Some(std::fs::File::open(path).map_err(|e| local_err("read", e))?)
+        std::fs::File::open(path).map_err(local_err)?
     };
-    let source = match f {
-        None => None,
-        Some(f) => {
-            let meta = f.metadata().map_err(|e| local_err("read", e))?;
-            let kind = meta.file_type();
-            if kind.is_file() {
-                return Ok((f, meta.len()));
-            }
-            if !(kind.is_fifo() || kind.is_char_device()) {
-                return Err(ClientError::InvalidInput(format!(
-                    "{} is not a regular file, a pipe or standard input",
-                    path.display()
-                )));
-            }
-            Some(f)
-        }
-    };
-    let (at, dir, progress) = (path.to_path_buf(), std::env::temp_dir(), progress.clone());
-    let spooled = tokio::task::spawn_blocking(move || {
-        let source = match source {
-            Some(f) => f,
-            None => std::fs::File::open(&at)?,
-        };
-        spool(source, &dir, &progress)
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    match spooled {
-        Ok(Some(file)) => {
-            let size = file.metadata().map_err(|e| local_err("read", e))?.len();
-            Ok((file, size))
-        }
-        Ok(None) => Err(ClientError::Cancelled),
-        Err(e) => Err(local_err("read", e)),
-    }
-}
-
-/// Copies `source` to its end into a new file in `dir` that is unlinked as soon as it is
-/// made, and returns that file (`None` if `progress` was cancelled meanwhile). The bytes
-/// read so far are counted in `progress.done`, with no total yet, so a meter can show that
-/// the input is being read.
-fn spool(
-    mut source: std::fs::File,
-    dir: &Path,
-    progress: &Progress,
-) -> std::io::Result<Option<std::fs::File>> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".dfs-upload-{:08x}", chunk::random_u128() as u32));
-    let mut out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("temporary file in {}: {e}", dir.display()),
-            )
-        })?;
-    std::fs::remove_file(&tmp)?;
-    progress.total.store(0, Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        if progress.is_cancelled() {
-            return Ok(None);
-        }
-        let n = match source.read(&mut buf) {
-            Ok(0) => return Ok(Some(out)),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        out.write_all(&buf[..n]).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("temporary file in {}: {e}", dir.display()),
-            )
-        })?;
-        progress.done.fetch_add(n as u64, Ordering::Relaxed);
+    let meta = f.metadata().map_err(local_err)?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        Ok(Source::File(f, meta.len()))
+    } else if kind.is_fifo() || kind.is_char_device() {
+        Ok(Source::Stream(Input::Open(f)))
+    } else {
+        Err(ClientError::InvalidInput(format!(
+            "{} is not a regular file, a pipe or standard input",
+            path.display()
+        )))
     }
 }
 
 impl Client {
     /// Uploads the local file at `path`. `-` (standard input), `/dev/stdin` or a FIFO is
-    /// read to its end into an unlinked temporary file in `$TMPDIR` first, since an upload
-    /// needs its size up front and rereads a chunk to retry it. The file becomes visible
+    /// uploaded as it is read, its size fixed at its end; a few chunks of it at a time are
+    /// staged in an unlinked temporary file in `$TMPDIR` (see `spool`), since an upload
+    /// rereads a chunk to retry it. The file becomes visible
     /// atomically when this returns `Ok`; on error nothing is visible and the chunks
     /// already written are collected (but see `give_up_reservation` for an error that left
     /// the master unreachable).
@@ -209,24 +138,29 @@ impl Client {
             }
             None => default_name(path)?,
         };
-        // Checked before a pipe is read to its end, which may take long.
+        // Checked before anything is read, with a clearer message than the master's.
         crate::names::validate(&name)
             .map_err(|e| ClientError::InvalidInput(format!("invalid file name: {e}")))?;
         let progress = opts.progress.clone().unwrap_or_default();
-        let (file, size) = open_source(path, &progress).await?;
+        let (file, size) = match open_source(path)? {
+            Source::File(f, size) => (Ok(f), size),
+            Source::Stream(input) => (Err(input), 0),
+        };
         // Whatever this name held is about to be replaced; a reserved upload below
         // remembers where its new bytes went.
         self.locations.forget(&name);
+        // A stream's total stays 0: its size is not known until it ends.
         progress.total.store(size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
-        if size > 0
+        if let Ok(file) = &file
+            && size > 0
             && size <= SMALL_CHUNK_MAX
             && let Some(slot) = self.reservations.take(opts.replicas.unwrap_or(0))
             && size <= slot.max_size
         {
             match self
-                .upload_reserved(slot, &name, size, &file, &progress, started)
+                .upload_reserved(slot, &name, size, file, &progress, started)
                 .await
             {
                 Ok(report) => {
@@ -247,6 +181,7 @@ impl Client {
                 }
             }
         }
+        let streamed = file.is_err();
         let plan = self
             .batches
             .starts
@@ -254,14 +189,15 @@ impl Client {
                 name: name.clone(),
                 size,
                 replicas: opts.replicas.unwrap_or(0),
+                size_unknown: streamed,
             })
             .await
             .map_err(|s| self.err(s))?;
-        tracing::debug!(name = %name, size, upload = %plan.upload_id, "upload started");
+        tracing::debug!(name = %name, size, streamed, upload = %plan.upload_id, "upload started");
         // A small file is written and committed within its attempts' time limits, far inside
         // the lease (minutes): it needs no renewal task, which would be a task and a timer
         // for every small file.
-        let _renew = (size > SMALL_CHUNK_MAX).then(|| {
+        let _renew = (streamed || size > SMALL_CHUNK_MAX).then(|| {
             let mut master = self.master();
             let id = plan.upload_id.clone();
             AbortOnDrop(
@@ -279,15 +215,34 @@ impl Client {
             )
         });
 
-        let up = send::Upload {
-            plan: &plan,
-            name: &name,
-            size,
-            file: Arc::new(file),
-            progress: &progress,
+        let staged = match file {
+            Ok(f) => Ok((Arc::new(f), None)),
+            Err(input) => {
+                let ahead = send::spool_ahead(plan.chunk_size);
+                Spool::start(input, path, &std::env::temp_dir(), ahead).map(|s| (s.file(), Some(s)))
+            }
         };
-        let result = self.send_chunks(&up).await;
-        let (chunks, digest, retried, landed_on) = match result {
+        let result = match staged {
+            Err(e) => Err(e),
+            Ok((file, stream)) => {
+                let up = send::Upload {
+                    plan: &plan,
+                    name: &name,
+                    size,
+                    file,
+                    stream: stream.as_ref(),
+                    progress: &progress,
+                };
+                // With the size a stream's commit fixes (a started upload's is known: 0).
+                self.send_chunks(&up).await.and_then(|sent| match &stream {
+                    None => Ok((sent, 0)),
+                    Some(s) => s.len().map(|len| (sent, len)).ok_or_else(|| {
+                        ClientError::Integrity("the input's end was not seen".into())
+                    }),
+                })
+            }
+        };
+        let ((chunks, digest, retried, landed_on), commit_size) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = self
@@ -307,7 +262,7 @@ impl Client {
             .unwrap_or(plan.replicas_effective);
         // A one-chunk small file: where it went, for a read beside its lookup.
         let location = match (chunks.as_slice(), &landed_on) {
-            ([c], Some(p)) if size <= SMALL_CHUNK_MAX => {
+            ([c], Some(p)) if !streamed && size <= SMALL_CHUNK_MAX => {
                 self.written_location(p, c.length, c.crc32c, &c.workers)
             }
             _ => None,
@@ -320,7 +275,7 @@ impl Client {
                 chunks,
                 sha256: String::new(),
                 name: String::new(),
-                size: 0,
+                size: commit_size,
                 blake3: digest,
             })
             .await

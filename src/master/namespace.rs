@@ -201,6 +201,13 @@ impl Master {
         }
         let target = self.replicas_target(req.replicas)?;
         let cs = self.cfg.chunk_size;
+        if req.size_unknown && req.size != 0 {
+            return Err(MasterError::InvalidArgument(format!(
+                "an upload of unknown size gives size 0, not {}",
+                req.size
+            )));
+        }
+        // One of unknown size has its chunks placed as they come.
         let n = chunk_count(req.size, cs);
         if n > u32::MAX as u64 {
             return Err(MasterError::InvalidArgument(format!(
@@ -214,7 +221,7 @@ impl Master {
             let mut inner = self.lock();
             let now = Instant::now();
             let alive = inner.registry.alive_count(&self.policy, now) as u32;
-            if n > 0 && alive == 0 {
+            if (n > 0 || req.size_unknown) && alive == 0 {
                 return Err(MasterError::NoLiveWorkers);
             }
             let mut placements = Vec::new();
@@ -260,6 +267,7 @@ impl Master {
                 replicas: target,
                 created_unix_ms: now_unix_ms(),
                 allocations,
+                size_unknown: req.size_unknown,
             };
             for a in &record.allocations {
                 inner.upload_chunks.insert(a.chunk_id.clone());
@@ -360,6 +368,8 @@ impl Master {
                     chunk_id: placement.chunk_id.clone(),
                     workers: placement.workers.clone(),
                 }],
+                // Bound by the commit, within `max_size`.
+                size_unknown: false,
             };
             inner.uploads.insert(
                 upload_id.clone(),
@@ -393,22 +403,29 @@ impl Master {
         req: pb::AllocateChunkRequest,
     ) -> Result<pb::AllocateChunkResponse, MasterError> {
         let mut inner = self.lock();
-        let (size, chunk_size, replicas) = inner
+        let (size, chunk_size, replicas, size_unknown) = inner
             .uploads
             .get_mut(&req.upload_id)
             .map(|u| {
                 u.last_seen = Instant::now();
-                (u.record.size, u.record.chunk_size, u.record.replicas)
+                let r = &u.record;
+                (r.size, r.chunk_size, r.replicas, r.size_unknown)
             })
             .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
-        let n = chunk_count(size, chunk_size);
-        if req.index as u64 >= n {
-            return Err(MasterError::InvalidArgument(format!(
-                "chunk index {} is out of range: the upload has {n} chunks",
-                req.index
-            )));
-        }
-        let len = chunk_len(size, chunk_size, req.index as u64);
+        // A chunk of an upload of unknown size may be its last, and shorter, but space is
+        // found for a whole one.
+        let len = if size_unknown {
+            chunk_size
+        } else {
+            let n = chunk_count(size, chunk_size);
+            if req.index as u64 >= n {
+                return Err(MasterError::InvalidArgument(format!(
+                    "chunk index {} is out of range: the upload has {n} chunks",
+                    req.index
+                )));
+            }
+            chunk_len(size, chunk_size, req.index as u64)
+        };
         let placement = self.placement(
             &mut inner,
             req.index as u64,
@@ -1185,7 +1202,8 @@ fn validate_batch(names: &[String]) -> Result<(), MasterError> {
 }
 
 /// The upload a commit completes: a reserved one takes its name and size from the commit
-/// (checked here, as `StartUpload` checks them); a started one must not be given others.
+/// (checked here, as `StartUpload` checks them), one opened with no size takes its size;
+/// a started one must not be given others.
 fn bind(upload: &OpenUpload, req: &pb::CommitUploadRequest) -> Result<UploadRecord, MasterError> {
     let mut record = upload.record.clone();
     if upload.reserved {
@@ -1207,7 +1225,11 @@ fn bind(upload: &OpenUpload, req: &pb::CommitUploadRequest) -> Result<UploadReco
             record.upload_id, record.name, req.name
         )));
     }
-    if req.size != 0 && req.size != record.size {
+    if record.size_unknown {
+        // Any size the chunks add up to, 0 included; `validate_commit` checks that they do.
+        record.size = req.size;
+        record.size_unknown = false;
+    } else if req.size != 0 && req.size != record.size {
         return Err(MasterError::InvalidArgument(format!(
             "upload {} is of {} bytes, not {}",
             record.upload_id, record.size, req.size

@@ -71,7 +71,8 @@ pub fn decide(
             } else {
                 h.file_version
             };
-            cand.size = h.file_size;
+            // A streamed upload knew its size only at its last chunk: the others say 0.
+            cand.size = cand.size.max(h.file_size);
             cand.chunk_size = h.chunk_size;
             cand.created_unix_ms = cand.created_unix_ms.max(h.created_unix_ms);
             let e = cand
@@ -97,8 +98,14 @@ pub fn decide(
             }) && c.chunks.len() as u64 == n;
             if !complete {
                 if version == newest {
+                    // No size at all: a streamed file whose last chunk is missing, so it had
+                    // at least one more than the highest seen.
+                    let need = match c.chunks.keys().next_back() {
+                        Some(&top) if c.size == 0 => n.max(top as u64 + 2),
+                        _ => n,
+                    };
                     out.incomplete
-                        .push((name.clone(), version, c.chunks.len(), n));
+                        .push((name.clone(), version, c.chunks.len(), need));
                 }
                 continue;
             }
@@ -292,6 +299,34 @@ mod tests {
         assert_eq!(o.files[0].chunks.len(), 2);
         assert_eq!(o.incomplete, vec![("a".to_string(), 2, 1, 3)]);
         assert_eq!(o.chunks_seen, 6);
+    }
+
+    #[test]
+    fn a_streamed_file_takes_its_size_from_its_last_chunk() {
+        // Uploaded from a pipe: only the last chunk's header knows the size.
+        let streamed = |index: u32, id: &str| {
+            let mut c = rep("p", 3, index, 25, id);
+            if let Some(h) = c.header.as_mut()
+                && index < 2
+            {
+                h.file_size = 0;
+            }
+            c
+        };
+        let mut r: HashMap<String, Vec<ChunkReport>> = HashMap::new();
+        r.insert(
+            "w1".into(),
+            vec![streamed(0, "p0"), streamed(1, "p1"), streamed(2, "p2")],
+        );
+        let o = decide(&r, 1);
+        assert_eq!(o.files.len(), 1);
+        assert_eq!((o.files[0].size, o.files[0].chunks.len()), (25, 3));
+
+        // Its last chunk lost: incomplete, and it needed more chunks than it has.
+        r.insert("w1".into(), vec![streamed(0, "p0"), streamed(1, "p1")]);
+        let o = decide(&r, 1);
+        assert!(o.files.is_empty());
+        assert_eq!(o.incomplete, vec![("p".to_string(), 3, 2, 3)]);
     }
 
     #[test]

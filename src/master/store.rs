@@ -101,6 +101,9 @@ pub struct UploadRecord {
     pub created_unix_ms: i64,
     #[prost(message, repeated, tag = "9")]
     pub allocations: Vec<Allocation>,
+    /// Opened with no size (a pipe): `size` is 0 until the commit fixes it.
+    #[prost(bool, tag = "10")]
+    pub size_unknown: bool,
 }
 
 /// A chunk to delete, and the workers that may still hold a copy.
