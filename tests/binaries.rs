@@ -1157,23 +1157,17 @@ fn spool_bytes(pid: u32) -> Option<u64> {
     })
 }
 
-#[test]
-fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
-    use std::io::Write;
+/// `dfs-tui --cmd upload - --name NAME` with its standard input left to the caller, and
+/// `$TMPDIR` set to `tmp`.
+fn piped_upload(b: &Binaries, name: &str, tmp: &Path) -> (Daemon, std::process::ChildStdin) {
     use std::process::{Command, Stdio};
-    let b = Binaries::start_with(1, &["--chunk-size", "1MiB"]);
-    b.wait_alive(1);
-    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 5, 11);
-    let data = std::fs::read(&src).unwrap();
-    let tmp = b.cwd().join("tmpdir");
-    std::fs::create_dir(&tmp).unwrap();
-    let stderr_path = b.cwd().join("stream-cli.err");
+    let stderr_path = b.cwd().join(format!("upload-{name}.err"));
     let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
         .args(["--master", &b.master_addr(), "--cmd", "upload", "-"])
-        .args(["--name", "stream.bin", "--replicas", "1"])
+        .args(["--name", name, "--replicas", "1"])
         .current_dir(b.cwd())
         .env_remove("RUST_LOG")
-        .env("TMPDIR", &tmp)
+        .env("TMPDIR", tmp)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -1181,10 +1175,24 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
         .unwrap();
     let mut cli = Daemon {
         child,
-        name: "dfs-tui --cmd upload -".into(),
+        name: format!("dfs-tui --cmd upload - --name {name}"),
         stderr_path,
     };
-    let mut input = cli.child.stdin.take().unwrap();
+    let input = cli.child.stdin.take().unwrap();
+    (cli, input)
+}
+
+#[test]
+fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let b = Binaries::start_with(1, &["--chunk-size", "1MiB"]);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 5, 11);
+    let data = std::fs::read(&src).unwrap();
+    let tmp = b.cwd().join("tmpdir");
+    std::fs::create_dir(&tmp).unwrap();
+    let (mut cli, mut input) = piped_upload(&b, "stream.bin", &tmp);
     let pid = cli.child.id();
     let worker_dir = b.cwd().join(format!("worker_localhost_{}", b.workers[0].0));
 
@@ -1262,6 +1270,24 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout == exact, "exact.bin differs");
+
+    // Ctrl-C while the input is silent: the wait for it ends, the upload is aborted.
+    let (mut cli, mut input) = piped_upload(&b, "silent.bin", &tmp);
+    input.write_all(&data[..2 * MIB as usize]).unwrap();
+    b.wait_status("the piped upload to open", Duration::from_secs(20), |v| {
+        v["open_uploads"].as_u64() == Some(1)
+    });
+    cli.signal(libc::SIGINT);
+    let status = cli.wait_exit(Duration::from_secs(10));
+    let err = cli.stderr_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(130), "{err}");
+    assert!(err.contains("interrupted; the upload was aborted"), "{err}");
+    b.wait_status("no open upload", Duration::from_secs(10), |v| {
+        v["open_uploads"].as_u64().unwrap_or(0) == 0
+    });
+    assert_eq!(b.cli(&["--cmd", "stat", "silent.bin"]).code, 1);
+    drop(input);
+
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
