@@ -47,11 +47,11 @@ fn in_flight(chunk_size: u64) -> usize {
     ((UPLOAD_IN_FLIGHT_BYTES / chunk_size.max(1)) as usize).clamp(1, MAX_UPLOAD_IN_FLIGHT)
 }
 
-/// How far a stream's spool may read past its oldest chunk not yet stored: the chunks in
-/// flight and the next one (whose first byte tells whether the one before it is the last),
-/// so that reading the input never waits for the sending, nor holds more than that.
-pub(super) fn spool_ahead(chunk_size: u64) -> u64 {
-    (in_flight(chunk_size) as u64 + 1) * chunk_size.max(1)
+/// The chunks a stream's spool holds: those in flight and the next one (whose first byte
+/// tells whether the one before it is the last), so that reading the input never waits
+/// for the sending, nor holds more than that.
+pub(super) fn spool_slots(chunk_size: u64) -> u64 {
+    in_flight(chunk_size) as u64 + 1
 }
 
 /// What every chunk of one upload shares.
@@ -80,6 +80,8 @@ struct Attempts {
 struct ChunkJob {
     index: u32,
     offset: u64,
+    /// Where its bytes are in `Upload::file`: `offset`, or a stream's slot.
+    at: u64,
     len: u64,
     /// For its header: the file's size, or for a stream's chunk before the last 0 (not
     /// known yet; a metadata rebuild takes the size from the last chunk).
@@ -175,6 +177,7 @@ impl Client {
             let mut job = ChunkJob {
                 index,
                 offset,
+                at: up.stream.map_or(offset, |s| s.at(offset)),
                 len,
                 file_size,
                 placement,
@@ -344,7 +347,7 @@ impl Client {
         };
         let read = if job.len <= SMALL_CHUNK_MAX {
             let hash = job.hash_before.clone().unwrap_or_default();
-            match read_small(&up.file, job.offset, job.len, hash) {
+            match read_small(&up.file, job.at, job.len, hash) {
                 Err(e) => return Err(e.local.unwrap_or(ClientError::InvalidInput(e.message))),
                 Ok((data, crc, hash)) => {
                     let (me, placement, progress) =
@@ -428,7 +431,7 @@ impl Client {
             message: e.to_string(),
             local: None,
         })?;
-        let (len, offset) = (job.len, job.offset);
+        let (len, offset, at) = (job.len, job.offset, job.at);
         let (tx, rx) = mpsc::channel::<WriteChunkRequest>(4);
         let start = WriteChunkRequest {
             msg: Some(write_chunk_request::Msg::Start(WriteStart {
@@ -474,7 +477,7 @@ impl Client {
             while pos < len {
                 let n = (len - pos).min(WRITE_DATA_MESSAGE as u64) as usize;
                 let mut buf = BytesMut::zeroed(n);
-                file.read_exact_at(&mut buf, offset + pos)?;
+                file.read_exact_at(&mut buf, at + pos)?;
                 crc = chunk::crc32c_append(crc, &buf);
                 if let Some(h) = hash.as_mut() {
                     h.update(&buf);

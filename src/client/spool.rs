@@ -2,12 +2,13 @@
 //! chunks at a time.
 //!
 //! An upload reads each chunk again to retry it on a fresh pipeline, and a pipe can be read
-//! only once. So a thread copies the input into an unlinked temporary file, at the same
-//! offsets, while the upload sends the chunks from that file: the upload starts at once,
-//! not when the input ends. The thread stays at most `ahead` bytes past the oldest chunk not
-//! yet stored, and each stored chunk's bytes are given back (a hole is punched), so the
-//! temporary space stays about `ahead` however long the input is. Nothing is left behind,
-//! even after `kill -9`: the file has no name from the moment it is made.
+//! only once. So a thread copies the input into an unlinked temporary file while the upload
+//! sends the chunks from that file: the upload starts at once, not when the input ends. The
+//! file is a ring of whole-chunk slots (chunk `i` in slot `i % slots`), and the thread
+//! overwrites a slot only once the chunk that held it is stored. So the file never grows
+//! past `slots` chunks however long the input (no hole punching that a file system might
+//! not do), and nothing is left behind even after `kill -9`: it has no name from the moment
+//! it is made.
 //!
 //! The thread is a plain one, not a task of the blocking pool: a read from a pipe whose
 //! writer is silent cannot be interrupted, and such a thread must not hold up the end of
@@ -36,29 +37,38 @@ pub(super) enum Input {
 pub(super) struct Spool {
     file: Arc<File>,
     shared: Arc<Shared>,
-    /// The input's path, for error messages.
+    /// Bytes of the ring: whole chunks.
+    ring: u64,
+    /// The input's path and the temporary file's directory, for errors.
     path: PathBuf,
+    dir: PathBuf,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the thread when space is given back or the upload is gone.
+    /// Wakes the thread when a slot is freed or the upload is gone.
     room: Condvar,
     /// Wakes the upload when more of the input is in.
     more: Notify,
 }
 
 struct State {
-    /// Bytes of the input in the file so far (from offset 0).
+    /// Bytes of the input staged so far.
     spooled: u64,
-    /// Set when the input ended: `Ok` at its end, `Err` (kind, message) if reading failed.
-    end: Option<Result<(), (ErrorKind, String)>>,
-    /// Bytes from offset 0 that the upload no longer needs.
+    /// Set when the input ended: `Ok` at its end, `Err` if reading or staging failed.
+    end: Option<Result<(), Failure>>,
+    /// Bytes of the input, from its start, that are stored and whose slots may be reused.
     released: u64,
-    /// How far past `released` the thread may read.
-    ahead: u64,
     /// The upload is gone: the thread stops at its next step.
     closed: bool,
+}
+
+/// Why the thread stopped short of the input's end.
+enum Failure {
+    /// Reading the input.
+    Read(ErrorKind, String),
+    /// Writing the temporary file (its file system is full, say).
+    Stage(ErrorKind, String),
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -66,12 +76,18 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// One read of the input at most (and the thread's one buffer).
-const READ_BYTES: usize = 1 << 20;
+const READ_BYTES: u64 = 1 << 20;
 
 impl Spool {
-    /// Makes the unlinked temporary file in `dir` and starts the thread reading `input`
-    /// (`path` names it in messages).
-    pub fn start(input: Input, path: &Path, dir: &Path, ahead: u64) -> Result<Spool, ClientError> {
+    /// Makes the unlinked temporary file in `dir`, a ring of `slots` chunks of
+    /// `chunk_size`, and starts the thread reading `input` (`path` names it in messages).
+    pub fn start(
+        input: Input,
+        path: &Path,
+        dir: &Path,
+        chunk_size: u64,
+        slots: u64,
+    ) -> Result<Spool, ClientError> {
         let tmp_err = |e: std::io::Error| ClientError::LocalIo {
             op: "create a temporary file in",
             path: dir.to_path_buf(),
@@ -87,21 +103,21 @@ impl Spool {
             .map_err(tmp_err)?;
         std::fs::remove_file(&tmp).map_err(tmp_err)?;
         let file = Arc::new(file);
+        let ring = chunk_size.max(1) * slots.max(2);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 spooled: 0,
                 end: None,
                 released: 0,
-                ahead: ahead.max(READ_BYTES as u64),
                 closed: false,
             }),
             room: Condvar::new(),
             more: Notify::new(),
         });
-        let (f, s, d) = (file.clone(), shared.clone(), dir.to_path_buf());
+        let (f, s) = (file.clone(), shared.clone());
         std::thread::Builder::new()
             .name("dfs-spool".into())
-            .spawn(move || fill(input, &f, &s, &d))
+            .spawn(move || fill(input, &f, &s, ring))
             .map_err(|e| ClientError::LocalIo {
                 op: "start reading",
                 path: path.to_path_buf(),
@@ -110,13 +126,20 @@ impl Spool {
         Ok(Spool {
             file,
             shared,
+            ring,
             path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
         })
     }
 
-    /// The file the chunks are read from, at the input's own offsets.
+    /// The file the chunks are read from, each at [`Spool::at`].
     pub fn file(&self) -> Arc<File> {
         self.file.clone()
+    }
+
+    /// Where in the file the chunk that starts at `offset` of the input is staged.
+    pub fn at(&self, offset: u64) -> u64 {
+        offset % self.ring
     }
 
     /// Waits until the chunk of at most `chunk_size` bytes at `offset` is in: its length
@@ -134,13 +157,7 @@ impl Spool {
             {
                 let s = lock(&self.shared.state);
                 match &s.end {
-                    Some(Err((kind, message))) => {
-                        return Err(ClientError::LocalIo {
-                            op: "read",
-                            path: self.path.clone(),
-                            source: std::io::Error::new(*kind, message.clone()),
-                        });
-                    }
+                    Some(Err(failure)) => return Err(self.error(failure)),
                     Some(Ok(())) if s.spooled <= offset => return Ok(None),
                     Some(Ok(())) => {
                         let len = (s.spooled - offset).min(chunk_size);
@@ -160,28 +177,42 @@ impl Spool {
         }
     }
 
+    fn error(&self, failure: &Failure) -> ClientError {
+        match failure {
+            Failure::Read(kind, message) => ClientError::LocalIo {
+                op: "read",
+                path: self.path.clone(),
+                source: std::io::Error::new(*kind, message.clone()),
+            },
+            Failure::Stage(kind, message) => {
+                let most = crate::config::human_bytes(self.ring);
+                ClientError::LocalIo {
+                    op: "stage the input in",
+                    path: self.dir.clone(),
+                    source: std::io::Error::new(
+                        *kind,
+                        format!(
+                            "{message} (a piped upload keeps up to {most} there; $TMPDIR picks the directory)"
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+
     /// The input's whole length, once it has ended.
     pub fn len(&self) -> Option<u64> {
         let s = lock(&self.shared.state);
         matches!(s.end, Some(Ok(()))).then_some(s.spooled)
     }
 
-    /// Gives back the bytes before `upto` (stored chunks), so the thread may read further.
-    /// The space is freed before the thread is let on, so the file never holds more than
-    /// `ahead`.
+    /// Frees the slots of the input before `upto` (stored chunks) for the thread to reuse.
     pub fn release(&self, upto: u64) {
-        let from = lock(&self.shared.state).released;
-        if upto <= from {
-            return;
+        let mut s = lock(&self.shared.state);
+        if upto > s.released {
+            s.released = upto;
+            self.shared.room.notify_all();
         }
-        use rustix::fs::{FallocateFlags, fallocate};
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        if let Err(e) = fallocate(&*self.file, flags, from, upto - from) {
-            // The bytes stay until the upload ends: more temporary space, nothing worse.
-            tracing::debug!(error = %e, "cannot punch a hole in the upload's temporary file");
-        }
-        lock(&self.shared.state).released = upto;
-        self.shared.room.notify_all();
     }
 }
 
@@ -192,33 +223,35 @@ impl Drop for Spool {
     }
 }
 
-/// The thread: copies `input` into `file` while there is room, then records how it ended.
-fn fill(input: Input, file: &File, shared: &Shared, dir: &Path) {
-    let end = copy(input, file, shared, dir);
-    if let Err(e) = &end {
-        tracing::debug!(error = %e, "reading the upload's input failed");
+/// The thread: copies `input` into the ring while it has room, then records how it ended.
+fn fill(input: Input, file: &File, shared: &Shared, ring: u64) {
+    let end = copy(input, file, shared, ring);
+    if let Err(Failure::Read(_, e) | Failure::Stage(_, e)) = &end {
+        tracing::debug!(error = %e, "staging the upload's input stopped");
     }
-    lock(&shared.state).end = Some(end.map_err(|e| (e.kind(), e.to_string())));
+    lock(&shared.state).end = Some(end);
     shared.more.notify_waiters();
 }
 
-fn copy(input: Input, file: &File, shared: &Shared, dir: &Path) -> std::io::Result<()> {
+fn copy(input: Input, file: &File, shared: &Shared, ring: u64) -> Result<(), Failure> {
+    let read_err = |e: std::io::Error| Failure::Read(e.kind(), e.to_string());
     let mut source = match input {
         Input::Open(f) => f,
-        Input::Path(p) => File::open(p)?,
+        Input::Path(p) => File::open(p).map_err(read_err)?,
     };
-    let mut buf = vec![0u8; READ_BYTES];
+    let mut buf = vec![0u8; READ_BYTES as usize];
     let mut pos = 0u64;
     loop {
+        // Up to the oldest slot still in use, and not across the ring's end.
         let room = {
             let mut s = lock(&shared.state);
             loop {
                 if s.closed {
                     return Ok(());
                 }
-                let limit = s.released + s.ahead;
+                let limit = s.released + ring;
                 if pos < limit {
-                    break (limit - pos).min(READ_BYTES as u64) as usize;
+                    break (limit - pos).min(ring - pos % ring).min(READ_BYTES) as usize;
                 }
                 s = shared.room.wait(s).unwrap_or_else(PoisonError::into_inner);
             }
@@ -227,14 +260,10 @@ fn copy(input: Input, file: &File, shared: &Shared, dir: &Path) -> std::io::Resu
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(read_err(e)),
         };
-        file.write_all_at(&buf[..n], pos).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("temporary file in {}: {e}", dir.display()),
-            )
-        })?;
+        file.write_all_at(&buf[..n], pos % ring)
+            .map_err(|e| Failure::Stage(e.kind(), e.to_string()))?;
         pos += n as u64;
         lock(&shared.state).spooled = pos;
         shared.more.notify_waiters();

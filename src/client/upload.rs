@@ -218,8 +218,9 @@ impl Client {
         let staged = match file {
             Ok(f) => Ok((Arc::new(f), None)),
             Err(input) => {
-                let ahead = send::spool_ahead(plan.chunk_size);
-                Spool::start(input, path, &std::env::temp_dir(), ahead).map(|s| (s.file(), Some(s)))
+                let (cs, dir) = (plan.chunk_size, std::env::temp_dir());
+                Spool::start(input, path, &dir, cs, send::spool_slots(cs))
+                    .map(|s| (s.file(), Some(s)))
             }
         };
         let result = match staged {
