@@ -119,10 +119,9 @@ impl Client {
     /// Uploads the local file at `path`. `-` (standard input), `/dev/stdin` or a FIFO is
     /// uploaded as it is read, its size fixed at its end; a few chunks of it at a time are
     /// staged in an unlinked temporary file in `$TMPDIR` (see `spool`), since an upload
-    /// rereads a chunk to retry it. The file becomes visible
-    /// atomically when this returns `Ok`; on error nothing is visible and the chunks
-    /// already written are collected (but see `give_up_reservation` for an error that left
-    /// the master unreachable).
+    /// rereads a chunk to retry it. The file becomes visible atomically when this returns
+    /// `Ok`; on error nothing is visible and the chunks already written are collected (but
+    /// see `give_up_reservation` for an error that left the master unreachable).
     pub async fn upload(
         &self,
         path: &Path,
@@ -142,9 +141,10 @@ impl Client {
         crate::names::validate(&name)
             .map_err(|e| ClientError::InvalidInput(format!("invalid file name: {e}")))?;
         let progress = opts.progress.clone().unwrap_or_default();
-        let (file, size) = match open_source(path)? {
-            Source::File(f, size) => (Ok(f), size),
-            Source::Stream(input) => (Err(input), 0),
+        let source = open_source(path)?;
+        let (size, streamed) = match &source {
+            Source::File(_, size) => (*size, false),
+            Source::Stream(_) => (0, true),
         };
         // Whatever this name held is about to be replaced; a reserved upload below
         // remembers where its new bytes went.
@@ -153,7 +153,7 @@ impl Client {
         progress.total.store(size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
-        if let Ok(file) = &file
+        if let Source::File(file, _) = &source
             && size > 0
             && size <= SMALL_CHUNK_MAX
             && let Some(slot) = self.reservations.take(opts.replicas.unwrap_or(0))
@@ -181,7 +181,6 @@ impl Client {
                 }
             }
         }
-        let streamed = file.is_err();
         let plan = self
             .batches
             .starts
@@ -215,9 +214,9 @@ impl Client {
             )
         });
 
-        let staged = match file {
-            Ok(f) => Ok((Arc::new(f), None)),
-            Err(input) => {
+        let staged = match source {
+            Source::File(f, _) => Ok((Arc::new(f), None)),
+            Source::Stream(input) => {
                 let (cs, dir) = (plan.chunk_size, std::env::temp_dir());
                 Spool::start(input, path, &dir, cs, send::spool_slots(cs))
                     .map(|s| (s.file(), Some(s)))
