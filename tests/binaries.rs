@@ -1158,19 +1158,32 @@ fn spool_bytes(pid: u32) -> Option<u64> {
     })
 }
 
-/// `dfs-tui --cmd upload - --name NAME` with its standard input left to the caller, and
-/// `$TMPDIR` set to `tmp`.
-fn piped_upload(b: &Binaries, name: &str, tmp: &Path) -> (Daemon, std::process::ChildStdin) {
+/// `dfs-tui --cmd upload - --name NAME --replicas N` with its standard input left to the
+/// caller, `$TMPDIR` set to `tmp`, and its stdout in `upload-NAME.out`.
+fn piped_upload(
+    b: &Binaries,
+    name: &str,
+    replicas: &str,
+    tmp: &Path,
+) -> (Daemon, std::process::ChildStdin) {
     use std::process::{Command, Stdio};
     let stderr_path = b.cwd().join(format!("upload-{name}.err"));
+    let stdout = std::fs::File::create(b.cwd().join(format!("upload-{name}.out"))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
-        .args(["--master", &b.master_addr(), "--cmd", "upload", "-"])
-        .args(["--name", name, "--replicas", "1"])
+        .args([
+            "--master",
+            &b.master_addr(),
+            "--json",
+            "--cmd",
+            "upload",
+            "-",
+        ])
+        .args(["--name", name, "--replicas", replicas])
         .current_dir(b.cwd())
         .env_remove("RUST_LOG")
         .env("TMPDIR", tmp)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
@@ -1193,7 +1206,7 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
     let data = std::fs::read(&src).unwrap();
     let tmp = b.cwd().join("tmpdir");
     std::fs::create_dir(&tmp).unwrap();
-    let (mut cli, mut input) = piped_upload(&b, "stream.bin", &tmp);
+    let (mut cli, mut input) = piped_upload(&b, "stream.bin", "1", &tmp);
     let pid = cli.child.id();
     let worker_dir = b.cwd().join(format!("worker_localhost_{}", b.workers[0].0));
 
@@ -1273,7 +1286,7 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
     assert!(o.stdout == exact, "exact.bin differs");
 
     // Ctrl-C while the input is silent: the wait for it ends, the upload is aborted.
-    let (mut cli, mut input) = piped_upload(&b, "silent.bin", &tmp);
+    let (mut cli, mut input) = piped_upload(&b, "silent.bin", "1", &tmp);
     input.write_all(&data[..2 * MIB as usize]).unwrap();
     b.wait_status("the piped upload to open", Duration::from_secs(20), |v| {
         v["open_uploads"].as_u64() == Some(1)
@@ -1342,6 +1355,47 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
 
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_piped_upload_survives_kill9_of_a_worker_mid_stream() {
+    use std::io::Write;
+    let mut b = Binaries::start_with(3, &["--chunk-size", "1MiB"]);
+    b.wait_alive(3);
+    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 7, 12);
+    let data = std::fs::read(&src).unwrap();
+    let tmp = b.cwd().join("tmpdir");
+    std::fs::create_dir(&tmp).unwrap();
+    let (mut cli, mut input) = piped_upload(&b, "survivor.bin", "2", &tmp);
+    let dirs: Vec<PathBuf> = b
+        .workers
+        .iter()
+        .map(|(port, _)| b.cwd().join(format!("worker_localhost_{port}")))
+        .collect();
+    let stored = || dirs.iter().map(|d| chunk_files(d).len()).sum::<usize>();
+    input.write_all(&data[..12 * MIB as usize]).unwrap();
+    let mut seen = 0;
+    for _ in 0..300 {
+        seen = stored();
+        if seen >= 8 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen >= 8, "only {seen} chunk copies stored");
+    // Mid-stream: chunks in flight to it fail, and later ones are placed on it until it
+    // misses its heartbeats. Each is sent again from the spool, which still holds it.
+    b.workers[0].1.as_mut().unwrap().kill9();
+    input.write_all(&data[12 * MIB as usize..]).unwrap();
+    drop(input);
+    let status = cli.wait_exit(Duration::from_secs(90));
+    let err = cli.stderr_text();
+    assert!(status.is_some_and(|s| s.success()), "{err}");
+    let out = std::fs::read_to_string(b.cwd().join("upload-survivor.bin.out")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["file"]["size"].as_u64(), Some(40 * MIB + 7), "{out}");
+    assert!(v["retried_chunks"].as_u64() >= Some(1), "no chunk was retried: {out}");
+    download_and_compare(&b, "survivor.bin", &src);
 }
 
 /// Waits (bounded) until `begun` holds for `cli`, a transfer stuck on the SIGSTOPped
