@@ -1394,7 +1394,10 @@ fn a_piped_upload_survives_kill9_of_a_worker_mid_stream() {
     let out = std::fs::read_to_string(b.cwd().join("upload-survivor.bin.out")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["file"]["size"].as_u64(), Some(40 * MIB + 7), "{out}");
-    assert!(v["retried_chunks"].as_u64() >= Some(1), "no chunk was retried: {out}");
+    assert!(
+        v["retried_chunks"].as_u64() >= Some(1),
+        "no chunk was retried: {out}"
+    );
     download_and_compare(&b, "survivor.bin", &src);
 }
 

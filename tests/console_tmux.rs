@@ -297,3 +297,34 @@ fn quitting_mid_upload_aborts_it_on_the_master() {
     let o = b.cli(&["--cmd", "stat", "quit-upload.bin"]);
     assert_eq!(o.code, 1, "the abandoned upload was stored: {}", o.stdout);
 }
+
+#[test]
+fn upload_from_a_terminal_says_how_to_end_it_and_stores_what_was_typed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_dfs-tui");
+    let local = format!(
+        "{bin} --local 1 --data-dir {} --log-dir {}",
+        tmp.path().join("cluster").display(),
+        tmp.path().join("logs").display()
+    );
+    let out = tmp.path().join("typed.out");
+    let cmd = format!(
+        "{local} --cmd upload - --name typed.txt; echo \"EXITED $?\"; \
+         {local} --cmd download typed.txt -o {} 2>/dev/null; echo \"DOWNLOADED $?\"; sleep 60",
+        out.display()
+    );
+    let t = Tmux::start(tmp.path(), &cmd, 100, 12);
+    let long = Duration::from_secs(30);
+    t.wait_for("the hint", long, |s| s.contains("end it with Ctrl-D"));
+    t.text("typed by hand");
+    t.keys(&["Enter", "C-d"]);
+    let s = t.wait_for("the download", long, |s| s.contains("DOWNLOADED"));
+    assert!(
+        s.contains("EXITED 0") && s.contains("uploaded typed.txt: 14 B"),
+        "{s}"
+    );
+    // No progress line was drawn over the typing.
+    assert!(!s.contains("so far"), "{s}");
+    assert!(s.contains("DOWNLOADED 0"), "{s}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"typed by hand\n");
+}

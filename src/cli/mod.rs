@@ -335,9 +335,19 @@ async fn execute(
                     "--replicas must be at least 1".into(),
                 ));
             }
+            // Standard input left on the terminal: what is typed is the file, as with `cat`,
+            // and a user who forgot the pipe would otherwise see nothing happen. The meter
+            // stays off, as it would redraw over the typing.
+            let stdin = [crate::client::STDIN, "/dev/stdin"].map(std::path::Path::new);
+            let typed = stdin.contains(&file.as_path()) && std::io::stdin().is_terminal();
+            if typed {
+                eprintln!(
+                    "reading the file from the terminal: end it with Ctrl-D, or Ctrl-C to cancel"
+                );
+            }
             let progress = Arc::new(Progress::default());
             let label = name.clone().unwrap_or_else(|| file.display().to_string());
-            let meter = Meter::start("uploading", label, progress.clone(), !json);
+            let meter = Meter::start("uploading", label, progress.clone(), !json && !typed);
             let transfer = client.upload(
                 &file,
                 UploadOptions {

@@ -7,6 +7,7 @@ mod calls;
 mod confirm;
 mod download;
 pub(crate) use download::{is_stdout, writes_in_place};
+pub(crate) use upload::STDIN;
 mod error;
 mod locations;
 mod read_stream;
