@@ -1159,41 +1159,67 @@ fn spool_bytes(pid: u32) -> Option<u64> {
 }
 
 /// `dfs-tui --cmd upload - --name NAME --replicas N` with its standard input left to the
-/// caller, `$TMPDIR` set to `tmp`, and its stdout in `upload-NAME.out`.
+/// caller, `$TMPDIR` set to `tmp`, its stdout in `upload-NAME.out`, and, if given, a limit
+/// on the size of any file it writes (`RLIMIT_FSIZE`: a temporary directory with no room,
+/// since a test cannot mount a small file system).
 fn piped_upload(
     b: &Binaries,
     name: &str,
     replicas: &str,
     tmp: &Path,
+    file_limit: Option<u64>,
 ) -> (Daemon, std::process::ChildStdin) {
     use std::process::{Command, Stdio};
     let stderr_path = b.cwd().join(format!("upload-{name}.err"));
     let stdout = std::fs::File::create(b.cwd().join(format!("upload-{name}.out"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_dfs-tui"))
-        .args([
-            "--master",
-            &b.master_addr(),
-            "--json",
-            "--cmd",
-            "upload",
-            "-",
-        ])
-        .args(["--name", name, "--replicas", replicas])
-        .current_dir(b.cwd())
-        .env_remove("RUST_LOG")
-        .env("TMPDIR", tmp)
-        .stdin(Stdio::piped())
-        .stdout(stdout)
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfs-tui"));
+    cmd.args([
+        "--master",
+        &b.master_addr(),
+        "--json",
+        "--cmd",
+        "upload",
+        "-",
+    ])
+    .args(["--name", name, "--replicas", replicas])
+    .current_dir(b.cwd())
+    .env_remove("RUST_LOG")
+    .env("TMPDIR", tmp)
+    .stdin(Stdio::piped())
+    .stdout(stdout)
+    .stderr(std::fs::File::create(&stderr_path).unwrap());
+    if let Some(bytes) = file_limit {
+        // SAFETY: between fork and exec only async-signal-safe calls: signal(2),
+        // setrlimit(2).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+                Ok(())
+            });
+        }
+    }
     let mut cli = Daemon {
-        child,
+        child: cmd.spawn().unwrap(),
         name: format!("dfs-tui --cmd upload - --name {name}"),
         stderr_path,
     };
     let input = cli.child.stdin.take().unwrap();
     (cli, input)
+}
+
+/// A file of `size` bytes to pipe, its bytes, and an empty directory for `$TMPDIR`.
+fn pipe_input(b: &Binaries, size: u64, seed: u64) -> (PathBuf, Vec<u8>, PathBuf) {
+    let src = make_file(&b.cwd().join("s.bin"), size, seed);
+    let data = std::fs::read(&src).unwrap();
+    let tmp = b.cwd().join("tmpdir");
+    std::fs::create_dir(&tmp).unwrap();
+    (src, data, tmp)
 }
 
 #[test]
@@ -1202,11 +1228,8 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
     use std::process::Stdio;
     let b = Binaries::start_with(1, &["--chunk-size", "1MiB"]);
     b.wait_alive(1);
-    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 5, 11);
-    let data = std::fs::read(&src).unwrap();
-    let tmp = b.cwd().join("tmpdir");
-    std::fs::create_dir(&tmp).unwrap();
-    let (mut cli, mut input) = piped_upload(&b, "stream.bin", "1", &tmp);
+    let (src, data, tmp) = pipe_input(&b, 40 * MIB + 5, 11);
+    let (mut cli, mut input) = piped_upload(&b, "stream.bin", "1", &tmp, None);
     let pid = cli.child.id();
     let worker_dir = b.cwd().join(format!("worker_localhost_{}", b.workers[0].0));
 
@@ -1286,7 +1309,7 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
     assert!(o.stdout == exact, "exact.bin differs");
 
     // Ctrl-C while the input is silent: the wait for it ends, the upload is aborted.
-    let (mut cli, mut input) = piped_upload(&b, "silent.bin", "1", &tmp);
+    let (mut cli, mut input) = piped_upload(&b, "silent.bin", "1", &tmp, None);
     input.write_all(&data[..2 * MIB as usize]).unwrap();
     b.wait_status("the piped upload to open", Duration::from_secs(20), |v| {
         v["open_uploads"].as_u64() == Some(1)
@@ -1304,34 +1327,7 @@ fn a_piped_upload_is_stored_while_its_input_is_still_coming() {
 
     // No room for the spool (a file size limit of 4 MiB here: a test cannot mount a small
     // file system): a one-line error that names the directory, and nothing stored.
-    let mut full = std::process::Command::new(env!("CARGO_BIN_EXE_dfs-tui"));
-    full.args(["--master", &b.master_addr(), "--cmd", "upload", "-"])
-        .args(["--name", "full.bin", "--replicas", "1"])
-        .current_dir(b.cwd())
-        .env_remove("RUST_LOG")
-        .env("TMPDIR", &tmp)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(b.cwd().join("full.err")).unwrap());
-    // SAFETY: between fork and exec only async-signal-safe calls: signal(2), setrlimit(2).
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        full.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let limit = libc::rlimit {
-                rlim_cur: 4 << 20,
-                rlim_max: 4 << 20,
-            };
-            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
-            Ok(())
-        });
-    }
-    let mut cli = Daemon {
-        child: full.spawn().unwrap(),
-        name: "dfs-tui --cmd upload - --name full.bin".into(),
-        stderr_path: b.cwd().join("full.err"),
-    };
-    let mut feed = cli.child.stdin.take().unwrap();
+    let (mut cli, mut feed) = piped_upload(&b, "full.bin", "1", &tmp, Some(4 * MIB));
     let part = data[..8 * MIB as usize].to_vec();
     // The upload stops reading when it fails: the broken pipe is not the test's error.
     let feeder = std::thread::spawn(move || {
@@ -1362,11 +1358,8 @@ fn a_piped_upload_survives_kill9_of_a_worker_mid_stream() {
     use std::io::Write;
     let mut b = Binaries::start_with(3, &["--chunk-size", "1MiB"]);
     b.wait_alive(3);
-    let src = make_file(&b.cwd().join("s.bin"), 40 * MIB + 7, 12);
-    let data = std::fs::read(&src).unwrap();
-    let tmp = b.cwd().join("tmpdir");
-    std::fs::create_dir(&tmp).unwrap();
-    let (mut cli, mut input) = piped_upload(&b, "survivor.bin", "2", &tmp);
+    let (src, data, tmp) = pipe_input(&b, 40 * MIB + 7, 12);
+    let (mut cli, mut input) = piped_upload(&b, "survivor.bin", "2", &tmp, None);
     let dirs: Vec<PathBuf> = b
         .workers
         .iter()
