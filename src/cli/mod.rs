@@ -34,22 +34,20 @@ impl Meter {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let (done, total) = progress.snapshot();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-                if total == 0 {
+                let amount = if total == 0 {
                     // No size: a pipe, uploaded as it is read.
-                    eprint!(
-                        "\r\x1b[K{verb} {name}: {} so far (size known at the input's end), {}/s",
-                        human_bytes(done),
-                        human_bytes(rate as u64)
-                    );
+                    format!(
+                        "{} so far (size known at the input's end),",
+                        human_bytes(done)
+                    )
                 } else {
                     let pct = (done * 100).checked_div(total).unwrap_or(100);
-                    eprint!(
-                        "\r\x1b[K{verb} {name}: {} / {} ({pct}%) {}/s",
-                        human_bytes(done),
-                        human_bytes(total),
-                        human_bytes(rate as u64)
-                    );
-                }
+                    format!("{} / {} ({pct}%)", human_bytes(done), human_bytes(total))
+                };
+                eprint!(
+                    "\r\x1b[K{verb} {name}: {amount} {}/s",
+                    human_bytes(rate as u64)
+                );
                 let _ = std::io::stderr().flush();
             }
         });
