@@ -217,17 +217,23 @@ impl Master {
         }
         if !acked.is_empty() {
             let n = acked.len();
+            // Not waited for (durable with the next fsync): if a crash loses it, the worker
+            // is told again to delete what it no longer holds, and acknowledges again. Waiting
+            // held the worker's next heartbeat back by an fsync, which on a disk busy with
+            // uploads took long enough to make workers suspect.
             self.blocking(move |m| {
-                m.store.write_with(|t| -> Result<(), MasterError> {
-                    for (id, g) in &acked {
-                        if g.workers.is_empty() {
-                            t.remove_garbage(id)?;
-                        } else {
-                            t.put_garbage(id, g)?;
+                m.store
+                    .write_deferred_with(|t| -> Result<(), MasterError> {
+                        for (id, g) in &acked {
+                            if g.workers.is_empty() {
+                                t.remove_garbage(id)?;
+                            } else {
+                                t.put_garbage(id, g)?;
+                            }
                         }
-                    }
-                    Ok(())
-                })
+                        Ok(())
+                    })
+                    .map(|((), _seq)| ())
             })
             .await?;
             tracing::info!(worker = %req.address, chunks = n, "chunk deletions acknowledged");

@@ -21,6 +21,11 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
     };
     let mut registered = false;
     let mut acks: Vec<String> = Vec::new();
+    // Deletions run beside the heartbeats: a batch of unlinks and its fsync took seconds on
+    // a disk busy with uploads, and done inline it held back the next heartbeat so long
+    // that the master found every worker suspect at once (they get their orders together)
+    // and failed the uploads it could no longer place.
+    let mut deleting: Option<tokio::task::JoinHandle<Vec<String>>> = None;
     let mut interval = worker.heartbeat_interval;
     let mut last_error_log: Option<Instant> = None;
     loop {
@@ -58,6 +63,12 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                 tracing::info!(master = %worker.master, chunks = n, "registered with master");
                 return Ok(());
             }
+            if let Some(task) = deleting.take_if(|t| t.is_finished()) {
+                let done = task.await.unwrap_or_default();
+                tracing::info!(chunks = done.len(), "deleted chunks on the master's order");
+                worker.compact_in_background();
+                acks.extend(done);
+            }
             let corrupt = worker.store.take_quarantined();
             let resp = match client
                 .heartbeat(HeartbeatRequest {
@@ -81,10 +92,12 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                 registered = false;
                 return Ok(());
             }
-            if !resp.delete_chunks.is_empty() {
+            // Orders are sent again with every heartbeat until acknowledged: those that come
+            // while a batch is being deleted wait for the heartbeat after it.
+            if !resp.delete_chunks.is_empty() && deleting.is_none() {
                 let store = worker.store.clone();
                 let orders = resp.delete_chunks;
-                let done = tokio::task::spawn_blocking(move || {
+                deleting = Some(tokio::task::spawn_blocking(move || {
                     let mut done = Vec::new();
                     for id in orders {
                         match id.parse::<ChunkId>() {
@@ -102,12 +115,7 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                         return Vec::new();
                     }
                     done
-                })
-                .await
-                .unwrap_or_default();
-                tracing::info!(chunks = done.len(), "deleted chunks on the master's order");
-                worker.compact_in_background();
-                acks = done;
+                }));
             }
             Ok(())
         }
