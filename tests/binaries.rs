@@ -1394,6 +1394,84 @@ fn a_piped_upload_survives_kill9_of_a_worker_mid_stream() {
     download_and_compare(&b, "survivor.bin", &src);
 }
 
+/// Two large uploads in flight, one from a file and one from a pipe, while the master is
+/// killed (`kill -9`) and restarted on the same directory: both finish and read back
+/// byte-exact. The master keeps a large upload and its allocations durably, and the clients
+/// wait for it (and for its workers to register again) instead of failing. Before, an open
+/// upload lived in the master's memory only: the file's upload failed with "upload not
+/// found" and the pipe's with "cannot reach the master", its input lost. The workers are
+/// held with SIGSTOP across the restart, so both uploads are mid-transfer whatever the
+/// machine's speed.
+#[test]
+fn large_uploads_in_flight_survive_kill9_and_restart_of_the_master() {
+    use std::io::Write;
+    // A long heartbeat timeout keeps the stopped workers alive meanwhile.
+    let mut b = Binaries::start_with(3, &["--chunk-size", "1MiB", "--heartbeat-timeout", "30s"]);
+    b.wait_alive(3);
+    let (piped, data, tmp) = pipe_input(&b, 24 * MIB + 3, 21);
+    let (mut pipe_cli, mut input) = piped_upload(&b, "piped.bin", "2", &tmp, None);
+    input.write_all(&data[..6 * MIB as usize]).unwrap();
+    let file = make_file(&b.cwd().join("file.bin"), 40 * MIB + 9, 22);
+    let stop_workers = |b: &Binaries, sig: i32| {
+        for (_, w) in &b.workers {
+            w.as_ref().expect("worker runs").signal(sig);
+        }
+    };
+    b.wait_status("the piped upload open", Duration::from_secs(30), |v| {
+        v["open_uploads"].as_u64() == Some(1)
+    });
+    stop_workers(&b, libc::SIGSTOP);
+    let mut file_cli = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &b.master_addr(),
+            "--cmd",
+            "upload",
+            "file.bin",
+            "--replicas",
+            "3",
+        ],
+        b.cwd(),
+        None,
+    );
+    b.wait_status("both uploads open", Duration::from_secs(30), |v| {
+        v["open_uploads"].as_u64() == Some(2)
+    });
+    // Let the file's client get its first chunks under way to the stopped workers.
+    std::thread::sleep(Duration::from_millis(300));
+    b.master.as_mut().expect("master runs").kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    b.start_master();
+    stop_workers(&b, libc::SIGCONT);
+    // A client that failed has closed its end of the pipe: its status below says why.
+    let _ = input.write_all(&data[6 * MIB as usize..]);
+    drop(input);
+
+    for (cli, what) in [(&mut pipe_cli, "piped"), (&mut file_cli, "file")] {
+        let status = cli.wait_exit(Duration::from_secs(90));
+        let err = cli.stderr_text();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{what}: {status:?} {err}"
+        );
+    }
+    let restored = std::fs::read_to_string(b.cwd().join("logs").join("master.log")).unwrap();
+    assert!(
+        restored.contains("uploads open at the last stop were restored")
+            && restored.contains("uploads=2"),
+        "{}",
+        b.log_tail("master.log", 40)
+    );
+    download_and_compare(&b, "piped.bin", &piped);
+    download_and_compare(&b, "file.bin", &file);
+    let st = b.cli(&["--cmd", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(v["open_uploads"].as_u64(), Some(0), "{}", st.stdout);
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Waits (bounded) until `begun` holds for `cli`, a transfer stuck on the SIGSTOPped
 /// `worker`; then sends it SIGINT, lets the worker go on half a second later, and returns
 /// the CLI's exit code and stderr.

@@ -44,8 +44,16 @@ impl Meter {
                     let pct = (done * 100).checked_div(total).unwrap_or(100);
                     format!("{} / {} ({pct}%)", human_bytes(done), human_bytes(total))
                 };
+                let waiting = if progress
+                    .waiting_for_master
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    " (waiting for the cluster: the master is unreachable or has no live worker)"
+                } else {
+                    ""
+                };
                 eprint!(
-                    "\r\x1b[K{verb} {name}: {amount} {}/s",
+                    "\r\x1b[K{verb} {name}: {amount} {}/s{waiting}",
                     human_bytes(rate as u64)
                 );
                 let _ = std::io::stderr().flush();

@@ -40,6 +40,9 @@ pub struct Progress {
     pub done: AtomicU64,
     pub total: AtomicU64,
     pub cancel: std::sync::atomic::AtomicBool,
+    /// Set while the transfer waits for an unreachable master to come back, or for a
+    /// live worker (see `Client::patiently`), so that a meter can say why it stalls.
+    pub waiting_for_master: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -58,6 +61,26 @@ impl Progress {
             self.total.load(Ordering::Relaxed),
         )
     }
+}
+
+/// How long a large or piped upload waits for an unreachable master (restarting, say)
+/// before it fails.
+pub const MASTER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether a failed call never reached the master or lost its connection: the transport's
+/// own error (a status the master sent has no source), or a refused connection.
+fn master_unreachable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && (std::error::Error::source(s).is_some()
+        || s.message().contains("transport error")
+        || s.message().contains("tcp connect error"))
+}
+
+/// The master's answer while no worker is alive (as just after it restarted).
+fn no_live_workers(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.message().starts_with("no live workers")
 }
 
 /// Aborts a spawned task when dropped: the task of a transfer that ended (failed, cancelled
@@ -180,6 +203,46 @@ impl Client {
             };
         }
         ClientError::master(&self.addr, s)
+    }
+
+    /// Runs a master call of a durable upload (see `UploadRecord::durable`), again and again
+    /// while the master cannot be reached or has no live worker, for up to
+    /// [`MASTER_PATIENCE`]: a master that restarts keeps such an upload, so its client waits
+    /// instead of failing it (and, from a pipe, losing input it cannot read again), also
+    /// for the moment after the restart when no worker has registered yet. Any other
+    /// answer from the master ends it.
+    pub(crate) async fn patiently<T, F, Fut>(
+        &self,
+        what: &str,
+        progress: &Progress,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(50);
+        let result = loop {
+            match call().await {
+                Err(s)
+                    if (master_unreachable(&s) || no_live_workers(&s))
+                        && started.elapsed() < MASTER_PATIENCE
+                        && !progress.is_cancelled() =>
+                {
+                    if !progress.waiting_for_master.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(master = %self.addr, call = what, error = %s, "the cluster cannot take this call now; retrying for up to {} s", MASTER_PATIENCE.as_secs());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+                other => break other,
+            }
+        };
+        if progress.waiting_for_master.swap(false, Ordering::Relaxed) {
+            tracing::info!(master = %self.addr, call = what, waited_ms = started.elapsed().as_millis() as u64, "the master answered again");
+        }
+        result
     }
 
     pub(crate) fn master(&self) -> MasterRpc {

@@ -122,6 +122,25 @@ impl Answer {
     }
 }
 
+/// The placement of the chunk after the one being sent, asked for ahead of its turn.
+/// Dropping it (an upload that failed or ended) aborts the call.
+struct Ahead {
+    index: u32,
+    task: tokio::task::JoinHandle<Result<ChunkPlacement, ClientError>>,
+    _abort: AbortOnDrop,
+}
+
+impl Ahead {
+    /// The placement, or `None` if it could not be had (asked again the usual way, which
+    /// then reports the error).
+    async fn placement(self) -> Option<ChunkPlacement> {
+        match self.task.await {
+            Ok(Ok(p)) => Some(p),
+            _ => None,
+        }
+    }
+}
+
 /// An attempt whose bytes have been read and handed to its pipeline.
 struct Launched {
     answer: Answer,
@@ -146,6 +165,7 @@ impl Client {
         let mut committed = Vec::with_capacity(n as usize);
         let mut tries = Attempts::default();
         let mut sent: VecDeque<(ChunkJob, Launched)> = VecDeque::with_capacity(window);
+        let mut ahead: Option<Ahead> = None;
         for index in 0.. {
             if up.progress.is_cancelled() {
                 return Err(ClientError::Cancelled);
@@ -170,10 +190,35 @@ impl Client {
                 ))
             })?;
             let planned = up.plan.chunks.iter().find(|c| c.index == index);
+            let fits = |p: &ChunkPlacement| !p.workers.iter().any(|w| tries.avoid.contains(w));
             let placement = match planned {
-                Some(p) if !p.workers.iter().any(|w| tries.avoid.contains(w)) => p.clone(),
-                _ => self.place(up, index, &[], &tries.avoid).await?,
+                Some(p) if fits(p) => p.clone(),
+                _ => match ahead.take().filter(|a| a.index == index) {
+                    Some(a) => match a.placement().await {
+                        Some(p)
+                            if fits(&p) && p.workers.len() as u32 >= up.plan.replicas_effective =>
+                        {
+                            p
+                        }
+                        // Failed, or placed before a worker was blamed: the usual way (an
+                        // unused allocation is collected at the commit).
+                        _ => self.place(up, index, &[], &tries.avoid).await?,
+                    },
+                    None => self.place(up, index, &[], &tries.avoid).await?,
+                },
             };
+            // The next chunk's placement is asked for now, so that its allocation (durable
+            // on the master, see `UploadRecord::durable`) overlaps this chunk's sending
+            // instead of stalling the stream before the next one. (A stream's chunk is
+            // known to be its last once the spool has seen the input end after it.)
+            let next = index.saturating_add(1);
+            let more = match up.stream {
+                Some(_) => file_size == 0,
+                None => u64::from(next) < n,
+            };
+            if more && !up.plan.chunks.iter().any(|c| c.index == next) {
+                ahead = Some(self.allocate_ahead(up, next, &tries.avoid));
+            }
             let mut job = ChunkJob {
                 index,
                 offset,
@@ -298,35 +343,68 @@ impl Client {
         exclude: &[String],
         avoid: &[String],
     ) -> Result<ChunkPlacement, ClientError> {
-        let id = &up.plan.upload_id;
         let mut wider = exclude.to_vec();
         wider.extend(avoid.iter().filter(|a| !exclude.contains(a)).cloned());
         if wider.len() > exclude.len()
-            && let Ok(p) = self.allocate(id, index, &wider).await
+            && let Ok(p) = self.allocate(up, index, &wider).await
             && p.workers.len() as u32 >= up.plan.replicas_effective
         {
             return Ok(p);
         }
-        self.allocate(id, index, exclude).await
+        self.allocate(up, index, exclude).await
+    }
+
+    /// Asks for chunk `index`'s placement in a task of its own, without the workers in
+    /// `avoid`.
+    fn allocate_ahead(&self, up: &Upload<'_>, index: u32, avoid: &[String]) -> Ahead {
+        let (me, id, progress, avoid) = (
+            self.clone(),
+            up.plan.upload_id.clone(),
+            up.progress.clone(),
+            avoid.to_vec(),
+        );
+        let task = tokio::spawn(async move { me.allocate_for(id, index, &avoid, &progress).await });
+        let abort = AbortOnDrop(task.abort_handle());
+        Ahead {
+            index,
+            task,
+            _abort: abort,
+        }
     }
 
     async fn allocate(
         &self,
-        upload_id: &str,
+        up: &Upload<'_>,
         index: u32,
         exclude: &[String],
     ) -> Result<ChunkPlacement, ClientError> {
-        self.master()
-            .allocate_chunk(pb::AllocateChunkRequest {
-                upload_id: upload_id.to_string(),
-                index,
-                exclude: exclude.to_vec(),
-            })
+        self.allocate_for(up.plan.upload_id.clone(), index, exclude, up.progress)
             .await
-            .map_err(|s| self.err(s))?
-            .into_inner()
-            .chunk
-            .ok_or_else(|| ClientError::Integrity("master allocated no chunk".into()))
+    }
+
+    /// A placement from the master, waited for through a master restart (see
+    /// `Client::patiently`; an upload the master forgot is then `NotFound`).
+    async fn allocate_for(
+        &self,
+        upload_id: String,
+        index: u32,
+        exclude: &[String],
+        progress: &Progress,
+    ) -> Result<ChunkPlacement, ClientError> {
+        let req = pb::AllocateChunkRequest {
+            upload_id,
+            index,
+            exclude: exclude.to_vec(),
+        };
+        self.patiently("allocate_chunk", progress, || {
+            let (mut master, req) = (self.master(), req.clone());
+            async move { master.allocate_chunk(req).await }
+        })
+        .await
+        .map_err(|s| self.err(s))?
+        .into_inner()
+        .chunk
+        .ok_or_else(|| ClientError::Integrity("master allocated no chunk".into()))
     }
 
     /// Starts one attempt at a chunk and reads its bytes into the pipeline; returns once they

@@ -115,6 +115,25 @@ fn open_source(path: &Path) -> Result<Source, ClientError> {
     }
 }
 
+/// Refuses a streamed upload the master started as an empty file of known size: a master
+/// older than uploads of unknown size ignores the request's flag, and the first chunk would
+/// then fail with "chunk index 0 is out of range", which says nothing of the cause.
+fn streamed_plan_honoured(
+    streamed: bool,
+    plan: &pb::StartUploadResponse,
+    master: &str,
+) -> Result<(), ClientError> {
+    if streamed && !plan.size_unknown {
+        return Err(ClientError::Master {
+            code: tonic::Code::Unimplemented,
+            message: format!(
+                "the master at {master} does not take uploads of unknown size (it is older than this client): upgrade it, or upload from a file"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Client {
     /// Uploads the local file at `path`. `-` (standard input), `/dev/stdin` or a FIFO is
     /// uploaded as it is read, its size fixed at its end; a few chunks of it at a time are
@@ -193,6 +212,15 @@ impl Client {
             .await
             .map_err(|s| self.err(s))?;
         tracing::debug!(name = %name, size, streamed, upload = %plan.upload_id, "upload started");
+        if let Err(e) = streamed_plan_honoured(streamed, &plan, self.master_addr()) {
+            let _ = self
+                .master()
+                .abort_upload(pb::AbortUploadRequest {
+                    upload_id: plan.upload_id.clone(),
+                })
+                .await;
+            return Err(e);
+        }
         // A small file is written and committed within its attempts' time limits, far inside
         // the lease (minutes): it needs no renewal task, which would be a task and a timer
         // for every small file.
@@ -267,24 +295,63 @@ impl Client {
             }
             _ => None,
         };
-        let commit = self
-            .batches
-            .commits
-            .call(pb::CommitUploadRequest {
-                upload_id: plan.upload_id.clone(),
-                chunks,
-                sha256: String::new(),
-                name: String::new(),
-                size: commit_size,
-                blake3: digest,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+        let req = pb::CommitUploadRequest {
+            upload_id: plan.upload_id.clone(),
+            chunks,
+            sha256: String::new(),
+            name: String::new(),
+            size: commit_size,
+            blake3: digest,
+        };
+        let commit = if streamed || size > SMALL_CHUNK_MAX {
+            self.commit_durable(&name, &plan, req, &progress).await?
+        } else {
+            self.batches
+                .commits
+                .call(req)
+                .await
+                .map_err(|s| self.err(s))?
+        };
         let report = committed(&name, commit, replicas_achieved, retried, started)?;
         if let Some(l) = location {
             self.locations.put(&name, l);
         }
         Ok(report)
+    }
+
+    /// Commits a durable upload, waiting through a master restart (`Client::patiently`). A
+    /// commit that went unanswered may have landed: if a retry then finds the upload gone,
+    /// the file's version says whether it was this commit that landed.
+    async fn commit_durable(
+        &self,
+        name: &str,
+        plan: &pb::StartUploadResponse,
+        req: pb::CommitUploadRequest,
+        progress: &Progress,
+    ) -> Result<pb::CommitUploadResponse, ClientError> {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let answer = self
+            .patiently("commit_upload", progress, || {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                self.batches.commits.call(req.clone())
+            })
+            .await;
+        match answer {
+            Err(s) if s.code() == tonic::Code::NotFound && attempts.into_inner() > 1 => {
+                match self.stat(name).await {
+                    Ok(file) if file.version == plan.version => {
+                        tracing::info!(name = %name, upload = %plan.upload_id, "the commit landed before the master's answer was lost");
+                        Ok(pb::CommitUploadResponse {
+                            file: Some(file),
+                            replaced: false,
+                            in_doubt_ms: 0,
+                        })
+                    }
+                    _ => Err(self.err(s)),
+                }
+            }
+            other => other.map_err(|s| self.err(s)),
+        }
     }
 
     /// Aborts a reserved upload that did not land, prepared or not. Best effort: if the
@@ -559,4 +626,33 @@ pub(super) fn all_stored(
         });
     }
     Ok(stored_on)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_master_that_ignores_an_unknown_size_is_named_before_any_chunk_is_sent() {
+        let old = pb::StartUploadResponse {
+            upload_id: "u".into(),
+            chunk_size: 8 << 20,
+            ..Default::default()
+        };
+        let e = streamed_plan_honoured(true, &old, "127.0.0.1:7600").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented);
+        let said = e.to_string();
+        assert!(said.contains("127.0.0.1:7600"), "{said}");
+        assert!(
+            said.contains("does not take uploads of unknown size"),
+            "{said}"
+        );
+        // A file of known size needs nothing from the master beyond what every version does.
+        assert!(streamed_plan_honoured(false, &old, "m").is_ok());
+        let honoured = pb::StartUploadResponse {
+            size_unknown: true,
+            ..old
+        };
+        assert!(streamed_plan_honoured(true, &honoured, "m").is_ok());
+    }
 }

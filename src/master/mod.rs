@@ -124,8 +124,6 @@ pub const MAX_REPLICAS: u32 = 16;
 pub(crate) struct OpenUpload {
     /// What it was allocated.
     pub record: store::UploadRecord,
-    /// Who opened it, for the per-client cap.
-    pub owner: String,
     /// When it last showed a sign of life (its lease).
     pub last_seen: Instant,
     /// Opened ahead by `ReserveUploads`: no name or size until its commit, a shorter lease,
@@ -310,9 +308,30 @@ impl Master {
                 }
             }
         }
-        // Uploads were once kept in the store; any left from such a version are dropped
-        // (their chunks are collected as orphans), as an upload open at a restart is now.
-        let stale = self.store.read_with(|t| t.list_uploads())?;
+        // A durable upload open at the last stop is open again, its lease started afresh,
+        // so that its client can finish it. Records of an older version (every upload was
+        // kept then, none marked durable) are dropped, their chunks collected as orphans,
+        // and so are allocations whose upload is gone.
+        let (stored, allocations) = self
+            .store
+            .read_with(|t| Ok((t.list_uploads()?, t.list_upload_allocations()?)))?;
+        let (mut open, stale): (Vec<_>, Vec<_>) = stored.into_iter().partition(|u| u.durable);
+        for (id, a) in allocations {
+            match open.iter_mut().find(|u| u.upload_id == id) {
+                Some(u) if !u.allocations.iter().any(|b| b.chunk_id == a.chunk_id) => {
+                    u.allocations.push(a)
+                }
+                Some(_) => {}
+                None if stale.iter().any(|u| u.upload_id == id) => {}
+                None => {
+                    // Removed with `remove_upload` below for one of the stale ones.
+                    self.store.write_with(|t| -> Result<(), MasterError> {
+                        t.remove_upload(&id)?;
+                        Ok(())
+                    })?;
+                }
+            }
+        }
         if !stale.is_empty() {
             self.store.write_with(|t| -> Result<(), MasterError> {
                 for u in &stale {
@@ -322,10 +341,30 @@ impl Master {
             })?;
             tracing::warn!(
                 uploads = stale.len(),
-                "uploads open at the last stop were dropped; their chunks will be collected"
+                "uploads of an older version open at the last stop were dropped; their chunks will be collected"
             );
         }
         inner.next_version = self.store.write_with(|t| t.next_file_id())?;
+        if !open.is_empty() {
+            tracing::info!(
+                uploads = open.len(),
+                "uploads open at the last stop were restored; their clients can finish them"
+            );
+        }
+        for record in open {
+            inner.next_version = inner.next_version.max(record.version + 1);
+            for a in &record.allocations {
+                inner.upload_chunks.insert(a.chunk_id.clone());
+            }
+            inner.uploads.insert(
+                record.upload_id.clone(),
+                OpenUpload {
+                    record,
+                    last_seen: Instant::now(),
+                    reserved: false,
+                },
+            );
+        }
         inner.garbage = self
             .store
             .read_with(|t| t.list_garbage())?

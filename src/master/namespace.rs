@@ -192,7 +192,7 @@ impl Master {
             .lock()
             .uploads
             .values()
-            .filter(|u| u.owner == caller && !u.reserved)
+            .filter(|u| u.record.owner == caller && !u.reserved)
             .count();
         if open >= cap {
             return Err(MasterError::LimitReached(format!(
@@ -253,6 +253,9 @@ impl Master {
             .collect();
         // A point lookup, as in `get_file`: a new version of a file keeps its id.
         let existing = self.store.read_with(|t| t.get_file(&req.name))?;
+        // What a master restart would cost its client to send again (from a pipe, what
+        // it could not): a small file is quick to send again, and this costs an fsync.
+        let durable = req.size_unknown || req.size > SMALL_CHUNK_MAX;
         let record = {
             let mut inner = self.lock();
             let version = inner.next_version;
@@ -268,6 +271,8 @@ impl Master {
                 created_unix_ms: now_unix_ms(),
                 allocations,
                 size_unknown: req.size_unknown,
+                owner: caller.to_string(),
+                durable,
             };
             for a in &record.allocations {
                 inner.upload_chunks.insert(a.chunk_id.clone());
@@ -276,13 +281,20 @@ impl Master {
                 upload_id.clone(),
                 OpenUpload {
                     record: record.clone(),
-                    owner: caller.to_string(),
                     last_seen: Instant::now(),
                     reserved: false,
                 },
             );
             record
         };
+        if durable && let Err(e) = self.store_upload(&record).await {
+            let mut inner = self.lock();
+            inner.uploads.remove(&upload_id);
+            for a in &record.allocations {
+                inner.upload_chunks.remove(&a.chunk_id);
+            }
+            return Err(e);
+        }
         // The commit's event says it at info; most uploads are small and short.
         tracing::debug!(upload = %upload_id, name = %req.name, size = req.size, chunks = n, replicas = target, "upload started");
         Ok(pb::StartUploadResponse {
@@ -293,6 +305,7 @@ impl Master {
             replicas_target: target,
             replicas_effective: effective,
             chunks: placements,
+            size_unknown: req.size_unknown,
         })
     }
 
@@ -338,7 +351,7 @@ impl Master {
         let held = inner
             .uploads
             .values()
-            .filter(|u| u.owner == caller && u.reserved)
+            .filter(|u| u.record.owner == caller && u.reserved)
             .count();
         let n = (req.count as usize).min(MAX_RESERVED_PER_CLIENT.saturating_sub(held));
         let mut uploads = Vec::with_capacity(n);
@@ -370,12 +383,14 @@ impl Master {
                 }],
                 // Bound by the commit, within `max_size`.
                 size_unknown: false,
+                owner: caller.to_string(),
+                // Sent again by its client at once if the master restarts (see above).
+                durable: false,
             };
             inner.uploads.insert(
                 upload_id.clone(),
                 OpenUpload {
                     record,
-                    owner: caller.to_string(),
                     last_seen: Instant::now(),
                     reserved: true,
                 },
@@ -388,6 +403,7 @@ impl Master {
                 replicas_target: target,
                 replicas_effective: placement.workers.len() as u32,
                 chunks: vec![placement],
+                size_unknown: false,
             });
         }
         Ok(pb::ReserveUploadsResponse {
@@ -397,19 +413,68 @@ impl Master {
         })
     }
 
+    /// Writes a durable upload's record (with its first allocations) before its start is
+    /// answered, with the version bound that keeps its version unused after a restart.
+    async fn store_upload(self: &Arc<Self>, record: &UploadRecord) -> Result<(), MasterError> {
+        let record = record.clone();
+        self.mutate_durably(move |m| {
+            m.store.write_deferred_with(|t| -> Result<(), MasterError> {
+                t.put_upload(&record)?;
+                t.ensure_file_id_above(record.version)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// A new chunk id and pipeline for chunk `index` of an open upload, avoiding `exclude`.
+    /// Durable before it is answered if the upload is (see `UploadRecord::durable`): a
+    /// commit after a restart names only chunks the master knows it handed out.
     pub async fn allocate_chunk(
         self: &Arc<Self>,
         req: pb::AllocateChunkRequest,
     ) -> Result<pb::AllocateChunkResponse, MasterError> {
+        let (placement, durable) = self.place_chunk(&req)?;
+        if durable {
+            let (id, a) = (
+                req.upload_id.clone(),
+                Allocation {
+                    index: placement.index,
+                    chunk_id: placement.chunk_id.clone(),
+                    workers: placement.workers.clone(),
+                },
+            );
+            self.mutate_durably(move |m| {
+                m.store.write_deferred_with(|t| -> Result<(), MasterError> {
+                    // Not for an upload aborted (or committed) meanwhile: its record is gone,
+                    // and this one would outlive it.
+                    if t.get_upload(&id)?.is_some() {
+                        t.put_upload_allocation(&id, &a)?;
+                    }
+                    Ok(())
+                })
+            })
+            .await?;
+        }
+        Ok(pb::AllocateChunkResponse {
+            chunk: Some(placement),
+        })
+    }
+
+    /// The in-memory part of `allocate_chunk`: the placement, added to the upload's
+    /// allocations, and whether the upload is durable.
+    fn place_chunk(
+        &self,
+        req: &pb::AllocateChunkRequest,
+    ) -> Result<(pb::ChunkPlacement, bool), MasterError> {
         let mut inner = self.lock();
-        let (size, chunk_size, replicas, size_unknown) = inner
+        let (size, chunk_size, replicas, size_unknown, durable) = inner
             .uploads
             .get_mut(&req.upload_id)
             .map(|u| {
                 u.last_seen = Instant::now();
                 let r = &u.record;
-                (r.size, r.chunk_size, r.replicas, r.size_unknown)
+                (r.size, r.chunk_size, r.replicas, r.size_unknown, r.durable)
             })
             .ok_or_else(|| MasterError::UploadNotFound(req.upload_id.clone()))?;
         // A chunk of an upload of unknown size may be its last, and shorter, but space is
@@ -442,9 +507,7 @@ impl Master {
                 workers: placement.workers.clone(),
             });
         }
-        Ok(pb::AllocateChunkResponse {
-            chunk: Some(placement),
-        })
+        Ok((placement, durable))
     }
 
     /// Keeps an open upload's lease alive.
@@ -700,6 +763,9 @@ impl Master {
             ))));
         }
         t.put_file(&file)?;
+        if upload.durable {
+            t.remove_upload(&upload.upload_id)?;
+        }
         // Versions are handed out from memory; the store keeps a bound above every
         // committed one, so none is reused after a restart.
         t.ensure_file_id_above(upload.version.max(file.file_id))?;
@@ -812,6 +878,10 @@ impl Master {
             .blocking(move |m| {
                 m.store
                     .write_deferred_with(|t| -> Result<(UploadRecord, Garbage), MasterError> {
+                        if upload.durable {
+                            // Lost in a crash, it is restored and expires with its lease.
+                            t.remove_upload(&upload.upload_id)?;
+                        }
                         let mut garbage = Vec::new();
                         for a in &upload.allocations {
                             garbage.push((

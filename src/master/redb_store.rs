@@ -16,13 +16,15 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use super::journal::{self, Journal};
 use super::store::{
-    CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, SyncFuture, UploadRecord,
-    WorkerRecord, WriteTxn,
+    Allocation, CommitSeq, FileRecord, GarbageRecord, MetaStore, ReadTxn, StoreError, SyncFuture,
+    UploadRecord, WorkerRecord, WriteTxn,
 };
 use crate::groupsync::GroupSync;
 
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// Allocations of durable uploads after their start, keyed `upload_id/chunk_id`.
+const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("upload_allocations");
 const GARBAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("garbage");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -76,6 +78,7 @@ const T_UPLOADS: u32 = 2;
 const T_GARBAGE: u32 = 3;
 const T_WORKERS: u32 = 4;
 const T_COUNTERS: u32 = 5;
+const T_ALLOCATIONS: u32 = 6;
 
 fn record_table(id: u32) -> Option<TableDefinition<'static, &'static str, &'static [u8]>> {
     match id {
@@ -83,6 +86,7 @@ fn record_table(id: u32) -> Option<TableDefinition<'static, &'static str, &'stat
         T_UPLOADS => Some(UPLOADS),
         T_GARBAGE => Some(GARBAGE),
         T_WORKERS => Some(WORKERS),
+        T_ALLOCATIONS => Some(ALLOCATIONS),
         _ => None,
     }
 }
@@ -126,6 +130,7 @@ impl RedbStore {
         let applied = {
             txn.open_table(FILES).map_err(backend)?;
             txn.open_table(UPLOADS).map_err(backend)?;
+            txn.open_table(ALLOCATIONS).map_err(backend)?;
             txn.open_table(GARBAGE).map_err(backend)?;
             txn.open_table(WORKERS).map_err(backend)?;
             let counters = txn.open_table(COUNTERS).map_err(backend)?;
@@ -276,6 +281,13 @@ macro_rules! read_methods {
                 .collect())
         }
 
+        fn list_upload_allocations(&self) -> Result<Vec<(String, Allocation)>, StoreError> {
+            Ok(all(&self.txn.open_table(ALLOCATIONS).map_err(backend)?)?
+                .into_iter()
+                .filter_map(|(k, v)| k.split_once('/').map(|(u, _)| (u.to_string(), v)))
+                .collect())
+        }
+
         fn get_garbage(&self, chunk_id: &str) -> Result<Option<GarbageRecord>, StoreError> {
             get(&self.txn.open_table(GARBAGE).map_err(backend)?, chunk_id)
         }
@@ -401,7 +413,32 @@ impl WriteTxn for RedbWrite {
         self.put(T_UPLOADS, &upload.upload_id, upload.encode_to_vec())
     }
 
+    fn put_upload_allocation(
+        &mut self,
+        upload_id: &str,
+        allocation: &Allocation,
+    ) -> Result<(), StoreError> {
+        let key = format!("{upload_id}/{}", allocation.chunk_id);
+        self.put(T_ALLOCATIONS, &key, allocation.encode_to_vec())
+    }
+
     fn remove_upload(&mut self, upload_id: &str) -> Result<Option<UploadRecord>, StoreError> {
+        let prefix = format!("{upload_id}/");
+        let keys = {
+            let t = self.txn.open_table(ALLOCATIONS).map_err(backend)?;
+            let mut keys = Vec::new();
+            for item in t.range::<&str>(prefix.as_str()..).map_err(backend)? {
+                let (k, _) = item.map_err(backend)?;
+                if !k.value().starts_with(&prefix) {
+                    break;
+                }
+                keys.push(k.value().to_string());
+            }
+            keys
+        };
+        for k in keys {
+            self.remove::<Allocation>(T_ALLOCATIONS, &k)?;
+        }
         self.remove(T_UPLOADS, upload_id)
     }
 
@@ -634,6 +671,53 @@ mod tests {
         }
         std::fs::copy(saved_redb, crashed.path().join("meta.redb")).unwrap();
         crashed
+    }
+
+    /// A durable upload's later allocations are records of their own: they come back after
+    /// a crash (from the journal), and removing one upload removes its allocations only
+    /// (an id that is a prefix of another's is no prefix once the `/` is added).
+    #[test]
+    fn upload_allocations_survive_a_crash_and_go_with_their_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("saved.redb");
+        let upload = |id: &str| UploadRecord {
+            upload_id: id.into(),
+            name: format!("{id}.bin"),
+            durable: true,
+            ..Default::default()
+        };
+        let alloc = |index: u32| Allocation {
+            index,
+            chunk_id: format!("{index:032x}"),
+            workers: vec!["127.0.0.1:1".into()],
+        };
+        let crashed = {
+            let store = RedbStore::open(dir.path()).unwrap();
+            std::fs::copy(dir.path().join("meta.redb"), &saved).unwrap();
+            store
+                .write_with(|t| -> Result<(), StoreError> {
+                    t.put_upload(&upload("u1"))?;
+                    t.put_upload(&upload("u10"))?;
+                    t.put_upload_allocation("u1", &alloc(1))?;
+                    t.put_upload_allocation("u1", &alloc(2))?;
+                    t.put_upload_allocation("u10", &alloc(3))
+                })
+                .unwrap();
+            crash_copy(dir.path(), &saved)
+        };
+        let store = RedbStore::open(crashed.path()).unwrap();
+        let mut listed = store.read_with(|t| t.list_upload_allocations()).unwrap();
+        listed.sort_by_key(|(_, a)| a.index);
+        let ids: Vec<(&str, u32)> = listed.iter().map(|(u, a)| (u.as_str(), a.index)).collect();
+        assert_eq!(ids, [("u1", 1), ("u1", 2), ("u10", 3)]);
+        assert_eq!(listed[0].1, alloc(1));
+        store
+            .write_with(|t| t.remove_upload("u1").map(|r| assert!(r.is_some())))
+            .unwrap();
+        let left = store.read_with(|t| t.list_upload_allocations()).unwrap();
+        assert_eq!(left, [("u10".to_string(), alloc(3))]);
+        let uploads = store.read_with(|t| t.list_uploads()).unwrap();
+        assert_eq!(uploads, [upload("u10")]);
     }
 
     /// What a crash leaves: redb as of its last durable commit (here, a copy taken then),

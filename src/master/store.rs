@@ -104,6 +104,14 @@ pub struct UploadRecord {
     /// Opened with no size (a pipe): `size` is 0 until the commit fixes it.
     #[prost(bool, tag = "10")]
     pub size_unknown: bool,
+    /// Who opened it (the per-client cap), kept for a restart.
+    #[prost(string, tag = "11")]
+    pub owner: String,
+    /// Kept in the store (with each later allocation) so that it survives a master restart:
+    /// a large or piped upload, whose client would otherwise send it all again (or, from a
+    /// pipe, could not). A small one lives in memory only, saving an fsync per create.
+    #[prost(bool, tag = "12")]
+    pub durable: bool,
 }
 
 /// A chunk to delete, and the workers that may still hold a copy.
@@ -138,6 +146,8 @@ pub trait ReadTxn {
     fn list_files(&self, start_after: &str, limit: usize) -> Result<Vec<FileRecord>, StoreError>;
     fn get_upload(&self, upload_id: &str) -> Result<Option<UploadRecord>, StoreError>;
     fn list_uploads(&self) -> Result<Vec<UploadRecord>, StoreError>;
+    /// Every allocation made to a durable upload after its start, with its upload's id.
+    fn list_upload_allocations(&self) -> Result<Vec<(String, Allocation)>, StoreError>;
     fn get_garbage(&self, chunk_id: &str) -> Result<Option<GarbageRecord>, StoreError>;
     fn list_garbage(&self) -> Result<Vec<(String, GarbageRecord)>, StoreError>;
     fn list_workers(&self) -> Result<Vec<WorkerRecord>, StoreError>;
@@ -148,6 +158,14 @@ pub trait WriteTxn: ReadTxn {
     fn put_file(&mut self, file: &FileRecord) -> Result<(), StoreError>;
     fn remove_file(&mut self, name: &str) -> Result<Option<FileRecord>, StoreError>;
     fn put_upload(&mut self, upload: &UploadRecord) -> Result<(), StoreError>;
+    /// One more allocation of a durable upload: a record of its own, so that a file of many
+    /// chunks does not rewrite its whole upload record for each.
+    fn put_upload_allocation(
+        &mut self,
+        upload_id: &str,
+        allocation: &Allocation,
+    ) -> Result<(), StoreError>;
+    /// Removes an upload and every allocation put for it.
     fn remove_upload(&mut self, upload_id: &str) -> Result<Option<UploadRecord>, StoreError>;
     fn put_garbage(&mut self, chunk_id: &str, record: &GarbageRecord) -> Result<(), StoreError>;
     fn remove_garbage(&mut self, chunk_id: &str) -> Result<(), StoreError>;
