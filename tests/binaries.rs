@@ -1472,6 +1472,65 @@ fn large_uploads_in_flight_survive_kill9_and_restart_of_the_master() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A download whose only replica's worker is down (`kill -9`) when it starts, and back
+/// a moment later: it tries again after a pause, with the locations the master gives then,
+/// and the file is byte-exact. Before, it failed at once with "could not be read from any
+/// replica". With the worker gone for good, the same download still ends, with that one-line
+/// error, after its pauses (about 7 s).
+#[test]
+fn a_download_rides_out_the_restart_of_the_worker_holding_its_only_replica() {
+    // A long heartbeat timeout: the master still lists the killed worker's replica.
+    let mut b = Binaries::start_with(1, &["--chunk-size", "1MiB", "--heartbeat-timeout", "30s"]);
+    b.wait_alive(1);
+    let src = make_file(&b.cwd().join("only.bin"), 6 * MIB + 5, 31);
+    let up = b.cli(&["--cmd", "upload", "only.bin", "--replicas", "1"]);
+    assert_eq!(up.code, 0, "{}", up.stderr);
+
+    b.workers[0].1.as_mut().expect("worker runs").kill9();
+    let dest = b.cwd().join("back.bin");
+    let mut dl = Daemon::spawn_logging(
+        env!("CARGO_BIN_EXE_dfs-tui"),
+        &[
+            "--master",
+            &b.master_addr(),
+            "--cmd",
+            "download",
+            "only.bin",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+        b.cwd(),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    b.start_worker(0);
+    let status = dl.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} {}",
+        dl.stderr_text()
+    );
+    assert_files_equal(&dest, &src);
+
+    b.workers[0].1.as_mut().expect("worker runs").kill9();
+    let gone = b.cwd().join("gone.bin");
+    let out = b.cli(&[
+        "--cmd",
+        "download",
+        "only.bin",
+        "-o",
+        gone.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("could not be read from any replica"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "{}", out.stderr);
+    assert!(!gone.exists());
+}
+
 /// Waits (bounded) until `begun` holds for `cli`, a transfer stuck on the SIGSTOPped
 /// `worker`; then sends it SIGINT, lets the worker go on half a second later, and returns
 /// the CLI's exit code and stderr.

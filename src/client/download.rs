@@ -26,6 +26,14 @@ use crate::worker::volume::SMALL_CHUNK_MAX;
 /// restart, before workers have re-registered).
 const NO_REPLICA_WAIT: Duration = Duration::from_secs(10);
 
+/// The pauses before a chunk that no replica delivered is tried again (see
+/// `Client::fetch_chunk`): about 7 s in all, for a worker that restarts.
+const READ_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
 /// Bytes of chunks a read may hold at once (fetched, verified, not yet written). With 8 MiB
 /// chunks this is three chunks in flight, which keeps every worker busy on one disk while
 /// keeping the client well under the 64 MiB memory target.
@@ -77,15 +85,42 @@ impl Drop for PartGuard {
 struct ReplicaError {
     /// True if the replica itself is bad (checksum, length): report it to the master.
     bad: bool,
+    /// Whether trying it again later may work: a worker down, restarting or slow, not one
+    /// that refused the read or holds a bad copy.
+    again: bool,
     message: String,
+}
+
+impl ReplicaError {
+    fn new(bad: bool, message: String) -> ReplicaError {
+        ReplicaError {
+            bad,
+            again: !bad,
+            message,
+        }
+    }
+
+    /// From the worker's (or the transport's) status.
+    fn from_status(s: &tonic::Status) -> ReplicaError {
+        let bad = s.code() == Code::DataLoss;
+        let refused = matches!(
+            s.code(),
+            Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument
+        );
+        ReplicaError {
+            bad,
+            again: !bad && !refused,
+            message: s.message().into(),
+        }
+    }
 }
 
 /// One chunk, fetched whole and CRC-checked.
 struct Fetched {
     pieces: Vec<Bytes>,
     failovers: u32,
-    /// The index, in the chunk's replicas, of the one that delivered it.
-    from: usize,
+    /// The worker that delivered it.
+    from: String,
 }
 
 impl Client {
@@ -252,9 +287,8 @@ impl Client {
             let (pieces, worker) = match early {
                 Some(v) => v,
                 None => {
-                    let fetched = self.fetch_chunk(c.clone(), Arc::default()).await?;
-                    let worker = c.replicas.get(fetched.from).map(|r| r.worker.clone());
-                    (fetched.pieces, worker)
+                    let fetched = self.fetch_chunk(name, c.clone(), Arc::default()).await?;
+                    (fetched.pieces, Some(fetched.from))
                 }
             };
             let mut hash = FileHasher::verifying(&file);
@@ -349,11 +383,13 @@ impl Client {
     ) -> Result<(W, u32), ClientError> {
         progress.total.store(file.size, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
+        let name: Arc<str> = file.name.as_str().into();
         let mut fetches = futures::stream::iter(file.chunks.iter().cloned().map(|c| {
             let client = self.clone();
             let progress = progress.clone();
+            let name = name.clone();
             // Spawned so that fetches run in parallel with each other and with the writing.
-            let task = tokio::spawn(async move { client.fetch_chunk(c, progress).await });
+            let task = tokio::spawn(async move { client.fetch_chunk(&name, c, progress).await });
             async move {
                 let _abort = AbortOnDrop(task.abort_handle());
                 task.await
@@ -433,39 +469,76 @@ impl Client {
         sorted.get(i).copied()
     }
 
-    /// Fetches chunk `c` whole from the first replica that delivers it intact, in the order
-    /// of [`replica_order`].
+    /// Fetches chunk `c` of file `name` whole from the first replica that delivers it
+    /// intact, in the order of [`replica_order`]. If none does, it tries again after a pause
+    /// (1 s, then 2 s, then 4 s), with the chunk's replicas as the master lists them then: a
+    /// worker that restarts (its only replica, or every one of them) is back within a few
+    /// seconds, and a chunk re-replicated meanwhile is found where it went. A replica found
+    /// corrupt is not tried again. As HDFS's client refetches block locations after a
+    /// round of failures.
     async fn fetch_chunk(
         &self,
-        c: ChunkInfo,
+        name: &str,
+        mut c: ChunkInfo,
         progress: Arc<Progress>,
     ) -> Result<Fetched, ClientError> {
         let mut last = String::from("no replica is known");
         let mut failovers = 0;
-        for i in replica_order(&c, self.read_seed) {
-            if progress.is_cancelled() {
-                return Err(ClientError::Cancelled);
+        let mut corrupt: Vec<String> = Vec::new();
+        // Whether some failure of the last round may pass later (or no replica is known
+        // yet); if not, the error stands at once.
+        let mut worth_again = true;
+        for round in 0..=READ_RETRY_PAUSES.len() {
+            if !worth_again {
+                break;
             }
-            let r = &c.replicas[i];
-            let mut got = 0u64;
-            match self.read_replica(&c, &r.worker, &progress, &mut got).await {
-                Ok(pieces) => {
-                    return Ok(Fetched {
-                        pieces,
-                        failovers,
-                        from: i,
-                    });
-                }
-                Err(Err(local)) => return Err(local),
-                Err(Ok(e)) => {
-                    progress.done.fetch_sub(got, Ordering::Relaxed);
-                    failovers += 1;
-                    tracing::warn!(chunk = %c.chunk_id, worker = %r.worker, error = %e.message, "replica failed; trying the next");
-                    if e.bad {
-                        self.report_bad_replica(&c.chunk_id, &r.worker, &e.message)
-                            .await;
+            if round > 0 {
+                let pause = READ_RETRY_PAUSES[round - 1];
+                tracing::warn!(name, chunk = %c.chunk_id, error = %last, "no replica delivered the chunk; trying again in {} s", pause.as_secs());
+                let until = std::time::Instant::now() + pause;
+                while std::time::Instant::now() < until {
+                    if progress.is_cancelled() {
+                        return Err(ClientError::Cancelled);
                     }
-                    last = format!("{}: {}", r.worker, e.message);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if let Ok(f) = self.stat(name).await
+                    && let Some(fresh) = f.chunks.into_iter().find(|x| x.chunk_id == c.chunk_id)
+                {
+                    c = fresh;
+                }
+            }
+            worth_again = c.replicas.is_empty();
+            for i in replica_order(&c, self.read_seed) {
+                if progress.is_cancelled() {
+                    return Err(ClientError::Cancelled);
+                }
+                let r = &c.replicas[i];
+                if corrupt.contains(&r.worker) {
+                    continue;
+                }
+                let mut got = 0u64;
+                match self.read_replica(&c, &r.worker, &progress, &mut got).await {
+                    Ok(pieces) => {
+                        return Ok(Fetched {
+                            pieces,
+                            failovers,
+                            from: r.worker.clone(),
+                        });
+                    }
+                    Err(Err(local)) => return Err(local),
+                    Err(Ok(e)) => {
+                        progress.done.fetch_sub(got, Ordering::Relaxed);
+                        failovers += 1;
+                        tracing::warn!(chunk = %c.chunk_id, worker = %r.worker, error = %e.message, "replica failed; trying the next");
+                        if e.bad {
+                            self.report_bad_replica(&c.chunk_id, &r.worker, &e.message)
+                                .await;
+                            corrupt.push(r.worker.clone());
+                        }
+                        worth_again |= e.again;
+                        last = format!("{}: {}", r.worker, e.message);
+                    }
                 }
             }
         }
@@ -484,13 +557,18 @@ impl Client {
         progress: &Progress,
         got: &mut u64,
     ) -> Result<Vec<Bytes>, Result<ReplicaError, ClientError>> {
-        let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError { bad, message }));
+        let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError::new(bad, message)));
         if c.length <= SMALL_CHUNK_MAX {
             return self.read_small_replica(c, worker, progress, got).await;
         }
         let channel = match self.worker_channel(worker) {
             Ok(c) => c,
-            Err(e) => return replica_err(false, e.to_string()),
+            Err(e) => {
+                return Err(Ok(ReplicaError {
+                    again: false,
+                    ..ReplicaError::new(false, e.to_string())
+                }));
+            }
         };
         let limit = crate::rpc::transfer_limit(c.length);
         let req = pb::ReadChunkRequest {
@@ -502,7 +580,7 @@ impl Client {
         // this task checks CRCs, so no separate reader task is needed.)
         let deadline = tokio::time::Instant::now() + limit;
         let timed_out = || replica_err(false, format!("no answer within {}s", limit.as_secs()));
-        let failed = |s: tonic::Status| replica_err(s.code() == Code::DataLoss, s.message().into());
+        let failed = |s: tonic::Status| Err(Ok(ReplicaError::from_status(&s)));
         let call = super::read_stream::read_chunk(&channel, &req);
         let mut stream = match tokio::time::timeout_at(deadline, call).await {
             Err(_) => return timed_out(),
@@ -569,10 +647,15 @@ impl Client {
         progress: &Progress,
         got: &mut u64,
     ) -> Result<Vec<Bytes>, Result<ReplicaError, ClientError>> {
-        let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError { bad, message }));
+        let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError::new(bad, message)));
         let reads = match self.small_reads(worker) {
             Ok(r) => r,
-            Err(e) => return replica_err(false, e.to_string()),
+            Err(e) => {
+                return Err(Ok(ReplicaError {
+                    again: false,
+                    ..ReplicaError::new(false, e.to_string())
+                }));
+            }
         };
         let read = super::calls::SmallRead {
             req: pb::ReadChunkRequest {
@@ -583,7 +666,7 @@ impl Client {
         };
         let (h, data) = match reads.call(read).await {
             Ok(v) => v,
-            Err(s) => return replica_err(s.code() == Code::DataLoss, s.message().into()),
+            Err(s) => return Err(Ok(ReplicaError::from_status(&s))),
         };
         if progress.is_cancelled() {
             return Err(Err(ClientError::Cancelled));
