@@ -100,6 +100,14 @@ impl ReplicaError {
         }
     }
 
+    /// A worker this client cannot even address: no later try would do better.
+    fn unusable(message: String) -> ReplicaError {
+        ReplicaError {
+            again: false,
+            ..ReplicaError::new(false, message)
+        }
+    }
+
     /// From the worker's (or the transport's) status.
     fn from_status(s: &tonic::Status) -> ReplicaError {
         let bad = s.code() == Code::DataLoss;
@@ -563,12 +571,7 @@ impl Client {
         }
         let channel = match self.worker_channel(worker) {
             Ok(c) => c,
-            Err(e) => {
-                return Err(Ok(ReplicaError {
-                    again: false,
-                    ..ReplicaError::new(false, e.to_string())
-                }));
-            }
+            Err(e) => return Err(Ok(ReplicaError::unusable(e.to_string()))),
         };
         let limit = crate::rpc::transfer_limit(c.length);
         let req = pb::ReadChunkRequest {
@@ -650,12 +653,7 @@ impl Client {
         let replica_err = |bad: bool, message: String| Err(Ok(ReplicaError::new(bad, message)));
         let reads = match self.small_reads(worker) {
             Ok(r) => r,
-            Err(e) => {
-                return Err(Ok(ReplicaError {
-                    again: false,
-                    ..ReplicaError::new(false, e.to_string())
-                }));
-            }
+            Err(e) => return Err(Ok(ReplicaError::unusable(e.to_string()))),
         };
         let read = super::calls::SmallRead {
             req: pb::ReadChunkRequest {

@@ -221,10 +221,12 @@ impl Client {
                 .await;
             return Err(e);
         }
-        // A small file is written and committed within its attempts' time limits, far inside
-        // the lease (minutes): it needs no renewal task, which would be a task and a timer
-        // for every small file.
-        let _renew = (streamed || size > SMALL_CHUNK_MAX).then(|| {
+        // Kept by the master through a restart (its `UploadRecord::durable`): renewed, and
+        // its master calls waited through an outage. A small file is written and committed
+        // within its attempts' time limits, far inside the lease (minutes): it needs no
+        // renewal task, which would be a task and a timer for every small file.
+        let durable = streamed || size > SMALL_CHUNK_MAX;
+        let _renew = durable.then(|| {
             let mut master = self.master();
             let id = plan.upload_id.clone();
             AbortOnDrop(
@@ -303,7 +305,7 @@ impl Client {
             size: commit_size,
             blake3: digest,
         };
-        let commit = if streamed || size > SMALL_CHUNK_MAX {
+        let commit = if durable {
             self.commit_durable(&name, &plan, req, &progress).await?
         } else {
             self.batches

@@ -316,32 +316,31 @@ impl Master {
             .store
             .read_with(|t| Ok((t.list_uploads()?, t.list_upload_allocations()?)))?;
         let (mut open, stale): (Vec<_>, Vec<_>) = stored.into_iter().partition(|u| u.durable);
+        // A record's own allocations are those of its start; later ones are only here.
+        let mut later: HashMap<String, Vec<store::Allocation>> = HashMap::new();
         for (id, a) in allocations {
-            match open.iter_mut().find(|u| u.upload_id == id) {
-                Some(u) if !u.allocations.iter().any(|b| b.chunk_id == a.chunk_id) => {
-                    u.allocations.push(a)
-                }
-                Some(_) => {}
-                None if stale.iter().any(|u| u.upload_id == id) => {}
-                None => {
-                    // Removed with `remove_upload` below for one of the stale ones.
-                    self.store.write_with(|t| -> Result<(), MasterError> {
-                        t.remove_upload(&id)?;
-                        Ok(())
-                    })?;
-                }
-            }
+            later.entry(id).or_default().push(a);
         }
+        for u in &mut open {
+            u.allocations
+                .extend(later.remove(&u.upload_id).unwrap_or_default());
+        }
+        // What is left in `later` belongs to no upload kept: removed with the stale ones.
+        let stale: Vec<String> = stale
+            .into_iter()
+            .map(|u| u.upload_id)
+            .chain(later.into_keys())
+            .collect();
         if !stale.is_empty() {
             self.store.write_with(|t| -> Result<(), MasterError> {
-                for u in &stale {
-                    t.remove_upload(&u.upload_id)?;
+                for id in &stale {
+                    t.remove_upload(id)?;
                 }
                 Ok(())
             })?;
             tracing::warn!(
                 uploads = stale.len(),
-                "uploads of an older version open at the last stop were dropped; their chunks will be collected"
+                "upload records that cannot be resumed (from an older version) were dropped; their chunks will be collected"
             );
         }
         inner.next_version = self.store.write_with(|t| t.next_file_id())?;
