@@ -78,6 +78,12 @@ fn master_unreachable(s: &tonic::Status) -> bool {
         || s.message().contains("tcp connect error"))
 }
 
+/// The pauses before a call whose connection broke is tried again (`Client::once_more`).
+const BROKEN_CONNECTION_PAUSES: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(20),
+    std::time::Duration::from_millis(200),
+];
+
 /// The master's answer while no worker is alive (as just after it restarted).
 fn no_live_workers(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable && s.message().starts_with("no live workers")
@@ -245,6 +251,36 @@ impl Client {
         result
     }
 
+    /// Runs a master call again, after 20 and then 200 ms, when its connection broke under
+    /// it (the master restarted, or something between cut the connection): the channel
+    /// reconnects (the first try after a cut can still land on the dying connection), and a
+    /// master that is really down fails it within a quarter of a second. Only for calls that
+    /// are safe to repeat: a lookup, an upload's start (a start whose answer was lost leaves
+    /// an upload nobody commits, which expires), or a commit, whose repeat the caller
+    /// resolves (see `commit_resolving`).
+    pub(crate) async fn once_more<T, F, Fut>(
+        &self,
+        what: &str,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut answer = call().await;
+        for pause in BROKEN_CONNECTION_PAUSES {
+            match &answer {
+                Err(s) if master_unreachable(s) => {
+                    tracing::info!(master = %self.addr, call = what, error = %s, "the connection to the master broke; trying again");
+                    tokio::time::sleep(pause).await;
+                    answer = call().await;
+                }
+                _ => break,
+            }
+        }
+        answer
+    }
+
     pub(crate) fn master(&self) -> MasterRpc {
         self.master.clone()
     }
@@ -329,9 +365,7 @@ impl Client {
     /// A file with its chunk → replica map.
     /// Concurrent calls share round trips to the master (see `batch`).
     pub async fn stat(&self, name: &str) -> Result<FileInfo, ClientError> {
-        self.batches
-            .lookups
-            .call(name.to_string())
+        self.once_more("get_file", || self.batches.lookups.call(name.to_string()))
             .await
             .map_err(|s| self.err(s))
     }

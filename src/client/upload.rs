@@ -200,17 +200,24 @@ impl Client {
                 }
             }
         }
-        let plan = self
-            .batches
-            .starts
-            .call(pb::StartUploadRequest {
-                name: name.clone(),
-                size,
-                replicas: opts.replicas.unwrap_or(0),
-                size_unknown: streamed,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+        // Kept by the master through a restart (its `UploadRecord::durable`): renewed, and
+        // its master calls waited through an outage. A small file is written and committed
+        // within its attempts' time limits, far inside the lease (minutes): it needs no
+        // renewal task, which would be a task and a timer for every small file.
+        let durable = streamed || size > SMALL_CHUNK_MAX;
+        let request = pb::StartUploadRequest {
+            name: name.clone(),
+            size,
+            replicas: opts.replicas.unwrap_or(0),
+            size_unknown: streamed,
+        };
+        let start = || self.batches.starts.call(request.clone());
+        let plan = if durable {
+            self.patiently("start_upload", &progress, start).await
+        } else {
+            self.once_more("start_upload", start).await
+        }
+        .map_err(|s| self.err(s))?;
         tracing::debug!(name = %name, size, streamed, upload = %plan.upload_id, "upload started");
         if let Err(e) = streamed_plan_honoured(streamed, &plan, self.master_addr()) {
             let _ = self
@@ -221,11 +228,6 @@ impl Client {
                 .await;
             return Err(e);
         }
-        // Kept by the master through a restart (its `UploadRecord::durable`): renewed, and
-        // its master calls waited through an outage. A small file is written and committed
-        // within its attempts' time limits, far inside the lease (minutes): it needs no
-        // renewal task, which would be a task and a timer for every small file.
-        let durable = streamed || size > SMALL_CHUNK_MAX;
         let _renew = durable.then(|| {
             let mut master = self.master();
             let id = plan.upload_id.clone();
@@ -305,15 +307,9 @@ impl Client {
             size: commit_size,
             blake3: digest,
         };
-        let commit = if durable {
-            self.commit_durable(&name, &plan, req, &progress).await?
-        } else {
-            self.batches
-                .commits
-                .call(req)
-                .await
-                .map_err(|s| self.err(s))?
-        };
+        let commit = self
+            .commit_resolving(&name, &plan, req, &progress, durable)
+            .await?;
         let report = committed(&name, commit, replicas_achieved, retried, started)?;
         if let Some(l) = location {
             self.locations.put(&name, l);
@@ -321,23 +317,30 @@ impl Client {
         Ok(report)
     }
 
-    /// Commits a durable upload, waiting through a master restart (`Client::patiently`). A
-    /// commit that went unanswered may have landed: if a retry then finds the upload gone,
-    /// the file's version says whether it was this commit that landed.
-    async fn commit_durable(
+    /// Commits an upload, a durable one waiting through a master restart
+    /// (`Client::patiently`), any other tried once more if its connection broke
+    /// (`Client::once_more`). A commit that went unanswered may have landed: if a retry
+    /// then finds the upload gone, the file's version says whether it was this commit
+    /// that landed. Before, a small file whose commit answer was lost was reported failed
+    /// although it was there.
+    async fn commit_resolving(
         &self,
         name: &str,
         plan: &pb::StartUploadResponse,
         req: pb::CommitUploadRequest,
         progress: &Progress,
+        durable: bool,
     ) -> Result<pb::CommitUploadResponse, ClientError> {
         let attempts = std::sync::atomic::AtomicU32::new(0);
-        let answer = self
-            .patiently("commit_upload", progress, || {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                self.batches.commits.call(req.clone())
-            })
-            .await;
+        let commit = || {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            self.batches.commits.call(req.clone())
+        };
+        let answer = if durable {
+            self.patiently("commit_upload", progress, commit).await
+        } else {
+            self.once_more("commit_upload", commit).await
+        };
         match answer {
             Err(s) if s.code() == tonic::Code::NotFound && attempts.into_inner() > 1 => {
                 match self.stat(name).await {
