@@ -1465,6 +1465,7 @@ async fn batched_deletes_answer_each_name_on_its_own() {
     let r = m
         .delete_files(pb::DeleteFilesRequest {
             names: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1511,7 +1512,10 @@ async fn batched_deletes_answer_each_name_on_its_own() {
     assert_eq!(g.workers.len(), d0.chunks[0].replicas.len(), "{g:?}");
     let too_many = (0..1025).map(|i| format!("x{i}")).collect();
     let e = m
-        .delete_files(pb::DeleteFilesRequest { names: too_many })
+        .delete_files(pb::DeleteFilesRequest {
+            names: too_many,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
@@ -1535,4 +1539,62 @@ async fn batched_deletes_answer_each_name_on_its_own() {
     }
     assert!(t.client.list().await.unwrap().is_empty());
     assert_eq!(t.client.status().await.unwrap().files, 0);
+}
+
+/// A delete repeated with its call id gets the answer the first got, and deletes nothing
+/// more: not the file of that name created since (as a repeat by name would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_repeated_with_its_call_id_is_answered_as_before() {
+    let t = TestCluster::start(small_chunks(3)).await;
+    let p = make_file(&t.scratch().join("x"), 5000, 1);
+    let first = t.must_upload(&p, "x").await.file;
+    let mut m =
+        dfs::rpc::master_client(dfs::rpc::control_channel(t.cluster.master_addr()).unwrap());
+    let del = |call_id: &str| pb::DeleteFileRequest {
+        name: "x".into(),
+        call_id: call_id.into(),
+    };
+    let a = m.delete_file(del("c-1")).await.unwrap().into_inner().file;
+    assert_eq!(a.as_ref().map(|f| f.version), Some(first.version));
+    // Created again since: a repeat of the first delete must not remove it.
+    let second = t.must_upload(&p, "x").await.file;
+    let b = m.delete_file(del("c-1")).await.unwrap().into_inner().file;
+    assert_eq!(
+        b.map(|f| f.version),
+        Some(first.version),
+        "the first answer"
+    );
+    assert_eq!(t.client.stat("x").await.unwrap().version, second.version);
+    // The same through the batched call, beside a new delete.
+    let r = m
+        .delete_files(pb::DeleteFilesRequest {
+            names: vec!["x".into(), "x".into()],
+            call_ids: vec!["c-1".into(), "c-2".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let versions: Vec<_> = r
+        .iter()
+        .map(|r| r.file.as_ref().map(|f| f.version))
+        .collect();
+    assert_eq!(versions, [Some(first.version), Some(second.version)]);
+    // c-2 is answered again; a new id finds nothing by name now.
+    let again = m.delete_file(del("c-2")).await.unwrap().into_inner().file;
+    assert_eq!(again.map(|f| f.version), Some(second.version));
+    let e = m.delete_file(del("c-3")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    // Ids that cannot be kept are refused, one by one or for the whole batch.
+    let e = m.delete_file(del(&"z".repeat(65))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = m
+        .delete_files(pb::DeleteFilesRequest {
+            names: vec!["a".into(), "b".into()],
+            call_ids: vec!["only-one".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("one per name"), "{e}");
 }

@@ -245,9 +245,9 @@ async fn a_large_upload_whose_commit_answer_is_lost_still_succeeds_once() {
     t.must_download_equal("big", &path).await;
 }
 
-/// The master calls of uploads and reads, batched and alone, whose answers a broken
-/// connection can lose.
-const CUT_AFTER: [&str; 8] = [
+/// The master calls of uploads, reads and deletes, batched and alone, whose answers a
+/// broken connection can lose.
+const CUT_AFTER: [&str; 10] = [
     "/dfs.v1.Master/StartUpload",
     "/dfs.v1.Master/StartUploads",
     "/dfs.v1.Master/ReserveUploads",
@@ -256,10 +256,12 @@ const CUT_AFTER: [&str; 8] = [
     "/dfs.v1.Master/CommitUploads",
     "/dfs.v1.Master/GetFile",
     "/dfs.v1.Master/GetFiles",
+    "/dfs.v1.Master/DeleteFile",
+    "/dfs.v1.Master/DeleteFiles",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_cut_under_concurrent_uploads_and_reads_fails_none_of_them() {
+async fn a_connection_cut_under_concurrent_uploads_reads_and_deletes_fails_none_of_them() {
     // Before, each cut failed 1 to 12 of the 48 uploads and reads in flight on that
     // connection with "cannot reach the master", some of them files that had landed.
     let t = TestCluster::start(small_chunks(3)).await;
@@ -297,6 +299,21 @@ async fn a_connection_cut_under_concurrent_uploads_and_reads_fails_none_of_them(
                         c.download(&name, &back, Default::default())
                             .await
                             .map_err(|e| format!("download of {name}: {e}"))?;
+                        // Every other file is deleted (a file left is read by the next
+                        // round's lookups), and must be gone.
+                        if k % 2 == 0 {
+                            let gone = c
+                                .delete(&name)
+                                .await
+                                .map_err(|e| format!("delete of {name}: {e}"))?;
+                            if gone.size != size {
+                                return Err(format!("delete of {name} answered {gone:?}"));
+                            }
+                            match c.stat(&name).await {
+                                Err(e) if e.code() == tonic::Code::NotFound => {}
+                                other => return Err(format!("{name} after its delete: {other:?}")),
+                            }
+                        }
                         Ok((local, back))
                     });
                 }

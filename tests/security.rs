@@ -222,6 +222,7 @@ async fn call_every_rpc(
             code(
                 m.delete_file(pb::DeleteFileRequest {
                     name: "victim".into(),
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -249,6 +250,7 @@ async fn call_every_rpc(
             code(
                 m.delete_files(pb::DeleteFilesRequest {
                     names: vec!["victim".into()],
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -867,8 +869,11 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
             (
                 "delete",
                 code(
-                    m.delete_file(pb::DeleteFileRequest { name: n.clone() })
-                        .await,
+                    m.delete_file(pb::DeleteFileRequest {
+                        name: n.clone(),
+                        ..Default::default()
+                    })
+                    .await,
                 ),
             ),
             (
@@ -885,6 +890,7 @@ async fn hostile_input_gets_clear_errors_and_the_daemons_keep_serving() {
                 code(
                     m.delete_files(pb::DeleteFilesRequest {
                         names: vec![n.clone()],
+                        ..Default::default()
                     })
                     .await
                     .map(|r| r.into_inner())

@@ -101,15 +101,19 @@ impl Batched for Lookups {
 }
 
 impl Batched for Deletes {
-    type Req = String;
+    /// A name and the call's id, which its repeat carries too (see `Client::delete`).
+    type Req = (String, String);
     type Resp = FileInfo;
     const MAX: usize = MAX_BATCH;
 
-    fn one(&self, name: String) -> impl Future<Output = Result<FileInfo, Status>> + Send {
+    fn one(
+        &self,
+        (name, call_id): (String, String),
+    ) -> impl Future<Output = Result<FileInfo, Status>> + Send {
         let mut m = self.0.clone();
         async move {
             the_file(
-                m.delete_file(pb::DeleteFileRequest { name })
+                m.delete_file(pb::DeleteFileRequest { name, call_id })
                     .await?
                     .into_inner()
                     .file,
@@ -119,12 +123,13 @@ impl Batched for Deletes {
 
     fn many(
         &self,
-        names: Vec<String>,
+        deletes: Vec<(String, String)>,
     ) -> impl Future<Output = Result<Vec<Result<FileInfo, Status>>, Status>> + Send {
         let mut m = self.0.clone();
+        let (names, call_ids) = deletes.into_iter().unzip();
         async move {
             Ok(file_results(
-                m.delete_files(pb::DeleteFilesRequest { names })
+                m.delete_files(pb::DeleteFilesRequest { names, call_ids })
                     .await?
                     .into_inner()
                     .results,

@@ -256,8 +256,8 @@ impl Client {
     /// reconnects (the first try after a cut can still land on the dying connection), and a
     /// master that is really down fails it within a quarter of a second. Only for calls that
     /// are safe to repeat: a lookup, an upload's start (a start whose answer was lost leaves
-    /// an upload nobody commits, which expires), or a commit, whose repeat the caller
-    /// resolves (see `commit_resolving`).
+    /// an upload nobody commits, which expires), a commit, whose repeat the caller resolves
+    /// (see `commit_resolving`), or a delete with its call id.
     pub(crate) async fn once_more<T, F, Fut>(
         &self,
         what: &str,
@@ -371,12 +371,17 @@ impl Client {
     }
 
     /// Deletes a file; its chunks are removed from workers in the background.
-    /// Concurrent calls share round trips and fsyncs on the master (see `batch`).
+    /// Concurrent calls share round trips and fsyncs on the master (see `batch`). A delete
+    /// whose connection broke is repeated with the same call id, which the master answers
+    /// as it answered the first (its `retry_cache`), so a delete that landed is not
+    /// reported "not found", nor repeated on a file created since.
     pub async fn delete(&self, name: &str) -> Result<FileInfo, ClientError> {
         self.locations.forget(name);
-        self.batches
-            .deletes
-            .call(name.to_string())
+        let call = (
+            name.to_string(),
+            format!("{:032x}", crate::chunk::random_u128()),
+        );
+        self.once_more("delete_file", || self.batches.deletes.call(call.clone()))
             .await
             .map_err(|s| self.err(s))
     }

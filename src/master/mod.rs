@@ -14,6 +14,7 @@ pub mod rebuild;
 pub mod redb_store;
 pub mod registry;
 pub mod repair;
+pub mod retry_cache;
 pub mod service;
 pub mod status;
 pub mod store;
@@ -203,6 +204,8 @@ pub struct Master {
     /// Garbage marked at or before this time (Unix ms) is purged without waiting out the
     /// grace (see [`Master::expedite_garbage`]); 0 when never asked.
     pub(crate) gc_expedited_to: std::sync::atomic::AtomicI64,
+    /// Recent deletes' answers by call id, for their clients' repeats.
+    pub(crate) retries: retry_cache::RetryCache,
 }
 
 impl Master {
@@ -238,6 +241,7 @@ impl Master {
             worker_channels: Mutex::new(HashMap::new()),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
             flush_wanted: Default::default(),
+            retries: Default::default(),
             gc_expedited_to: Default::default(),
         };
         master.load()?;

@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::retry_cache::Claim;
+
+/// The answers of [`Master::delete_files`], which calls itself for repeats that waited.
+type DeleteAnswers<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Vec<Result<FileInfo, MasterError>>> + Send + 'a>>;
+/// A delete to carry out: where its answer goes, the name, and its claim in the retry cache.
+type ClaimedDelete = (
+    usize,
+    String,
+    Option<(String, tokio::sync::watch::Sender<bool>)>,
+);
 use super::store::{
     Allocation, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord,
     WriteTxn,
@@ -1002,17 +1013,17 @@ impl Master {
         })
     }
 
-    /// Removes `name` from the namespace; its chunks become garbage.
-    pub async fn delete_file(self: &Arc<Self>, name: &str) -> Result<FileInfo, MasterError> {
-        crate::names::validate(name)?;
-        let (file, info) = self
-            .delete_names(vec![name.to_string()])
-            .await?
+    /// Removes `name` from the namespace; its chunks become garbage. A `call_id` (empty:
+    /// none) makes the call safe to repeat (see `retry_cache`).
+    pub async fn delete_file(
+        self: &Arc<Self>,
+        name: &str,
+        call_id: &str,
+    ) -> Result<FileInfo, MasterError> {
+        self.delete_files(vec![name.to_string()], vec![call_id.to_string()])
+            .await
             .pop()
-            .flatten()
-            .ok_or_else(|| MasterError::FileNotFound(name.to_string()))?;
-        self.record_delete(&file);
-        Ok(info)
+            .unwrap_or_else(|| Err(MasterError::Internal("a delete went unanswered".into())))
     }
 
     /// Deletes every existing file of `names` in one transaction (missing names are skipped);
@@ -1036,35 +1047,95 @@ impl Master {
     /// [`Master::delete_file`] would answer it alone, in order: the deletes of many callers
     /// at once cost about what one costs. An invalid or missing name fails alone; a store
     /// error fails them all, since none of them is then known to be durable.
-    pub async fn delete_files(
+    /// `call_ids` is empty or holds one id per name (see [`Master::delete_file`]). The
+    /// deletes run in a task of their own, so that one whose caller is gone (its connection
+    /// broke) still keeps its answer for the caller's repeat.
+    pub fn delete_files(
         self: &Arc<Self>,
         names: Vec<String>,
-    ) -> Vec<Result<FileInfo, MasterError>> {
-        let mut answers: Vec<Option<Result<FileInfo, MasterError>>> =
-            names.iter().map(|_| None).collect();
-        let mut valid = Vec::with_capacity(names.len());
-        for (i, name) in names.into_iter().enumerate() {
-            match crate::names::validate(&name) {
-                Ok(()) => valid.push((i, name)),
-                Err(e) => answers[i] = Some(Err(e.into())),
-            }
-        }
-        let (at, valid): (Vec<usize>, Vec<String>) = valid.into_iter().unzip();
-        match self.delete_names(valid.clone()).await {
-            Ok(deleted) => {
-                for ((i, name), d) in at.into_iter().zip(valid).zip(deleted) {
-                    answers[i] = Some(match d {
-                        Some((file, info)) => {
-                            self.record_delete(&file);
-                            Ok(info)
-                        }
-                        None => Err(MasterError::FileNotFound(name)),
-                    });
+        call_ids: Vec<String>,
+    ) -> DeleteAnswers<'_> {
+        Box::pin(async move {
+            let mut answers: Vec<Option<Result<FileInfo, MasterError>>> =
+                names.iter().map(|_| None).collect();
+            let mut batch = Vec::with_capacity(names.len());
+            let mut busy = Vec::new();
+            let mut ids = call_ids.into_iter();
+            for (i, name) in names.into_iter().enumerate() {
+                let id = ids.next().unwrap_or_default();
+                if let Err(e) = crate::names::validate(&name)
+                    .map_err(MasterError::from)
+                    .and_then(|()| super::retry_cache::check_call_id(&id))
+                {
+                    answers[i] = Some(Err(e));
+                    continue;
+                }
+                if id.is_empty() {
+                    batch.push((i, name, None));
+                    continue;
+                }
+                match self.retries.claim(&id) {
+                    Claim::Answered(f) => {
+                        tracing::info!(name = %name, call = %id, "a repeated delete answered as before");
+                        answers[i] = Some(Ok(f));
+                    }
+                    Claim::Busy(rx) => busy.push((i, name, id, rx)),
+                    Claim::Mine(tx) => batch.push((i, name, Some((id, tx)))),
                 }
             }
-            Err(e) => fail_all(&mut answers, at, e),
+            let me = self.clone();
+            let done = tokio::spawn(async move { me.delete_claimed(batch).await })
+                .await
+                .map_err(|e| MasterError::Internal(format!("delete task failed: {e}")));
+            match done {
+                Ok(done) => done.into_iter().for_each(|(i, a)| answers[i] = Some(a)),
+                Err(e) => {
+                    for a in answers.iter_mut().filter(|a| a.is_none()) {
+                        *a = Some(Err(MasterError::Internal(e.to_string())));
+                    }
+                }
+            }
+            // Repeats of calls still running when they came: answered once those end.
+            for (i, name, id, mut rx) in busy {
+                let _ = rx.wait_for(|finished| *finished).await;
+                answers[i] = self.delete_files(vec![name], vec![id]).await.pop();
+            }
+            all_answered(answers, "delete")
+        })
+    }
+
+    /// The deletes of [`Master::delete_files`] that are to be carried out, each finished in
+    /// the retry cache if it has a call id.
+    async fn delete_claimed(
+        self: &Arc<Self>,
+        batch: Vec<ClaimedDelete>,
+    ) -> Vec<(usize, Result<FileInfo, MasterError>)> {
+        if batch.is_empty() {
+            return Vec::new();
         }
-        all_answered(answers, "delete")
+        let names: Vec<String> = batch.iter().map(|(_, n, _)| n.clone()).collect();
+        let mut deleted = match self.delete_names(names).await {
+            Ok(d) => Ok(d.into_iter()),
+            Err(e) => Err(e),
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, name, claim) in batch {
+            let answer = match &mut deleted {
+                Ok(d) => match d.next().flatten() {
+                    Some((file, info)) => {
+                        self.record_delete(&file);
+                        Ok(info)
+                    }
+                    None => Err(MasterError::FileNotFound(name)),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            if let Some((id, tx)) = claim {
+                self.retries.finish(&id, tx, answer.as_ref().ok());
+            }
+            out.push((i, answer));
+        }
+        out
     }
 
     /// The cluster event of a durable delete.

@@ -400,7 +400,7 @@ impl pb::master_server::Master for MasterService {
         let r = req.into_inner();
         let res = self
             .master
-            .delete_file(&r.name)
+            .delete_file(&r.name, &r.call_id)
             .await
             .map(|f| pb::DeleteFileResponse { file: Some(f) });
         finish("delete_file", &p, &r.name, t, res)
@@ -446,8 +446,16 @@ impl pb::master_server::Master for MasterService {
             let e = Err(too_many("names", r.names.len()));
             return finish("delete_files", &p, "", t, e);
         }
+        if !r.call_ids.is_empty() && r.call_ids.len() != r.names.len() {
+            let e = Err(MasterError::InvalidArgument(format!(
+                "{} call ids for {} names: give one per name, or none",
+                r.call_ids.len(),
+                r.names.len()
+            )));
+            return finish("delete_files", &p, "", t, e);
+        }
         let what = format!("{} names", r.names.len());
-        let answers = self.master.delete_files(r.names.clone()).await;
+        let answers = self.master.delete_files(r.names.clone(), r.call_ids).await;
         let results = r
             .names
             .iter()
