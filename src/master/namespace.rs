@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::retry_cache::Claim;
-
-/// The answers of [`Master::delete_files`], which calls itself for repeats that waited.
-type DeleteAnswers<'a> =
-    std::pin::Pin<Box<dyn Future<Output = Vec<Result<FileInfo, MasterError>>> + Send + 'a>>;
-/// A delete to carry out: where its answer goes, the name, and its claim in the retry cache.
-type ClaimedDelete = (
-    usize,
-    String,
-    Option<(String, tokio::sync::watch::Sender<bool>)>,
-);
 use super::store::{
     Allocation, ChunkRef, CommitSeq, FileRecord, GarbageRecord, MetaStoreExt, UploadRecord,
     WriteTxn,
@@ -33,6 +23,16 @@ use crate::events::Level;
 use crate::rpc::now_unix_ms;
 use crate::rpc::pb::{self, ChunkInfo, ChunkPlacement, FileInfo, ReplicaInfo};
 use crate::worker::volume::SMALL_CHUNK_MAX;
+
+/// The answers of [`Master::delete_files`], which calls itself for repeats that waited.
+type DeleteAnswers<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Vec<Result<FileInfo, MasterError>>> + Send + 'a>>;
+/// A delete to carry out: where its answer goes, the name, and its claim in the retry cache.
+type ClaimedDelete = (
+    usize,
+    String,
+    Option<(String, tokio::sync::watch::Sender<bool>)>,
+);
 
 /// Garbage entries written by a transaction, to mirror in memory.
 type Garbage = Vec<(String, GarbageRecord)>;
@@ -1084,9 +1084,13 @@ impl Master {
                 }
             }
             let me = self.clone();
-            let done = tokio::spawn(async move { me.delete_claimed(batch).await })
-                .await
-                .map_err(|e| MasterError::Internal(format!("delete task failed: {e}")));
+            let done = if batch.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tokio::spawn(async move { me.delete_claimed(batch).await })
+                    .await
+                    .map_err(|e| MasterError::Internal(format!("delete task failed: {e}")))
+            };
             match done {
                 Ok(done) => done.into_iter().for_each(|(i, a)| answers[i] = Some(a)),
                 Err(e) => {
@@ -1110,14 +1114,8 @@ impl Master {
         self: &Arc<Self>,
         batch: Vec<ClaimedDelete>,
     ) -> Vec<(usize, Result<FileInfo, MasterError>)> {
-        if batch.is_empty() {
-            return Vec::new();
-        }
         let names: Vec<String> = batch.iter().map(|(_, n, _)| n.clone()).collect();
-        let mut deleted = match self.delete_names(names).await {
-            Ok(d) => Ok(d.into_iter()),
-            Err(e) => Err(e),
-        };
+        let mut deleted = self.delete_names(names).await.map(|d| d.into_iter());
         let mut out = Vec::with_capacity(batch.len());
         for (i, name, claim) in batch {
             let answer = match &mut deleted {
