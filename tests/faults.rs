@@ -381,3 +381,40 @@ fn small_uploads_through_reservations_survive_kill9_of_a_worker_and_the_master()
         }
     }
 }
+
+/// A client holding a reservation from before the master was killed writes its chunk after
+/// the workers have re-registered with the new master (which never heard of it). The
+/// worker reports the chunk with its next heartbeat, and the master collects it as an
+/// orphan: it is not left on disk until the worker's next restart.
+#[test]
+fn a_chunk_written_to_an_upload_the_master_forgot_is_collected_without_a_worker_restart() {
+    let mut b = Binaries::start_with(1, &["--gc-grace", "500ms"]);
+    b.wait_alive(1);
+    let rt = runtime();
+    let addr = b.master_addr();
+    let plan = rt.block_on(async {
+        let mut m = dfs::rpc::master_client(dfs::rpc::control_channel(&addr).unwrap());
+        reserve(&mut m, 1).await.uploads.remove(0)
+    });
+    b.master.as_mut().unwrap().kill9();
+    b.start_master();
+    // Alive again means the worker re-registered, with its full report, before the write.
+    b.wait_alive(1);
+    let data = vec![7u8; 5000];
+    let placement = &plan.chunks[0];
+    rt.block_on(write_chunk_direct(placement, "late", &data, None))
+        .unwrap();
+    let dir = worker_dir(&b, 0);
+    assert!(chunk_path(&dir, &placement.chunk_id).is_some());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chunk_path(&dir, &placement.chunk_id).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the forgotten upload's chunk was never collected: {}",
+            status(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = status(&b);
+    assert_eq!(v["orphan_chunks"].as_u64(), Some(0), "{v}");
+}

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::registry::{Health, health_of};
-use super::store::{MetaStoreExt, WorkerRecord};
-use super::{Master, MasterError};
+use super::store::{GarbageRecord, MetaStoreExt, WorkerRecord};
+use super::{Inner, Master, MasterError};
 use crate::chunk::ChunkId;
 use crate::config::human_bytes;
 use crate::events::Level;
@@ -32,6 +32,47 @@ fn validate_address(addr: &str) -> Result<(), MasterError> {
             "invalid worker address {:?}: expected host:port",
             addr.chars().take(64).collect::<String>()
         )))
+    }
+}
+
+/// Where a chunk a worker holds, and no file lists there, was filed.
+enum Unlisted {
+    /// A deletion's: the worker is (now) among those told to delete it; the entry is
+    /// returned when this changed it.
+    Garbage(Option<GarbageRecord>),
+    /// An open upload's: its commit or abort decides.
+    Upload,
+    /// Nothing's.
+    Orphan,
+}
+
+impl Inner {
+    /// Files a chunk held by `address` that is no file's chunk. An orphan is never deleted on
+    /// a guess: the collector purges it only after the grace period, and only if it still
+    /// belongs to nothing.
+    fn file_unlisted(&mut self, chunk_id: &str, address: &str) -> Unlisted {
+        if let Some(g) = self.garbage.get_mut(chunk_id) {
+            if g.workers.iter().any(|w| w == address) {
+                return Unlisted::Garbage(None);
+            }
+            g.workers.push(address.to_string());
+            return Unlisted::Garbage(Some(g.clone()));
+        }
+        if self.upload_chunks.contains(chunk_id) {
+            return Unlisted::Upload;
+        }
+        let now = Instant::now();
+        let o = self
+            .orphans
+            .entry(chunk_id.to_string())
+            .or_insert_with(|| super::repair::Orphan {
+                workers: Vec::new(),
+                first_seen: now,
+            });
+        if !o.workers.iter().any(|w| w == address) {
+            o.workers.push(address.to_string());
+        }
+        Unlisted::Orphan
     }
 }
 
@@ -68,25 +109,12 @@ impl Master {
                 };
                 if inner.chunks.add_replica(&id, idx) {
                     known += 1;
-                } else if let Some(g) = inner.garbage.get_mut(&c.chunk_id) {
-                    if !g.workers.contains(&req.address) {
-                        g.workers.push(req.address.clone());
-                        garbage_fix.push((c.chunk_id.clone(), g.clone()));
-                    }
-                } else if !inner.upload_chunks.contains(&c.chunk_id) {
-                    // Unknown: an orphan. Never deleted on a guess: the collector purges it only
-                    // after the grace period, and only if it still belongs to nothing.
-                    orphans += 1;
-                    let now = Instant::now();
-                    let o = inner.orphans.entry(c.chunk_id.clone()).or_insert_with(|| {
-                        super::repair::Orphan {
-                            workers: Vec::new(),
-                            first_seen: now,
-                        }
-                    });
-                    if !o.workers.contains(&req.address) {
-                        o.workers.push(req.address.clone());
-                    }
+                    continue;
+                }
+                match inner.file_unlisted(&c.chunk_id, &req.address) {
+                    Unlisted::Orphan => orphans += 1,
+                    Unlisted::Garbage(Some(g)) => garbage_fix.push((c.chunk_id.clone(), g)),
+                    Unlisted::Garbage(None) | Unlisted::Upload => {}
                 }
             }
             if let Some(w) = inner.registry.get_mut(idx) {
@@ -150,7 +178,7 @@ impl Master {
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, MasterError> {
         let mut corrupt = Vec::new();
-        let (orders, acked) = {
+        let (orders, acked, filed, orphaned) = {
             let mut inner = self.lock();
             let Some(idx) = inner.registry.find(&req.address) else {
                 return Ok(pb::HeartbeatResponse {
@@ -174,6 +202,26 @@ impl Master {
             w.process = req.process;
             w.last_heartbeat = Some(Instant::now());
             w.pending_bytes = 0;
+            // Before the acknowledgements: a chunk stored and then deleted on an order is
+            // still garbage here, not an orphan.
+            let mut filed = Vec::new();
+            let mut orphaned = 0usize;
+            let rebuilding = self.rebuilding.load(std::sync::atomic::Ordering::Relaxed);
+            for id in req.received_chunks.iter().filter(|_| !rebuilding) {
+                // A listed chunk's replicas are the commits' and the repairs' to decide: one
+                // this worker holds beyond them is found by its next full report.
+                if id
+                    .parse::<ChunkId>()
+                    .is_ok_and(|c| inner.chunks.contains(&c))
+                {
+                    continue;
+                }
+                match inner.file_unlisted(id, &req.address) {
+                    Unlisted::Orphan => orphaned += 1,
+                    Unlisted::Garbage(Some(g)) => filed.push((id.clone(), g)),
+                    Unlisted::Garbage(None) | Unlisted::Upload => {}
+                }
+            }
             let mut acked = Vec::new();
             for id in &req.deleted_chunks {
                 if let Some(g) = inner.garbage.get_mut(id) {
@@ -204,8 +252,11 @@ impl Master {
                 .map(|(id, _)| id.clone())
                 .take(DELETES_PER_HEARTBEAT)
                 .collect();
-            (orders, acked)
+            (orders, acked, filed, orphaned)
         };
+        if orphaned > 0 {
+            tracing::info!(worker = %req.address, chunks = orphaned, "stored chunk(s) belong to no file; collecting them after the grace period");
+        }
         for id in &corrupt {
             self.events.record(
                 Level::Error,
@@ -215,7 +266,7 @@ impl Master {
                 ),
             );
         }
-        if !acked.is_empty() {
+        if !acked.is_empty() || !filed.is_empty() {
             let n = acked.len();
             // Not waited for (durable with the next fsync): if a crash loses it, the worker
             // is told again to delete what it no longer holds, and acknowledges again. Waiting
@@ -224,7 +275,7 @@ impl Master {
             self.blocking(move |m| {
                 m.store
                     .write_deferred_with(|t| -> Result<(), MasterError> {
-                        for (id, g) in &acked {
+                        for (id, g) in filed.iter().chain(&acked) {
                             if g.workers.is_empty() {
                                 t.remove_garbage(id)?;
                             } else {
@@ -236,7 +287,9 @@ impl Master {
                     .map(|((), _seq)| ())
             })
             .await?;
-            tracing::info!(worker = %req.address, chunks = n, "chunk deletions acknowledged");
+            if n > 0 {
+                tracing::info!(worker = %req.address, chunks = n, "chunk deletions acknowledged");
+            }
         }
         Ok(pb::HeartbeatResponse {
             reregister: false,

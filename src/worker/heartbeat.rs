@@ -9,6 +9,9 @@ use super::Worker;
 use crate::chunk::ChunkId;
 use crate::rpc::pb::{HeartbeatRequest, RegisterRequest};
 
+/// Stored chunks reported in one heartbeat (~1.7 MiB); more wait for the next.
+const RECEIVED_PER_HEARTBEAT: usize = 50_000;
+
 /// Registers (with a full chunk report) and then heartbeats until `stop`; re-registers when
 /// the master asks (it restarted) and keeps retrying, quietly, while it is unreachable.
 pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
@@ -31,6 +34,9 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
     loop {
         let outcome: Result<(), tonic::Status> = async {
             if !registered {
+                // Taken before the report, which covers them (one stored in between is in
+                // both: the master files it twice, harmlessly).
+                worker.store.received.clear();
                 let req = RegisterRequest {
                     address: worker.address.clone(),
                     usage: Some(worker.usage()),
@@ -69,7 +75,15 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                 worker.compact_in_background();
                 acks.extend(done);
             }
+            if worker.store.received.overflowed() {
+                tracing::info!(
+                    "too many stored chunks went unreported; re-registering with a full report"
+                );
+                registered = false;
+                return Ok(());
+            }
             let corrupt = worker.store.take_quarantined();
+            let received = worker.store.received.take(RECEIVED_PER_HEARTBEAT);
             let resp = match client
                 .heartbeat(HeartbeatRequest {
                     address: worker.address.clone(),
@@ -77,12 +91,14 @@ pub async fn run(worker: Arc<Worker>, mut stop: watch::Receiver<bool>) {
                     deleted_chunks: acks.clone(),
                     corrupt_chunks: corrupt.clone(),
                     process: Some(crate::procstat::current()),
+                    received_chunks: received.clone(),
                 })
                 .await
             {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
                     worker.store.requeue_quarantined(corrupt);
+                    worker.store.received.requeue(received);
                     return Err(e);
                 }
             };

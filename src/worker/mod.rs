@@ -4,6 +4,7 @@ pub mod error;
 pub mod heartbeat;
 pub mod read;
 pub mod replicate;
+pub mod reports;
 pub mod scrub;
 pub mod service;
 pub mod store;

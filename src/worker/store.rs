@@ -23,6 +23,7 @@ use crate::chunk::{self, ChunkId, HEADER_REGION, decode_header, encode_header};
 use crate::rpc::pb::{ChunkHeader, ChunkReport};
 
 use super::error::WorkerError;
+use super::reports::PendingReports;
 use super::volume::{self, Place, SMALL_CHUNK_MAX, Volumes};
 
 /// The largest chunk a worker accepts (the master's chunk size is at most this).
@@ -52,6 +53,11 @@ pub struct ChunkStore {
     volumes: Volumes,
     /// Chunks quarantined since the last heartbeat, to report to the master.
     quarantined: Mutex<Vec<String>>,
+    /// Chunks stored since the last heartbeat (client writes and repair copies), so that the
+    /// master learns of one it lists nowhere without waiting for a full report: one written
+    /// to an upload the master forgot when it restarted would otherwise stay on disk until
+    /// this worker restarts (as HDFS's incremental block reports).
+    pub received: PendingReports,
     _lock: File,
 }
 
@@ -66,6 +72,10 @@ impl Drop for Reservation {
         self.store.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
+
+/// Most stored chunks held for the master while heartbeats fail (~6 MiB); past it the worker
+/// makes a full report.
+const MAX_RECEIVED_HELD: usize = 100_000;
 
 /// How long a measure of the disk's free space is reused.
 const DISK_FREE_TTL: std::time::Duration = std::time::Duration::from_millis(250);
@@ -146,6 +156,7 @@ impl ChunkStore {
             index: Mutex::new(HashMap::new()),
             volumes: Volumes::new(volumes, 0, HashMap::new())?,
             quarantined: Mutex::new(Vec::new()),
+            received: PendingReports::new(MAX_RECEIVED_HELD),
             _lock: lock,
         };
         store.scan()?;
@@ -830,6 +841,7 @@ impl ChunkWriter {
         if let Some(p) = &place {
             store.volumes.landed(p);
         }
+        store.received.push(self.id.to_string());
         if let Some(Indexed {
             place: Some(old), ..
         }) = replaced
